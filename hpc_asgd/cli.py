@@ -1,0 +1,171 @@
+"""``hpc-asgd train | info``: a thin entry point over ``config``, ``env`` and ``train``.
+
+Errors end the job with one readable line (``hpc-asgd: error on rank R: ...``) and a non-zero
+exit: configuration errors on every rank before any collective (exit 2, printed by rank 0);
+anything later aborts every rank through the engine (exit 1), as ``python -m mpi4py`` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from dataclasses import fields
+
+from hpc_asgd import env
+from hpc_asgd.config import SECTIONS, Config
+from hpc_asgd.errors import ConfigError, HpcAsgdError
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hpc-asgd", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a model (alone, or under mpirun / srun / torchrun)",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    train.add_argument("--config", help="TOML file of field = value (flags override it)")
+    defaults = Config()
+    for sec in SECTIONS:
+        group = train.add_argument_group(sec)
+        for f in fields(getattr(defaults, sec)):
+            flag = f.metadata.get("flag", _flag(f.name))
+            typ = str(f.type)
+            kw: dict = {"dest": f.name, "default": None, "help": f.metadata["help"]}
+            if typ.startswith("bool"):
+                # --no-verify style flags store False; the rest store True.
+                kw["action"] = "store_false" if flag.startswith("--no-") else "store_true"
+            elif typ.startswith("tuple"):
+                kw.update(type=float, nargs="*")
+            else:
+                base = typ.split(" ", maxsplit=1)[0].split("|", maxsplit=1)[0]
+                kw["type"] = {"int": int, "float": float}.get(base, str)
+            group.add_argument(flag, **kw)
+    sub.add_parser("info", help="engines found, MPI library, topology and versions")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    values = Config.read_file(args.config) if args.config else {}
+    names = {f.name for klass in SECTIONS.values() for f in fields(klass)}
+    for name in names:
+        value = getattr(args, name)
+        if value is not None:
+            values[name] = value
+    return Config.from_flat(values, source=args.config or "flags")
+
+
+def _table(summary: dict) -> str:
+    rows = [
+        ("algo / update", f"{summary['algo']} / {summary['update']}"),
+        (
+            "engine, ranks x workers",
+            f"{summary['comm']}, {summary['world_size']} x {summary['workers_per_rank']}",
+        ),
+        ("dataset / model", f"{summary['dataset']} / {summary['model']}"),
+        ("epochs", summary["epochs"]),
+        ("samples processed", summary["samples_processed"]),
+        ("samples/s (training)", summary["samples_per_s"]),
+        ("wall time (s)", summary["wall_s"]),
+        ("averaging rounds", summary["averaging_rounds"]),
+        ("final test accuracy", f"{summary['final_test_acc']:.4f}"),
+        ("final test loss", f"{summary['final_test_loss']:.4f}"),
+        ("consensus (checksums equal)", summary["consensus"]),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def cmd_train(args: argparse.Namespace, launch: env.Launch) -> int:
+    from hpc_asgd.comm import make_comm
+    from hpc_asgd.train import run
+
+    try:
+        cfg = config_from_args(args)
+        cfg.validate(launch.size, launch.local_size)
+    except ConfigError as e:
+        if launch.rank == 0:
+            print(f"hpc-asgd: error: {e}", file=sys.stderr)
+        return 2
+    comm = None
+    try:
+        comm = make_comm(cfg.run.comm, launch, cfg.run.comm_timeout)
+        summary = run(cfg, launch, comm)
+    except (Exception, KeyboardInterrupt) as e:
+        what = str(e) if isinstance(e, HpcAsgdError) else f"{type(e).__name__}: {e}"
+        print(
+            f"hpc-asgd: error on rank {launch.rank}/{launch.size}: {what}",
+            file=sys.stderr,
+            flush=True,
+        )
+        if os.environ.get("HPC_ASGD_TRACEBACK"):
+            import traceback
+
+            traceback.print_exc()
+        if comm is not None and comm.size > 1:
+            comm.abort(1)
+        return 1
+    if launch.rank == 0:
+        print(_table(summary), flush=True)
+    return 0
+
+
+def cmd_info(launch: env.Launch) -> int:
+    import torch
+
+    info: dict = {
+        "launcher": launch.launcher,
+        "rank": launch.rank,
+        "world_size": launch.size,
+        "host": launch.hostname,
+        "cpus": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        "engines": {},
+    }
+    try:
+        import mpi4py
+
+        from hpc_asgd.comm.mpi import cuda_aware, library_version
+
+        info["engines"]["mpi"] = {"mpi4py": mpi4py.__version__, "library": library_version(),
+                                  "cuda_aware": cuda_aware()}  # fmt: skip
+    except ImportError as e:
+        info["engines"]["mpi"] = f"unavailable ({e})"
+    import torch.distributed as dist
+
+    info["engines"]["gloo"] = dist.is_available() and dist.is_gloo_available()
+    info["engines"]["nccl"] = (
+        dist.is_available() and dist.is_nccl_available() and torch.cuda.is_available()
+    )
+    try:
+        import horovod
+
+        info["engines"]["horovod"] = horovod.__version__
+    except ImportError:
+        info["engines"]["horovod"] = "unavailable (see scripts/install_horovod.sh)"
+    if launch.rank == 0:
+        print(json.dumps(info, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        launch = env.detect()
+    except ValueError as e:
+        print(f"hpc-asgd: error: {e}", file=sys.stderr)
+        return 2
+    if args.command == "info":
+        return cmd_info(launch)
+    return cmd_train(args, launch)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""torch.distributed engine: Gloo on CPU, NCCL on GPU.
+
+Bootstrapped from the launcher: torchrun's MASTER_ADDR/PORT, SLURM's first node, or, under
+``mpirun`` with mpi4py present, rank 0's host and a free port broadcast over MPI.
+
+Deadlines: a rank that has waited on collective #n for more than 0.1 s writes "at n" to the
+rendezvous store (collectives that finish fast cost nothing). When a wait passes its deadline
+the rank reads every peer's mark: the peers still below n are the ones that did not arrive.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from hpc_asgd.comm.base import Poller, check_op, timeout_error
+from hpc_asgd.env import Launch
+from hpc_asgd.errors import CommError
+
+_MARK_AFTER = 0.1  # s of waiting after which a rank records its arrival in the store
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _rendezvous(launch: Launch) -> tuple[str, int]:
+    if launch.master_addr and launch.master_port:
+        return launch.master_addr, launch.master_port
+    if launch.under_mpi:
+        from mpi4py import MPI
+
+        addr = (socket.gethostname(), _free_port()) if launch.rank == 0 else None
+        return MPI.COMM_WORLD.bcast(addr, root=0)
+    if launch.master_addr:
+        return launch.master_addr, 29500
+    raise CommError(
+        "torch.distributed needs a rendezvous: run under mpirun (with mpi4py), srun, or "
+        "torchrun, or set MASTER_ADDR and MASTER_PORT"
+    )
+
+
+class TorchWork:
+    def __init__(self, comm: TorchComm, work, seq: int, what: str, after=None):
+        self.comm, self.work, self.seq, self.what, self.after = comm, work, seq, what, after
+        self.done = False
+
+    def test(self) -> bool:
+        if not self.done and self.work.is_completed():
+            self.work.wait()  # surfaces an engine error, if any
+            if self.after is not None:
+                self.after()
+            self.done = True
+        return self.done
+
+    def wait(self, timeout: float | None = None) -> None:
+        timeout = self.comm.timeout if timeout is None else timeout
+        poll = Poller(timeout)
+        mark_at = time.monotonic() + _MARK_AFTER
+        while not self.test():
+            if mark_at and time.monotonic() > mark_at:
+                self.comm.mark(self.seq)
+                mark_at = 0.0
+            if poll.expired():
+                raise self.comm.diagnose(self.what, self.seq, timeout)
+            poll.idle()
+
+
+class TorchComm:
+    """A process group (the default one, or a sub-group made by :meth:`split`)."""
+
+    def __init__(self, backend: str, store, group=None, world_ranks: list[int] | None = None,
+                 timeout: float = 300.0, tag: str = "world"):  # fmt: skip
+        self.name = backend
+        self.store = store  # the rendezvous TCPStore, also the arrival board for deadlines
+        self.group = group
+        self.world_ranks = (
+            world_ranks if world_ranks is not None else list(range(dist.get_world_size()))
+        )
+        self.rank = self.world_ranks.index(dist.get_rank())
+        self.size = len(self.world_ranks)
+        self.timeout = timeout
+        self.tag = tag
+        self.seq = 0
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if backend == "nccl"
+            else torch.device("cpu")
+        )
+
+    @classmethod
+    def init(cls, backend: str, launch: Launch, timeout: float) -> TorchComm:
+        if backend == "nccl" and launch.local_rank < torch.cuda.device_count():
+            torch.cuda.set_device(launch.local_rank)
+        addr, port = _rendezvous(launch)
+        # The engine's own deadline sits past ours so that ours, which names ranks, fires first.
+        engine_timeout = datetime.timedelta(seconds=timeout + 60)
+        store = dist.TCPStore(addr, port, launch.size, launch.rank == 0, timeout=engine_timeout)
+        dist.init_process_group(
+            backend, store=store, rank=launch.rank, world_size=launch.size, timeout=engine_timeout
+        )
+        return cls(backend, store, None, None, timeout)
+
+    def _post(self, what: str, work, after=None) -> TorchWork:
+        self.seq += 1
+        return TorchWork(self, work, self.seq, what, after)
+
+    def iallreduce_(self, t: torch.Tensor, op: str = "sum") -> TorchWork:
+        w = dist.all_reduce(t, op=_OPS[check_op(op)], group=self.group, async_op=True)
+        return self._post("allreduce", w)
+
+    def allreduce_(self, t: torch.Tensor, op: str = "sum") -> None:
+        self.iallreduce_(t, op).wait()
+
+    def bcast_(self, t: torch.Tensor, root: int = 0) -> None:
+        w = dist.broadcast(t, src=self.world_ranks[root], group=self.group, async_op=True)
+        self._post("broadcast", w).wait()
+
+    def allgather(self, t: torch.Tensor) -> torch.Tensor:
+        src = t.detach().contiguous().to(self.device)
+        parts = [torch.empty_like(src) for _ in range(self.size)]
+        self._post("allgather", dist.all_gather(parts, src, group=self.group, async_op=True)).wait()
+        return torch.stack(parts).to(t.device)
+
+    def barrier(self) -> None:
+        self._post("barrier", dist.barrier(group=self.group, async_op=True)).wait()
+
+    def split(self, color: int, key: int) -> TorchComm:
+        # Every rank must create every group, in the same order (torch.distributed's rule).
+        # Group ranks follow ascending global rank, so ``key`` only breaks ties among equals.
+        pairs = self.allgather(torch.tensor([color, key], dtype=torch.int64)).tolist()
+        mine = None
+        for c in sorted({c for c, _ in pairs}):
+            members = sorted(self.world_ranks[i] for i, (ci, _) in enumerate(pairs) if ci == c)
+            group = dist.new_group(members, timeout=datetime.timedelta(seconds=self.timeout + 60))
+            if c == color:
+                mine = TorchComm(
+                    self.name, self.store, group, members, self.timeout, f"{self.tag}.{c}"
+                )
+        assert mine is not None
+        return mine
+
+    def split_node(self) -> TorchComm:
+        host = socket.gethostname().encode()[:64].ljust(64, b"\0")
+        hosts = self.allgather(torch.frombuffer(bytearray(host), dtype=torch.uint8))
+        first = {}
+        colors = [first.setdefault(bytes(h.tolist()), len(first)) for h in hosts]
+        return self.split(colors[self.rank], self.rank)
+
+    def abort(self, code: int = 1) -> None:
+        # No MPI_Abort here: exiting non-zero makes mpirun, srun (--kill-on-bad-exit) or
+        # torchrun end the other ranks.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    # ---- deadlines -----------------------------------------------------------------------
+    def mark(self, seq: int) -> None:
+        self.store.set(f"hpc_asgd/{self.tag}/at/{self.world_ranks[self.rank]}", str(seq))
+
+    def diagnose(self, what: str, seq: int, timeout: float) -> CommError:
+        store = self.store
+        missing, behind = [], {}
+        for r in self.world_ranks:
+            if r == self.world_ranks[self.rank]:
+                continue
+            key = f"hpc_asgd/{self.tag}/at/{r}"
+            at = int(store.get(key)) if store.check([key]) else 0
+            if at < seq:
+                missing.append(r)
+                if at:
+                    behind[r] = at
+        return timeout_error(self.name, self.world_ranks[self.rank], what, seq, timeout,
+                             missing, behind)  # fmt: skip

@@ -1,0 +1,259 @@
+"""Typed run configuration, validated once, on every rank, before any collective.
+
+One dataclass per component; their field names are unique and ARE the command-line flags
+(``batch_size`` <-> ``--batch-size``) and the keys of a ``--config`` TOML file, so the CLI,
+preset files and ``summary.json["config"]`` always agree. Precedence: flag > file > default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from hpc_asgd.errors import ConfigError
+
+ALGOS = ("none", "sync", "local-sgd", "local-async", "lasgd", "hier-avg")
+ALGOS_AVAILABLE = ("none", "sync", "local-sgd", "hier-avg")
+UPDATES = ("hogwild", "locked", "leashed", "partitioned")
+SCHEDULES = ("constant", "step", "cosine")
+DEVICES = ("cpu", "cuda")
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: tuple(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _f(
+        "digits", "digits | mnist | fashion-mnist | cifar10 | cifar100 | imagenet | synthetic"
+    )
+    data_dir: str | None = _f(None, "folder with the dataset's official files")
+    download: bool = _f(False, "download the dataset into --data-dir if it is missing")
+    verify: bool = _f(True, "check official files against their checksums", flag="--no-verify")
+    batch_size: int = _f(32, "minibatch size per worker")
+    synthetic_size: int = _f(50_000, "samples per epoch of the synthetic dataset")
+
+
+@dataclass
+class ModelConfig:
+    model: str = _f(
+        "mlp", "mlp | cnn | lenet | resnet20 | resnet32 | resnet56 | resnet18 | wrn16_8 | resnet50"
+    )
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(0.1, "peak learning rate")
+    momentum: float = _f(0.0, "SGD momentum (private to each worker and rank)")
+    nesterov: bool = _f(False, "Nesterov momentum")
+    weight_decay: float = _f(0.0, "L2 weight decay")
+    lr_schedule: str = _f("constant", "constant | step | cosine")
+    warmup_epochs: float = _f(0.0, "linear warm-up length in epochs")
+    warmup_lr: float | None = _f(None, "learning rate at the start of warm-up (default lr/10)")
+    lr_milestones: tuple[float, ...] = _f(
+        (), "epochs at which the step schedule multiplies by --lr-gamma"
+    )
+    lr_gamma: float = _f(0.1, "factor of the step schedule")
+
+
+@dataclass
+class SyncConfig:
+    algo: str = _f("none", "across ranks: none | sync | local-sgd | local-async | lasgd | hier-avg")
+    period: int = _f(1, "K: local steps between averaging rounds (local-sgd, local-async, lasgd)")
+    post_local_epochs: float = _f(0.0, "average every step (K=1) for the first E0 epochs")
+    group_size: int = _f(0, "S: ranks per averaging group (hier-avg); 0 = the ranks of one node")
+    local_period: int = _f(1, "K1: steps between group averages (hier-avg)")
+    global_period: int = _f(1, "K2: group averages between global averages (hier-avg)")
+
+
+@dataclass
+class WorkerConfig:
+    update: str = _f("hogwild", "inside a rank: hogwild | locked | leashed | partitioned")
+    workers: int = _f(1, "W: worker processes per rank sharing one model")
+    persistence: int = _f(0, "B: Leashed-SGD retries before a gradient is dropped; 0 = unbounded")
+
+
+@dataclass
+class RunConfig:
+    comm: str = _f("auto", "engine: auto | mpi | gloo | nccl | horovod | local")
+    comm_timeout: float = _f(300.0, "deadline in seconds on every collective wait")
+    epochs: float = _f(1.0, "passes over each rank's shard")
+    seed: int = _f(0, "seed of the model initialisation and the data order")
+    device: str = _f("cpu", "cpu | cuda")
+    eval_every: float = _f(1.0, "epochs between evaluations")
+    out: str | None = _f(None, "output folder for summary.json, metrics.jsonl, model.pt")
+    slow_rank: int = _f(-1, "straggler injection: this rank's steps are slowed")
+    slow_factor: float = _f(1.0, "straggler injection: the slow rank's steps take F times as long")
+
+
+SECTIONS = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "optim": OptimConfig,
+    "sync": SyncConfig,
+    "workers": WorkerConfig,
+    "run": RunConfig,
+}
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    workers: WorkerConfig = field(default_factory=WorkerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    # ---- building ------------------------------------------------------------------------
+    @classmethod
+    def from_flat(cls, values: dict[str, Any], source: str = "config") -> Config:
+        """Build from ``{field: value}``; unknown keys are an error naming them."""
+        owner = {f.name: sec for sec, klass in SECTIONS.items() for f in fields(klass)}
+        unknown = sorted(set(values) - set(owner))
+        if unknown:
+            raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}")
+        parts: dict[str, dict[str, Any]] = {sec: {} for sec in SECTIONS}
+        for key, value in values.items():
+            parts[owner[key]][key] = value
+        cfg = cls(**{sec: SECTIONS[sec](**kw) for sec, kw in parts.items()})
+        cfg._coerce(source)
+        return cfg
+
+    @staticmethod
+    def read_file(path: str) -> dict[str, Any]:
+        """A flat TOML file of field names (sections are allowed and flattened)."""
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config: no such file {path}")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--config {path}: not valid TOML: {e}") from e
+        flat: dict[str, Any] = {}
+        for key, value in raw.items():
+            flat.update(value if isinstance(value, dict) else {key: value})
+        return {k.replace("-", "_"): v for k, v in flat.items()}
+
+    def _coerce(self, source: str) -> None:
+        """Check every field's type (TOML and flags give str/int/float/bool/list)."""
+        for sec in SECTIONS:
+            obj = getattr(self, sec)
+            for f in fields(obj):
+                value = getattr(obj, f.name)
+                typ = str(f.type)
+                try:
+                    if value is None and "None" in typ:
+                        continue
+                    if typ.startswith("tuple"):
+                        value = tuple(float(v) for v in value)
+                    elif typ.startswith("bool"):
+                        if not isinstance(value, bool):
+                            raise TypeError
+                    elif typ.startswith("int"):
+                        if isinstance(value, bool) or float(value) != int(value):
+                            raise TypeError
+                        value = int(value)
+                    elif typ.startswith("float"):
+                        value = float(value)
+                    elif typ.startswith("str"):
+                        value = str(value)
+                except (TypeError, ValueError):
+                    raise ConfigError(
+                        f"{source}: {f.name} = {value!r} is not of type {typ}"
+                    ) from None
+                setattr(obj, f.name, value)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat ``{field: value}`` (lists for tuples): JSON- and ``weights_only``-safe."""
+        out: dict[str, Any] = {}
+        for sec in SECTIONS:
+            for key, value in dataclasses.asdict(getattr(self, sec)).items():
+                out[key] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    # ---- validation ----------------------------------------------------------------------
+    def validate(self, world_size: int, local_size: int = 1) -> None:
+        """Every rule that can be checked without a collective. Same verdict on every rank."""
+        from hpc_asgd.comm import ENGINES
+        from hpc_asgd.data import DATASETS
+        from hpc_asgd.models import MODELS
+
+        d, o, s, w, r = self.data, self.optim, self.sync, self.workers, self.run
+        _choice("dataset", d.dataset, DATASETS)
+        _choice("model", self.model.model, MODELS)
+        _choice("algo", s.algo, ALGOS)
+        _choice("update", w.update, UPDATES)
+        _choice("lr_schedule", o.lr_schedule, SCHEDULES)
+        _choice("device", r.device, DEVICES)
+        _choice("comm", r.comm, ENGINES)
+        if s.algo not in ALGOS_AVAILABLE:
+            raise ConfigError(
+                f"algo: {s.algo!r} is not implemented yet; available: {', '.join(ALGOS_AVAILABLE)}"
+            )
+        positive_ints = {
+            "batch_size": d.batch_size,
+            "period": s.period,
+            "local_period": s.local_period,
+            "global_period": s.global_period,
+            "workers": w.workers,
+            "synthetic_size": d.synthetic_size,
+        }
+        for name, value in positive_ints.items():
+            if value <= 0:
+                raise ConfigError(f"{name}: must be a positive integer, got {value}")
+        positive = {"lr": o.lr, "epochs": r.epochs, "comm_timeout": r.comm_timeout,
+                    "eval_every": r.eval_every}  # fmt: skip
+        for name, value in positive.items():
+            if not value > 0:
+                raise ConfigError(f"{name}: must be positive, got {value}")
+        non_negative = {
+            "momentum": o.momentum,
+            "weight_decay": o.weight_decay,
+            "warmup_epochs": o.warmup_epochs,
+            "post_local_epochs": s.post_local_epochs,
+            "persistence": w.persistence,
+            "group_size": s.group_size,
+        }
+        for name, value in non_negative.items():
+            if value < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {value}")
+        if o.momentum >= 1:
+            raise ConfigError(f"momentum: must be below 1, got {o.momentum}")
+        if o.nesterov and not o.momentum:
+            raise ConfigError("nesterov: needs --momentum > 0")
+        if w.workers > 1:
+            raise ConfigError("workers: shared-memory workers (W > 1) are not implemented yet")
+        if s.algo == "hier-avg":
+            size = s.group_size or local_size
+            if world_size % size:
+                raise ConfigError(
+                    f"group_size: {size} does not divide the world size {world_size}"
+                    + ("" if s.group_size else " (the default is the ranks of one node)")
+                )
+        if r.slow_rank >= world_size:
+            raise ConfigError(f"slow_rank: {r.slow_rank} is not a rank of a {world_size}-rank job")
+        if r.slow_factor < 1:
+            raise ConfigError(f"slow_factor: must be >= 1, got {r.slow_factor}")
+        if (
+            d.dataset in ("mnist", "fashion-mnist", "cifar10", "cifar100", "imagenet")
+            and not d.data_dir
+        ):
+            raise ConfigError(f"data_dir: dataset {d.dataset!r} needs --data-dir")
+        if r.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError("device: 'cuda' asked for, but torch sees no CUDA GPU")
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}: unknown value {value!r}; choose one of {', '.join(choices)}")

@@ -1,0 +1,139 @@
+"""The one reader of launcher variables (Open MPI, PMI/PMIx, SLURM, torchrun).
+
+Nothing else in the package looks at ``os.environ`` for launch facts: the rest of the code gets
+a :class:`Launch` and stays the same whether it was started by ``mpirun``, ``srun``,
+``torchrun`` or as a single process (world size 1 runs the same code path).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Fault injection for tests: ``HPC_ASGD_FAULT=raise@RANK:STEP`` or ``stop@RANK:STEP``."""
+
+    kind: str  # "raise" | "stop"
+    rank: int
+    step: int
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where this process sits in the job, as the launcher told it."""
+
+    launcher: str  # "mpirun" | "srun" | "torchrun" | "pmi" | "single"
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    hostname: str
+    master_addr: str | None  # torch.distributed rendezvous, when the launcher gives one
+    master_port: int | None
+    slurm_job_id: str | None
+    fault: Fault | None
+
+    @property
+    def under_mpi(self) -> bool:
+        """True when an MPI launcher (mpirun, or srun with PMI) started this process."""
+        return self.launcher in ("mpirun", "pmi") or (
+            self.launcher == "srun" and _mpi_pmi_present(os.environ)
+        )
+
+
+def _int(env: dict[str, str], *names: str) -> int | None:
+    for name in names:
+        # SLURM writes counts such as "2(x3)": the leading integer is the one we want.
+        m = re.match(r"\d+", env.get(name) or "")
+        if m:
+            return int(m.group())
+    return None
+
+
+def _mpi_pmi_present(env: dict[str, str]) -> bool:
+    return any(k.startswith(("PMI_", "PMIX_")) for k in env)
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM nodelist such as ``node[03-05,07],gpu1`` -> ``node03``."""
+    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist)
+    if not m:
+        return nodelist
+    prefix, _, ranges = m.groups()
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def _parse_fault(spec: str | None) -> Fault | None:
+    if not spec:
+        return None
+    m = re.fullmatch(r"(raise|stop)@(\d+):(\d+)", spec.strip())
+    if not m:
+        raise ValueError(f"HPC_ASGD_FAULT={spec!r}: expected raise@RANK:STEP or stop@RANK:STEP")
+    return Fault(m.group(1), int(m.group(2)), int(m.group(3)))
+
+
+def detect(env: dict[str, str] | None = None) -> Launch:
+    """Read the launcher's variables. Precedence: Open MPI, PMIx/PMI, torchrun, SLURM, single."""
+    env = dict(os.environ if env is None else env)
+    host = socket.gethostname().split(".")[0]
+    job = env.get("SLURM_JOB_ID")
+    fault = _parse_fault(env.get("HPC_ASGD_FAULT"))
+    port = _int(env, "MASTER_PORT")
+    addr = env.get("MASTER_ADDR")
+
+    if "OMPI_COMM_WORLD_RANK" in env:
+        return Launch(
+            "mpirun",
+            _int(env, "OMPI_COMM_WORLD_RANK") or 0,
+            _int(env, "OMPI_COMM_WORLD_SIZE") or 1,
+            _int(env, "OMPI_COMM_WORLD_LOCAL_RANK") or 0,
+            _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE") or 1,
+            host, addr, port, job, fault,
+        )  # fmt: skip
+    if "PMI_RANK" in env or "PMIX_RANK" in env:
+        # MPICH/Hydra, or srun --mpi=pmi2|pmix; SLURM_* gives local facts when present.
+        return Launch(
+            "srun" if "SLURM_PROCID" in env else "pmi",
+            _int(env, "PMI_RANK", "PMIX_RANK") or 0,
+            _int(env, "PMI_SIZE", "SLURM_NTASKS", "MPI_LOCALNRANKS") or 1,
+            _int(env, "MPI_LOCALRANKID", "SLURM_LOCALID", "PMI_LOCAL_RANK") or 0,
+            _int(env, "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE", "PMI_LOCAL_SIZE") or 1,
+            host, addr, port, job, fault,
+        )  # fmt: skip
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return Launch(
+            "torchrun",
+            _int(env, "RANK") or 0,
+            _int(env, "WORLD_SIZE") or 1,
+            _int(env, "LOCAL_RANK") or 0,
+            _int(env, "LOCAL_WORLD_SIZE") or 1,
+            host, addr, port, job, fault,
+        )  # fmt: skip
+    if "SLURM_PROCID" in env and _int(env, "SLURM_NTASKS"):
+        if addr is None and env.get("SLURM_JOB_NODELIST"):
+            addr = _first_slurm_host(env["SLURM_JOB_NODELIST"])
+        if port is None and job:
+            port = 20000 + int(job) % 20000
+        return Launch(
+            "srun",
+            _int(env, "SLURM_PROCID") or 0,
+            _int(env, "SLURM_NTASKS") or 1,
+            _int(env, "SLURM_LOCALID") or 0,
+            _int(env, "SLURM_NTASKS_PER_NODE") or 1,
+            host, addr, port, job, fault,
+        )  # fmt: skip
+    return Launch("single", 0, 1, 0, 1, host, addr, port, job, fault)
+
+
+def is_tty(stream) -> bool:
+    """Progress bars only on a terminal; SLURM logs get one line per epoch."""
+    try:
+        return stream.isatty() and os.environ.get("TERM", "") != "dumb"
+    except (AttributeError, ValueError):
+        return False

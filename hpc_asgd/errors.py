@@ -1,0 +1,19 @@
+"""Errors that end a run with one readable line (see ``cli.main``)."""
+
+from __future__ import annotations
+
+
+class HpcAsgdError(Exception):
+    """Base class: the message is printed as is, without a traceback."""
+
+
+class ConfigError(HpcAsgdError):
+    """A configuration field is wrong; raised on every rank before any collective."""
+
+
+class DataError(HpcAsgdError):
+    """A data file is missing, corrupt or of the wrong shape; the message names the file."""
+
+
+class CommError(HpcAsgdError):
+    """A collective failed or passed its deadline; the message names the missing ranks."""

@@ -1,0 +1,62 @@
+"""A model's parameters and floating-point buffers as views into ONE contiguous buffer.
+
+Layout of ``FlatModel.data`` (1-D, float32 on the model's device, optionally in shared memory):
+
+    [ param_0 | param_1 | ... | param_{P-1} | float_buffer_0 | ... ]
+      <------------- n_params ------------>   <-- n_buffers -->
+
+Every ``nn.Parameter`` and floating buffer (BatchNorm running statistics) of the module is
+re-pointed at its slice, so an averaging round is one collective on ``data`` and the optimizer
+is one fused update on ``params``. PyTorch's own averagers flatten by copying every round and
+skip buffers; here the views persist and buffers are averaged too. ``grad`` mirrors the
+parameter part, and every ``p.grad`` is a view into it, so gradient averaging is also one call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+
+class FlatModel:
+    def __init__(
+        self, module: nn.Module, *, shared: bool = False, device: torch.device | str = "cpu"
+    ):
+        module.to(device)
+        params = list(module.parameters())
+        buffers = [(m, name, b) for m in module.modules() for name, b in m._buffers.items()
+                   if b is not None and b.is_floating_point()]  # fmt: skip
+        self.module = module
+        self.n_params = sum(p.numel() for p in params)
+        self.n_buffers = sum(b.numel() for _, _, b in buffers)
+        n = self.n_params + self.n_buffers
+        self.data = torch.zeros(n, dtype=torch.float32, device=device)
+        self.grad = torch.zeros(self.n_params, dtype=torch.float32, device=device)
+        if shared:
+            self.data.share_memory_()
+            self.grad.share_memory_()
+        off = 0
+        for p in params:
+            k = p.numel()
+            self.data[off : off + k].copy_(p.detach().reshape(-1))
+            p.data = self.data[off : off + k].view_as(p)
+            p.grad = self.grad[off : off + k].view_as(p)
+            off += k
+        for m, name, b in buffers:
+            k = b.numel()
+            self.data[off : off + k].copy_(b.reshape(-1))
+            m._buffers[name] = self.data[off : off + k].view_as(b)
+            off += k
+        self.params = self.data[: self.n_params]  # the optimizer's view
+
+    def zero_grad(self) -> None:
+        self.grad.zero_()
+
+    def checksum(self) -> str:
+        """SHA-256 of the whole flat buffer's bytes (parameters and buffers)."""
+        return hashlib.sha256(self.data.detach().cpu().numpy().tobytes()).hexdigest()
+
+    def __len__(self) -> int:
+        return self.data.numel()

@@ -1,0 +1,9 @@
+"""``--algo none``: ranks train independently from the same start (a baseline and W-scaling)."""
+
+from __future__ import annotations
+
+from hpc_asgd.sync.base import Averaging
+
+
+class NoSync(Averaging):
+    promises_consensus = False
