@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import sys
+import time
 from dataclasses import fields
 
 from hpc_asgd import env
@@ -88,8 +89,12 @@ def cmd_train(args: argparse.Namespace, launch: env.Launch) -> int:
         cfg = config_from_args(args)
         cfg.validate(launch.size, launch.local_size)
     except ConfigError as e:
+        # Every rank reaches the same verdict; rank 0 says it once. The others linger a moment
+        # so that the launcher, which ends the job at the first non-zero exit, lets it speak.
         if launch.rank == 0:
-            print(f"hpc-asgd: error: {e}", file=sys.stderr)
+            print(f"hpc-asgd: error: {e}", file=sys.stderr, flush=True)
+        else:
+            time.sleep(1.0)
         return 2
     comm = None
     try:

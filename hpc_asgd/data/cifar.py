@@ -128,7 +128,7 @@ def _locate(root: Path, spec: _Spec, do_download: bool, verify: bool) -> Path:
     if not archive.is_file():
         raise DataError(
             f"{folder}: not found (nor {archive.name} next to it); "
-            "copy the official python version there or pass download=True"
+            "copy the official python version there or pass --download"
         )
     if verify:
         verify_md5(archive, spec.archive_md5)

@@ -117,7 +117,7 @@ def _load_split(root: Path, source: _Source, split: str, do_download: bool) -> T
         if path is None:
             raise DataError(
                 f"{root / base}: not found (nor .gz, nor under {source.subdir}/raw); "
-                "copy the official IDX files there or pass download=True"
+                "copy the official IDX files there or pass --download"
             )
         paths.append(path)
     images, labels = read_idx(paths[0]), read_idx(paths[1])

@@ -1,0 +1,76 @@
+"""Shared helpers: run real ranks under mpirun with a deadline, and read a run's outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def mpirun_exe() -> str | None:
+    for cand in (BIN / "mpirun", shutil.which("mpirun")):
+        if cand and Path(cand).exists():
+            return str(cand)
+    return None
+
+
+def mpi_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    # Open MPI refuses root without these; tests oversubscribe 2 cores with up to 4 ranks.
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OMPI_MCA_rmaps_base_oversubscribe="1", PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe",
+               PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")  # fmt: skip
+    env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
+    env.update(extra or {})
+    return env
+
+
+@dataclass
+class Result:
+    rc: int
+    out: str
+    err: str
+    seconds: float
+
+    @property
+    def text(self) -> str:
+        return self.out + self.err
+
+    def error_lines(self) -> list[str]:
+        return [ln for ln in self.text.splitlines() if ln.startswith("hpc-asgd: error")]
+
+
+def mpirun(n: int, args: list[str], timeout: float = 120, env: dict[str, str] | None = None) -> Result:
+    """``mpirun -n N <args>`` with a hard deadline; a hang fails the test, never the suite."""
+    exe = mpirun_exe()
+    if exe is None:
+        pytest.fail("mpirun not found: install the 'mpi-wheel' extra (scripts/setup.sh does)")
+    cmd = [exe, "-n", str(n), "--oversubscribe", "--bind-to", "none", *args]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=mpi_env(env), cwd=ROOT, start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        out, err = proc.communicate()
+        pytest.fail(f"mpirun -n {n} {' '.join(args)} hung past {timeout} s\n{out}\n{err}")
+    return Result(proc.returncode, out, err, time.monotonic() - t0)
+
+
+def train(n: int, *flags: str, timeout: float = 120, env: dict[str, str] | None = None) -> Result:
+    return mpirun(n, [sys.executable, "-m", "hpc_asgd.cli", "train", *flags], timeout, env)
+
+
+def summary(out_dir: Path) -> dict:
+    return json.loads((out_dir / "summary.json").read_text())
