@@ -27,8 +27,11 @@ def _flag(name: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpc-asgd", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a model (alone, or under mpirun / srun / torchrun)",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    train = sub.add_parser(
+        "train",
+        help="train a model (alone, or under mpirun / srun / torchrun)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     train.add_argument("--config", help="TOML file of field = value (flags override it)")
     defaults = Config()
     for sec in SECTIONS:
@@ -139,8 +142,11 @@ def cmd_info(launch: env.Launch) -> int:
 
         from hpc_asgd.comm.mpi import cuda_aware, library_version
 
-        info["engines"]["mpi"] = {"mpi4py": mpi4py.__version__, "library": library_version(),
-                                  "cuda_aware": cuda_aware()}  # fmt: skip
+        info["engines"]["mpi"] = {
+            "mpi4py": mpi4py.__version__,
+            "library": library_version(),
+            "cuda_aware": cuda_aware(),
+        }
     except ImportError as e:
         info["engines"]["mpi"] = f"unavailable ({e})"
     import torch.distributed as dist

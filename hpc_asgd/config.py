@@ -209,8 +209,12 @@ class Config:
         for name, value in positive_ints.items():
             if value <= 0:
                 raise ConfigError(f"{name}: must be a positive integer, got {value}")
-        positive = {"lr": o.lr, "epochs": r.epochs, "comm_timeout": r.comm_timeout,
-                    "eval_every": r.eval_every}  # fmt: skip
+        positive = {
+            "lr": o.lr,
+            "epochs": r.epochs,
+            "comm_timeout": r.comm_timeout,
+            "eval_every": r.eval_every,
+        }
         for name, value in positive.items():
             if not value > 0:
                 raise ConfigError(f"{name}: must be positive, got {value}")

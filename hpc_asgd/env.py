@@ -94,8 +94,12 @@ def detect(env: dict[str, str] | None = None) -> Launch:
             _int(env, "OMPI_COMM_WORLD_SIZE") or 1,
             _int(env, "OMPI_COMM_WORLD_LOCAL_RANK") or 0,
             _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE") or 1,
-            host, addr, port, job, fault,
-        )  # fmt: skip
+            host,
+            addr,
+            port,
+            job,
+            fault,
+        )
     if "PMI_RANK" in env or "PMIX_RANK" in env:
         # MPICH/Hydra, or srun --mpi=pmi2|pmix; SLURM_* gives local facts when present.
         return Launch(
@@ -104,8 +108,12 @@ def detect(env: dict[str, str] | None = None) -> Launch:
             _int(env, "PMI_SIZE", "SLURM_NTASKS", "MPI_LOCALNRANKS") or 1,
             _int(env, "MPI_LOCALRANKID", "SLURM_LOCALID", "PMI_LOCAL_RANK") or 0,
             _int(env, "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE", "PMI_LOCAL_SIZE") or 1,
-            host, addr, port, job, fault,
-        )  # fmt: skip
+            host,
+            addr,
+            port,
+            job,
+            fault,
+        )
     if "RANK" in env and "WORLD_SIZE" in env:
         return Launch(
             "torchrun",
@@ -113,8 +121,12 @@ def detect(env: dict[str, str] | None = None) -> Launch:
             _int(env, "WORLD_SIZE") or 1,
             _int(env, "LOCAL_RANK") or 0,
             _int(env, "LOCAL_WORLD_SIZE") or 1,
-            host, addr, port, job, fault,
-        )  # fmt: skip
+            host,
+            addr,
+            port,
+            job,
+            fault,
+        )
     if "SLURM_PROCID" in env and _int(env, "SLURM_NTASKS"):
         if addr is None and env.get("SLURM_JOB_NODELIST"):
             addr = _first_slurm_host(env["SLURM_JOB_NODELIST"])
@@ -126,8 +138,12 @@ def detect(env: dict[str, str] | None = None) -> Launch:
             _int(env, "SLURM_NTASKS") or 1,
             _int(env, "SLURM_LOCALID") or 0,
             _int(env, "SLURM_NTASKS_PER_NODE") or 1,
-            host, addr, port, job, fault,
-        )  # fmt: skip
+            host,
+            addr,
+            port,
+            job,
+            fault,
+        )
     return Launch("single", 0, 1, 0, 1, host, addr, port, job, fault)
 
 

@@ -26,8 +26,12 @@ class FlatModel:
     ):
         module.to(device)
         params = list(module.parameters())
-        buffers = [(m, name, b) for m in module.modules() for name, b in m._buffers.items()
-                   if b is not None and b.is_floating_point()]  # fmt: skip
+        buffers = [
+            (m, name, b)
+            for m in module.modules()
+            for name, b in m._buffers.items()
+            if b is not None and b.is_floating_point()
+        ]
         self.module = module
         self.n_params = sum(p.numel() for p in params)
         self.n_buffers = sum(b.numel() for _, _, b in buffers)

@@ -88,8 +88,12 @@ class Progress:
         frac = step / self.total
         bar = "#" * int(30 * frac)
         tail = f" loss {loss:.3f}" if loss is not None else ""
-        print(f"\r[{bar:<30}] {step}/{self.total} ep {step / self.spe:.2f}{tail} ", end="",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"\r[{bar:<30}] {step}/{self.total} ep {step / self.spe:.2f}{tail} ",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def epoch(self, row: dict) -> None:
         if not self.enabled:

@@ -37,12 +37,14 @@ def _threads_per_rank(launch: Launch) -> int:
     return max(1, mask if bound else mask // max(1, launch.local_size))
 
 
-def evaluate(model: torch.nn.Module, data: Dataset, comm: Comm, device: torch.device,
-             extra: torch.Tensor) -> torch.Tensor:  # fmt: skip
+def evaluate(
+    model: torch.nn.Module, data: Dataset, comm: Comm, device: torch.device, extra: torch.Tensor
+) -> torch.Tensor:
     """Test loss and accuracy over the whole test set, each rank taking a disjoint shard with
     its own model; one allreduce sums ``[correct, loss_sum, count, *extra]``."""
-    sampler = ShardSampler(len(data.test), comm.rank, comm.size, EVAL_BATCH, seed=0,
-                           shuffle=False, drop_last=False)  # fmt: skip
+    sampler = ShardSampler(
+        len(data.test), comm.rank, comm.size, EVAL_BATCH, seed=0, shuffle=False, drop_last=False
+    )
     acc = torch.zeros(3, dtype=torch.float64)
     model.eval()
     with torch.no_grad():
@@ -91,8 +93,15 @@ def run(cfg: Config, launch: Launch, comm: Comm | None = None) -> dict:
     total = max(1, math.ceil(r.epochs * spe))
     every = max(1, round(r.eval_every * spe))
     opt = FlatSGD(o.momentum, o.weight_decay, o.nesterov)
-    sched = Schedule(o.lr, r.epochs, o.lr_schedule, o.warmup_epochs, o.warmup_lr,
-                     tuple(o.lr_milestones), o.lr_gamma)  # fmt: skip
+    sched = Schedule(
+        o.lr,
+        r.epochs,
+        o.lr_schedule,
+        o.warmup_epochs,
+        o.warmup_lr,
+        tuple(o.lr_milestones),
+        o.lr_gamma,
+    )
     gen = torch.Generator().manual_seed(r.seed * 7919 + comm.rank)  # augmentation draws
     lead = comm.rank == 0
     out = Path(r.out) if r.out else None

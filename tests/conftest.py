@@ -27,9 +27,14 @@ def mpirun_exe() -> str | None:
 def mpi_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     # Open MPI refuses root without these; tests oversubscribe 2 cores with up to 4 ranks.
-    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               OMPI_MCA_rmaps_base_oversubscribe="1", PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe",
-               PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")  # fmt: skip
+    env.update(
+        OMPI_ALLOW_RUN_AS_ROOT="1",
+        OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+        OMPI_MCA_rmaps_base_oversubscribe="1",
+        PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe",
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS="1",
+    )
     env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
     env.update(extra or {})
     return env
@@ -50,15 +55,24 @@ class Result:
         return [ln for ln in self.text.splitlines() if ln.startswith("hpc-asgd: error")]
 
 
-def mpirun(n: int, args: list[str], timeout: float = 120, env: dict[str, str] | None = None) -> Result:
+def mpirun(
+    n: int, args: list[str], timeout: float = 120, env: dict[str, str] | None = None
+) -> Result:
     """``mpirun -n N <args>`` with a hard deadline; a hang fails the test, never the suite."""
     exe = mpirun_exe()
     if exe is None:
         pytest.fail("mpirun not found: install the 'mpi-wheel' extra (scripts/setup.sh does)")
     cmd = [exe, "-n", str(n), "--oversubscribe", "--bind-to", "none", *args]
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=mpi_env(env), cwd=ROOT, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=mpi_env(env),
+        cwd=ROOT,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -170,8 +170,9 @@ class MpiComm:
         del sends  # the job is about to be aborted; unmatched requests do not matter
         missing = [self.world_ranks[r] for r in peers if r not in answers or answers[r] < seq]
         behind = {self.world_ranks[r]: s for r, s in answers.items() if s < seq}
-        return timeout_error(self.name, self.world_ranks[self.rank], what, seq, timeout,
-                             missing, behind)  # fmt: skip
+        return timeout_error(
+            self.name, self.world_ranks[self.rank], what, seq, timeout, missing, behind
+        )
 
 
 def library_version() -> str:

@@ -78,8 +78,15 @@ class TorchWork:
 class TorchComm:
     """A process group (the default one, or a sub-group made by :meth:`split`)."""
 
-    def __init__(self, backend: str, store, group=None, world_ranks: list[int] | None = None,
-                 timeout: float = 300.0, tag: str = "world"):  # fmt: skip
+    def __init__(
+        self,
+        backend: str,
+        store,
+        group=None,
+        world_ranks: list[int] | None = None,
+        timeout: float = 300.0,
+        tag: str = "world",
+    ):
         self.name = backend
         self.store = store  # the rendezvous TCPStore, also the arrival board for deadlines
         self.group = group
@@ -179,5 +186,6 @@ class TorchComm:
                 missing.append(r)
                 if at:
                     behind[r] = at
-        return timeout_error(self.name, self.world_ranks[self.rank], what, seq, timeout,
-                             missing, behind)  # fmt: skip
+        return timeout_error(
+            self.name, self.world_ranks[self.rank], what, seq, timeout, missing, behind
+        )

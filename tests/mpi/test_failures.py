@@ -12,7 +12,9 @@ pytestmark = [pytest.mark.mpi, pytest.mark.timeout(120)]
 
 
 def _no_orphans() -> None:
-    left = subprocess.run(["pgrep", "-f", "hpc_asgd.cli train"], capture_output=True, text=True)
+    left = subprocess.run(
+        ["pgrep", "-f", "hpc_asgd.cli train"], check=False, capture_output=True, text=True
+    )
     assert left.stdout.strip() == "", f"orphan ranks: {left.stdout}"
 
 
@@ -27,7 +29,9 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize(("flags", "message"), BAD, ids=[b[1].split(":")[0] + "-" + b[0][-1] for b in BAD])
+@pytest.mark.parametrize(
+    ("flags", "message"), BAD, ids=[b[1].split(":")[0] + "-" + b[0][-1] for b in BAD]
+)
 def test_bad_config(flags: list[str], message: str) -> None:
     res = train(2, *flags, "--epochs", "1", timeout=60)
     assert res.rc != 0
@@ -42,7 +46,9 @@ def test_missing_data_file(tmp_path) -> None:
     res = train(2, "--dataset", "mnist", "--data-dir", str(tmp_path), timeout=60)
     assert res.rc != 0 and res.seconds < 30
     lines = res.error_lines()
-    assert lines and all("train-images-idx3-ubyte" in ln and str(tmp_path) in ln for ln in lines), res.text
+    assert lines and all("train-images-idx3-ubyte" in ln and str(tmp_path) in ln for ln in lines), (
+        res.text
+    )
     assert "Traceback" not in res.text
     _no_orphans()
 
@@ -50,8 +56,15 @@ def test_missing_data_file(tmp_path) -> None:
 def test_corrupt_data_file(tmp_path) -> None:
     d = tmp_path / "cifar-10-batches-py"
     d.mkdir()
-    for name in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
-                 "test_batch", "batches.meta"):  # fmt: skip
+    for name in (
+        "data_batch_1",
+        "data_batch_2",
+        "data_batch_3",
+        "data_batch_4",
+        "data_batch_5",
+        "test_batch",
+        "batches.meta",
+    ):
         (d / name).write_bytes(b"\x80\x02not a real pickle")
     res = train(2, "--dataset", "cifar10", "--data-dir", str(tmp_path), timeout=60)
     assert res.rc != 0 and res.seconds < 30
@@ -67,18 +80,42 @@ def test_corrupt_data_file(tmp_path) -> None:
 
 @pytest.mark.parametrize("engine", ["mpi", "gloo"])
 def test_rank_that_raises_aborts_the_job(engine: str) -> None:
-    res = train(2, "--algo", "sync", "--epochs", "5", "--comm", engine, "--comm-timeout", "10",
-                env={"HPC_ASGD_FAULT": "raise@1:10"}, timeout=60)  # fmt: skip
+    res = train(
+        2,
+        "--algo",
+        "sync",
+        "--epochs",
+        "5",
+        "--comm",
+        engine,
+        "--comm-timeout",
+        "10",
+        env={"HPC_ASGD_FAULT": "raise@1:10"},
+        timeout=60,
+    )
     assert res.rc != 0
-    assert "hpc-asgd: error on rank 1/2: RuntimeError: injected fault at step 10" in res.text, res.text
+    assert "hpc-asgd: error on rank 1/2: RuntimeError: injected fault at step 10" in res.text, (
+        res.text
+    )
     assert res.seconds < 40
     _no_orphans()
 
 
 @pytest.mark.parametrize("engine", ["mpi", "gloo"])
 def test_rank_that_stops_answering_is_named(engine: str) -> None:
-    res = train(2, "--algo", "sync", "--epochs", "5", "--comm", engine, "--comm-timeout", "4",
-                env={"HPC_ASGD_FAULT": "stop@1:10"}, timeout=60)  # fmt: skip
+    res = train(
+        2,
+        "--algo",
+        "sync",
+        "--epochs",
+        "5",
+        "--comm",
+        engine,
+        "--comm-timeout",
+        "4",
+        env={"HPC_ASGD_FAULT": "stop@1:10"},
+        timeout=60,
+    )
     assert res.rc != 0
     assert "timed out after 4 s on rank 0: rank(s) 1 did not arrive" in res.text, res.text
     assert res.seconds < 40, res.seconds

@@ -21,8 +21,18 @@ def _state(out) -> dict[str, torch.Tensor]:
 def test_local_sgd_period_1_equals_sync(tmp_path) -> None:
     """Plain SGD: averaging models after every step == averaging gradients before it."""
     for algo in ("sync", "local-sgd"):
-        res = train(2, *QUICK, "--epochs", "2", "--algo", algo, "--period", "1",
-                    "--out", str(tmp_path / algo))  # fmt: skip
+        res = train(
+            2,
+            *QUICK,
+            "--epochs",
+            "2",
+            "--algo",
+            algo,
+            "--period",
+            "1",
+            "--out",
+            str(tmp_path / algo),
+        )
         assert res.rc == 0, res.text
     a, b = _state(tmp_path / "sync"), _state(tmp_path / "local-sgd")
     assert a.keys() == b.keys()
@@ -32,14 +42,44 @@ def test_local_sgd_period_1_equals_sync(tmp_path) -> None:
 
 @pytest.mark.parametrize("engine", ["mpi", "gloo"])
 def test_kavg_consensus_and_outputs(tmp_path, engine: str) -> None:
-    res = train(2, *QUICK, "--epochs", "2", "--algo", "local-sgd", "--period", "5",
-                "--momentum", "0.9", "--comm", engine, "--out", str(tmp_path))  # fmt: skip
+    res = train(
+        2,
+        *QUICK,
+        "--epochs",
+        "2",
+        "--algo",
+        "local-sgd",
+        "--period",
+        "5",
+        "--momentum",
+        "0.9",
+        "--comm",
+        engine,
+        "--out",
+        str(tmp_path),
+    )
     assert res.rc == 0, res.text
     s = summary(tmp_path)
     assert len(s["param_checksums"]) == 2 and len(set(s["param_checksums"])) == 1, s
-    for key in ("algo", "update", "comm", "world_size", "workers_per_rank", "dataset", "model",
-                "epochs", "samples_processed", "wall_s", "samples_per_s", "final_test_acc",
-                "final_test_loss", "averaging_rounds", "param_checksums", "versions", "config"):  # fmt: skip
+    for key in (
+        "algo",
+        "update",
+        "comm",
+        "world_size",
+        "workers_per_rank",
+        "dataset",
+        "model",
+        "epochs",
+        "samples_processed",
+        "wall_s",
+        "samples_per_s",
+        "final_test_acc",
+        "final_test_loss",
+        "averaging_rounds",
+        "param_checksums",
+        "versions",
+        "config",
+    ):
         assert key in s, key
     assert s["comm"] == engine and s["world_size"] == 2 and s["algo"] == "local-sgd"
     # 1437 training digits, 2 shards of 718, 22 steps of 32 per epoch, 2 epochs
@@ -50,12 +90,27 @@ def test_kavg_consensus_and_outputs(tmp_path, engine: str) -> None:
     assert set(rows[0]) >= {"epoch", "time_s", "samples", "train_loss", "test_acc", "test_loss"}
     ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
     assert ckpt["config"]["algo"] == "local-sgd"
-    assert ckpt["state_dict"] and all(isinstance(v, torch.Tensor) for v in ckpt["state_dict"].values())
+    assert ckpt["state_dict"] and all(
+        isinstance(v, torch.Tensor) for v in ckpt["state_dict"].values()
+    )
 
 
 def test_digits_reaches_90_percent_in_a_minute(tmp_path) -> None:
-    res = train(2, "--algo", "local-sgd", "--period", "4", "--epochs", "8", "--lr", "0.05",
-                "--momentum", "0.9", "--out", str(tmp_path))  # fmt: skip
+    res = train(
+        2,
+        "--algo",
+        "local-sgd",
+        "--period",
+        "4",
+        "--epochs",
+        "8",
+        "--lr",
+        "0.05",
+        "--momentum",
+        "0.9",
+        "--out",
+        str(tmp_path),
+    )
     assert res.rc == 0, res.text
     s = summary(tmp_path)
     assert s["final_test_acc"] >= 0.90, s["final_test_acc"]
@@ -65,8 +120,20 @@ def test_digits_reaches_90_percent_in_a_minute(tmp_path) -> None:
 
 def test_hier_avg_group_of_one_is_kavg(tmp_path) -> None:
     common = [*QUICK, "--epochs", "1", "--momentum", "0.9"]
-    a = train(2, *common, "--algo", "hier-avg", "--group-size", "1", "--local-period", "2",
-              "--global-period", "3", "--out", str(tmp_path / "h"))  # fmt: skip
+    a = train(
+        2,
+        *common,
+        "--algo",
+        "hier-avg",
+        "--group-size",
+        "1",
+        "--local-period",
+        "2",
+        "--global-period",
+        "3",
+        "--out",
+        str(tmp_path / "h"),
+    )
     b = train(2, *common, "--algo", "local-sgd", "--period", "6", "--out", str(tmp_path / "k"))
     assert a.rc == 0 and b.rc == 0, a.text + b.text
     assert summary(tmp_path / "h")["param_checksums"] == summary(tmp_path / "k")["param_checksums"]

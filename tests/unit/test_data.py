@@ -402,5 +402,11 @@ def test_sampler_no_shuffle_partial_batch_and_bad_config() -> None:
 
 def test_registry_lists_every_dataset() -> None:
     assert DATASETS == (
-        "digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagenet", "synthetic"
-    )  # fmt: skip
+        "digits",
+        "mnist",
+        "fashion-mnist",
+        "cifar10",
+        "cifar100",
+        "imagenet",
+        "synthetic",
+    )
