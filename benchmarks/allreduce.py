@@ -2,19 +2,25 @@
 
 Contenders, per (ranks, buffer size), all measured in one invocation of this script:
 
-  ours-mpi        ``comm.iallreduce_(flat).wait(); flat.div_(size)``  (hpc_asgd mpi engine)
-  raw-mpi4py      ``COMM_WORLD.Iallreduce(IN_PLACE, arr, SUM).Wait(); arr /= size`` (numpy view)
-  ours-gloo       the same round as ours-mpi through the hpc_asgd gloo engine
-  torch-averager  ``PeriodicModelAverager(period=1, warmup_steps=0).average_parameters(...)``
-                  on a real ResNet (gloo process group); it flattens by copying every round
-  copy-floor      ``dst.copy_(src)`` of the same buffer in one process: the memory-bandwidth bound
+  ours-mpi             ``comm.iallreduce_(flat).wait(); flat.div_(size)`` (hpc_asgd mpi engine)
+  raw-mpi4py           ``COMM_WORLD.Iallreduce(IN_PLACE, arr, SUM).Wait(); arr /= size``
+                       on a numpy view of the same buffer
+  ours-gloo            the same round as ours-mpi through the hpc_asgd gloo engine
+  torch-averager       ``PeriodicModelAverager(period=1, warmup_steps=0).average_parameters``
+                       on a real ResNet (gloo process group); it flattens by copying each round
+  ours-mpi-blocking    ``comm.allreduce_(flat); flat.div_(size)``: the blocking round the
+                       synchronisers use (MPI_Allreduce under the watchdog's deadline)
+  raw-mpi4py-blocking  ``COMM_WORLD.Allreduce(IN_PLACE, arr, SUM); arr /= size``
+  copy-floor           ``dst.copy_(src)`` of the same buffer in one process: the memory bound
 
 The driver (``python benchmarks/allreduce.py``) measures the floor itself, then launches
-``mpirun -n R --oversubscribe python benchmarks/allreduce.py --worker --engine E`` once per
-(ranks, engine); the mpi job runs ours-mpi and raw-mpi4py, the gloo job ours-gloo and
-torch-averager. Every worker rank times each repeat (mean seconds per round over ``iters``
-rounds, after warm-up and a barrier); rank 0 gathers them and prints one JSON line. A repeat's
-time is the slowest rank's; the reported figure is the median over ``--repeats`` repeats.
+``mpirun -n R --oversubscribe python benchmarks/allreduce.py --worker ...`` once per rank
+count R. Each job brings up both engines (the gloo process group bootstraps over MPI) and
+times every contender after a warm-up; a repeat is the mean seconds per round over ``iters``
+rounds, after a barrier, and the contenders are interleaved repeat by repeat (order rotated)
+so that slow phases of a shared machine hit them alike. Rank 0 gathers every rank's times
+and prints one JSON line. A repeat counts the slowest rank; the figure is the median over
+``--repeats`` repeats.
 
 Outputs: ``<out>/allreduce.json`` (every raw number, medians, ratios, command, versions, host)
 and ``<out>/allreduce.md`` (a table of medians in ms and the ratios).
@@ -45,10 +51,17 @@ SIZES = {
     "resnet20": ("resnet20", (3, 32, 32), 10, 269_722),
     "resnet50": ("resnet50", (3, 224, 224), 1000, 25_557_032),
 }
-ENGINES = {"mpi": ("ours-mpi", "raw-mpi4py"), "gloo": ("ours-gloo", "torch-averager")}
-CONTENDERS = ("ours-mpi", "raw-mpi4py", "ours-gloo", "torch-averager", "copy-floor")
+DISTRIBUTED = (
+    "ours-mpi",
+    "raw-mpi4py",
+    "ours-mpi-blocking",
+    "raw-mpi4py-blocking",
+    "ours-gloo",
+    "torch-averager",
+)
+CONTENDERS = (*DISTRIBUTED, "copy-floor")
 MARK = "ALLREDUCE_BENCH_JSON "  # prefix of the worker's result line on stdout
-TARGET_S = 0.3  # seconds one timed measurement should take when --iters is automatic
+TARGET_S = 0.5  # seconds one timed measurement should take when --iters is automatic
 MAX_ITERS = 2000
 
 
@@ -111,7 +124,6 @@ def worker(args: argparse.Namespace) -> int:
         gen = torch.Generator().manual_seed(1234 + rank)
         flat = torch.randn(n, generator=gen, dtype=torch.float32)
         arr = flat.numpy()  # the same memory, seen by numpy
-        steps = {}
 
         def ours_mpi(flat=flat):
             comm_mpi.iallreduce_(flat).wait()
@@ -121,6 +133,10 @@ def worker(args: argparse.Namespace) -> int:
             world.Iallreduce(MPI.IN_PLACE, arr, op=MPI.SUM).Wait()
             arr /= size
 
+        def ours_blocking(flat=flat):
+            comm_mpi.allreduce_(flat)
+            flat.div_(size)
+
         def raw_blocking(arr=arr):
             world.Allreduce(MPI.IN_PLACE, arr, op=MPI.SUM)
             arr /= size
@@ -129,8 +145,13 @@ def worker(args: argparse.Namespace) -> int:
             comm_gloo.iallreduce_(flat).wait()
             flat.div_(size)
 
-        steps = {"ours-mpi": ours_mpi, "raw-mpi4py": raw_mpi4py,
-                 "raw-mpi4py-blocking": raw_blocking, "ours-gloo": ours_gloo}  # fmt: skip
+        steps = {
+            "ours-mpi": ours_mpi,
+            "raw-mpi4py": raw_mpi4py,
+            "ours-mpi-blocking": ours_blocking,
+            "raw-mpi4py-blocking": raw_blocking,
+            "ours-gloo": ours_gloo,
+        }
         model = None
         if "torch-averager" in wanted:
             from torch.distributed.algorithms.model_averaging.averagers import (
@@ -152,6 +173,20 @@ def worker(args: argparse.Namespace) -> int:
 
             steps["torch-averager"] = torch_averager
         steps = {c: steps[c] for c in wanted}
+
+        # Correctness first: one round on rank-valued data must leave the mean everywhere.
+        mean = (size + 1) / 2
+        for name, step in steps.items():
+            tensors = list(model.parameters()) if name == "torch-averager" else [flat]
+            with torch.no_grad():
+                for t in tensors:
+                    t.fill_(rank + 1)
+            step()
+            tensors = list(model.parameters()) if name == "torch-averager" else [flat]
+            bad = [t for t in tensors if not torch.allclose(t, torch.full_like(t, mean))]
+            if bad:
+                raise SystemExit(f"rank {rank}: {name} did not average (expected {mean})")
+        flat.copy_(torch.randn(n, generator=gen))
 
         # Warm up every contender and agree on its iterations (the slowest rank's estimate).
         iters = {}
@@ -185,9 +220,10 @@ def worker(args: argparse.Namespace) -> int:
 
 
 # ---- driver --------------------------------------------------------------------------------
-def copy_floor(n: int, repeats: int, fixed_iters: int, target_s: float) -> dict:
+def copy_floor(n: int, repeats: int, fixed_iters: int, target_s: float, threads: int) -> dict:
     import torch
 
+    torch.set_num_threads(threads)
     src = torch.randn(n, dtype=torch.float32)
     dst = torch.empty_like(src)
 
@@ -196,7 +232,7 @@ def copy_floor(n: int, repeats: int, fixed_iters: int, target_s: float) -> dict:
 
     iters = choose_iters(warm_up(step), fixed_iters, target_s)
     reps = [timed(step, iters) for _ in range(repeats)]
-    return {"iters": iters, "per_rank_s": [reps], "torch_threads": torch.get_num_threads()}
+    return {"iters": iters, "per_rank_s": [reps], "torch_threads": threads}
 
 
 def mpirun_exe(given: str | None) -> str:
@@ -219,41 +255,81 @@ def mpi_env() -> dict[str, str]:
     return env
 
 
-def launch_job(args: argparse.Namespace, ranks: int, engine: str) -> tuple[dict, list[str]]:
-    cmd = [mpirun_exe(args.mpirun), "-n", str(ranks), "--oversubscribe", "--bind-to", "none",
-           sys.executable, str(Path(__file__).resolve()), "--worker", "--engine", engine,
-           "--sizes", *args.sizes, "--repeats", str(args.repeats), "--iters", str(args.iters),
-           "--target-s", str(args.target_s)]  # fmt: skip
+def launch_job(args: argparse.Namespace, ranks: int) -> tuple[dict, list[str]]:
+    cmd = [
+        mpirun_exe(args.mpirun),
+        "-n",
+        str(ranks),
+        "--oversubscribe",
+        "--bind-to",
+        "none",
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        "--sizes",
+        *args.sizes,
+        "--contenders",
+        *args.contenders,
+        "--repeats",
+        str(args.repeats),
+        "--iters",
+        str(args.iters),
+        "--target-s",
+        str(args.target_s),
+    ]
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=mpi_env(), cwd=ROOT,
-                          timeout=args.job_timeout, check=False)  # fmt: skip
+    try:
+        proc = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            env=mpi_env(),
+            cwd=ROOT,
+            timeout=args.job_timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as e:
+        sys.exit(f"allreduce.py: {shlex.join(cmd)} ran past --job-timeout {e.timeout} s")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
     if proc.returncode != 0 or len(lines) != 1:
         sys.stderr.write(proc.stdout + proc.stderr)
         sys.exit(f"allreduce.py: {shlex.join(cmd)} failed (rc {proc.returncode})")
-    print(f"  mpirun -n {ranks} --engine {engine}: {time.monotonic() - t0:.1f} s", flush=True)
+    print(f"  mpirun -n {ranks}: {time.monotonic() - t0:.1f} s", flush=True)
     return json.loads(lines[0][len(MARK) :]), cmd
 
 
 def summarise(entry: dict) -> None:
-    """Per repeat, the slowest rank's time; then the median (and spread) over repeats."""
+    """Per repeat, the slowest rank's time; then the median (and range) over repeats."""
     per_rep = [max(col) for col in zip(*entry["per_rank_s"], strict=True)]
     entry["per_repeat_s"] = per_rep
     entry["median_s"] = statistics.median(per_rep)
     entry["min_s"], entry["max_s"] = min(per_rep), max(per_rep)
 
 
-def ratios(row: dict[str, dict]) -> dict[str, float]:
-    med = {k: v["median_s"] for k, v in row.items()}
+GOALS = (
+    ("ours-mpi", "raw-mpi4py"),
+    ("ours-mpi-blocking", "raw-mpi4py-blocking"),
+    ("ours-gloo", "torch-averager"),
+    ("ours-mpi", "torch-averager"),
+)
+
+
+def ratios(row: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """``ratio_of_medians``; for contenders timed in the same job also ``paired``: the median
+    over repeats of the per-repeat ratio (both timed back to back, so a noisy phase cancels)."""
     out = {}
-    for num, den in (("ours-mpi", "raw-mpi4py"), ("ours-gloo", "torch-averager"),
-                     ("ours-mpi", "torch-averager")):  # fmt: skip
-        if num in med and den in med:
-            out[f"{num} / {den}"] = med[num] / med[den]
-    if "copy-floor" in med:
-        for k in CONTENDERS[:-1]:
-            if k in med:
-                out[f"{k} / copy-floor"] = med[k] / med["copy-floor"]
+    pairs = [*GOALS, ("ours-mpi-blocking", "torch-averager")]
+    pairs += [(c, "copy-floor") for c in DISTRIBUTED]
+    for num, den in pairs:
+        if num in row and den in row:
+            r = {"ratio_of_medians": row[num]["median_s"] / row[den]["median_s"]}
+            if den != "copy-floor":
+                per = [
+                    a / b
+                    for a, b in zip(row[num]["per_repeat_s"], row[den]["per_repeat_s"], strict=True)
+                ]
+                r["paired"] = statistics.median(per)
+            out[f"{num} / {den}"] = r
     return out
 
 
@@ -264,59 +340,97 @@ def versions() -> dict[str, str]:
 
     code = "from hpc_asgd.comm.mpi import library_version as v; print(v())"
     try:
-        mpi_lib = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                 env=mpi_env(), cwd=ROOT, timeout=60, check=True).stdout.strip()  # fmt: skip
+        mpi_lib = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            env=mpi_env(),
+            cwd=ROOT,
+            timeout=60,
+            check=True,
+        ).stdout.strip()
     except (subprocess.SubprocessError, OSError) as e:
         mpi_lib = f"unknown ({e})"
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "mpi4py": mpi4py.__version__, "numpy": numpy.__version__, "mpi_library": mpi_lib,
-            "platform": platform.platform()}  # fmt: skip
+    mpi_lib = mpi_lib.replace("\x00", "").strip()  # library_version() keeps the C string's NUL
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "mpi4py": mpi4py.__version__,
+        "numpy": numpy.__version__,
+        "mpi_library": mpi_lib,
+        "platform": platform.platform(),
+    }
 
 
 def markdown(report: dict) -> str:
+    v = report["versions"]
+    shown = [c for c in CONTENDERS if any(c in row for row in report["results"].values())]
     lines = [
         "# Allreduce: time per model-averaging round",
         "",
         f"Command: `{report['command']}`",
         "",
         f"Host `{report['hostname']}`, {report['nproc']} cores, {report['date']}; "
-        f"torch {report['versions']['torch']}, mpi4py {report['versions']['mpi4py']}, "
-        f"{report['versions']['mpi_library']}, Python {report['versions']['python']}.",
+        f"torch {v['torch']}, mpi4py {v['mpi4py']}, {v['mpi_library'].split(',')[0]}, "
+        f"Python {v['python']}; wall time {report['wall_s']} s.",
         "",
-        "Median over repeats of the mean time per round (ms; a repeat counts the slowest rank). "
-        "`copy-floor` is one process copying the buffer (`dst.copy_(src)`).",
+        "Median over repeats of the mean time per round, in ms (a repeat counts the slowest "
+        "rank); [min-max] over repeats below each.",
         "",
-        "| ranks | buffer | floats | ours-mpi | raw-mpi4py | ours-gloo | torch-averager "
-        "| copy-floor |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| ranks | buffer | floats | " + " | ".join(shown) + " |",
+        "|---:|---|---:|" + "---:|" * len(shown),
     ]
-    rows = report["results"]
-    for key, row in rows.items():
+    for key, row in report["results"].items():
         ranks, size_name = key.split("x", 1)
         cells = [
-            f"{row[c]['median_s'] * 1e3:.3f}" if c in row else "-" for c in CONTENDERS
+            f"{row[c]['median_s'] * 1e3:.3g} [{row[c]['min_s'] * 1e3:.3g}-"
+            f"{row[c]['max_s'] * 1e3:.3g}]"
+            if c in row
+            else "-"
+            for c in shown
         ]
-        lines.append(f"| {ranks} | {size_name} | {SIZES[size_name][3]:,} | " + " | ".join(cells) + " |")
+        head = f"| {ranks} | {size_name} | {SIZES[size_name][3]:,} | "
+        lines.append(head + " | ".join(cells) + " |")
+    names = [f"{a} / {b}" for a, b in GOALS]
+    names += ["ours-mpi-blocking / torch-averager"]
+    names += [f"{c} / copy-floor" for c in DISTRIBUTED if c in shown]
     lines += [
         "",
-        "Ratios of medians (goals: ours-mpi / raw-mpi4py <= 1.10; ours-* / torch-averager < 1):",
+        "Ratios of the medians; in brackets the paired ratio (median over repeats of the "
+        "ratio of two contenders timed back to back). Goals: ours-mpi / raw-mpi4py <= 1.10, "
+        "ours-mpi-blocking / raw-mpi4py-blocking <= 1.10, "
+        "ours-gloo / torch-averager < 1, ours-mpi / torch-averager < 1.",
         "",
-        "| ranks | buffer | ours-mpi / raw-mpi4py | ours-gloo / torch-averager "
-        "| ours-mpi / torch-averager | ours-mpi / floor | raw-mpi4py / floor "
-        "| ours-gloo / floor | torch-averager / floor |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| ranks | buffer | " + " | ".join(names) + " |",
+        "|---:|---|" + "---:|" * len(names),
     ]
-    names = ["ours-mpi / raw-mpi4py", "ours-gloo / torch-averager", "ours-mpi / torch-averager",
-             "ours-mpi / copy-floor", "raw-mpi4py / copy-floor", "ours-gloo / copy-floor",
-             "torch-averager / copy-floor"]  # fmt: skip
     for key, r in report["ratios"].items():
         ranks, size_name = key.split("x", 1)
-        cells = [f"{r[k]:.2f}" if k in r else "-" for k in names]
+        cells = []
+        for k in names:
+            if k not in r:
+                cells.append("-")
+            elif "paired" in r[k]:
+                cells.append(f"{r[k]['ratio_of_medians']:.2f} ({r[k]['paired']:.2f})")
+            else:
+                cells.append(f"{r[k]['ratio_of_medians']:.2f}")
         lines.append(f"| {ranks} | {size_name} | " + " | ".join(cells) + " |")
+    iters = {key: {c: e["iters"] for c, e in row.items()} for key, row in report["results"].items()}
     lines += [
         "",
-        f"Repeats: {report['args']['repeats']}; iterations per repeat (auto targets "
-        f"{report['args']['target_s']} s unless `--iters`) are in `allreduce.json`.",
+        f"Repeats: {report['args']['repeats']}. Iterations per repeat (chosen so a repeat "
+        f"takes about {report['args']['target_s']} s unless `--iters` is given): "
+        + "; ".join(
+            f"{k}: " + ", ".join(f"{c} {i}" for c, i in row.items()) for k, row in iters.items()
+        )
+        + ".",
+        "",
+        f"`copy-floor`: `dst.copy_(src)` of the buffer in one process with "
+        f"{report['args']['floor_threads']} torch thread(s); every rank runs "
+        f"{report['jobs'][0]['torch_threads'] if report['jobs'] else '?'} torch thread(s). "
+        "`ours-mpi-blocking` is the round the synchronisers run (`comm.allreduce_`: "
+        "`MPI_Allreduce` under the watchdog's deadline); `raw-mpi4py-blocking` is "
+        "`MPI.Allreduce` on the same buffer.",
         "",
     ]
     return "\n".join(lines)
@@ -324,28 +438,35 @@ def markdown(report: dict) -> str:
 
 def driver(args: argparse.Namespace, argv: list[str]) -> int:
     started = time.monotonic()
-    command = shlex.join(["python", os.path.relpath(__file__, ROOT), *argv])
+    command = shlex.join(["python", "benchmarks/allreduce.py", *argv])
     print(f"allreduce benchmark: {command}", flush=True)
     floor = {}
-    for size_name in args.sizes:
-        floor[size_name] = copy_floor(SIZES[size_name][3], args.repeats, args.iters, args.target_s)
-        summarise(floor[size_name])
-    print("  copy floor measured", flush=True)
+    if "copy-floor" in args.contenders:
+        for size_name in args.sizes:
+            n = SIZES[size_name][3]
+            floor[size_name] = copy_floor(
+                n, args.repeats, args.iters, args.target_s, args.floor_threads
+            )
+            summarise(floor[size_name])
+        print("  copy floor measured", flush=True)
 
     results: dict[str, dict] = {}
     jobs = []
+    distributed = [c for c in args.contenders if c in DISTRIBUTED]
     for ranks in args.ranks:
-        for engine in args.engines:
-            out, cmd = launch_job(args, ranks, engine)
-            jobs.append({"ranks": ranks, "engine": engine, "command": shlex.join(cmd),
-                         "torch_threads": out["torch_threads"]})  # fmt: skip
-            for size_name, entries in out["results"].items():
-                row = results.setdefault(f"{ranks}x{size_name}", {})
-                for name, entry in entries.items():
-                    summarise(entry)
-                    row[name] = entry
+        out: dict = {"results": {}, "torch_threads": None}
+        if distributed:
+            out, cmd = launch_job(args, ranks)
+            jobs.append(
+                {"ranks": ranks, "command": shlex.join(cmd), "torch_threads": out["torch_threads"]}
+            )
         for size_name in args.sizes:
-            results[f"{ranks}x{size_name}"]["copy-floor"] = floor[size_name]
+            row = results[f"{ranks}x{size_name}"] = {}
+            for name, entry in out["results"].get(size_name, {}).items():
+                summarise(entry)
+                row[name] = entry
+            if size_name in floor:
+                row["copy-floor"] = floor[size_name]
 
     report = {
         "benchmark": "allreduce",
@@ -359,17 +480,15 @@ def driver(args: argparse.Namespace, argv: list[str]) -> int:
         "jobs": jobs,
         "results": results,
         "ratios": {key: ratios(row) for key, row in results.items()},
-        "wall_s": None,
+        "wall_s": round(time.monotonic() - started, 1),
     }
-    report["wall_s"] = round(time.monotonic() - started, 1)
-    out_dir = Path(args.out)
+    out_dir = ROOT / args.out  # an absolute --out stays as given
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "allreduce.json").write_text(json.dumps(report, indent=2) + "\n")
     md = markdown(report)
     (out_dir / "allreduce.md").write_text(md)
     print(md)
-    print(f"wrote {out_dir / 'allreduce.json'} and {out_dir / 'allreduce.md'} "
-          f"({report['wall_s']} s)")  # fmt: skip
+    print(f"wrote {out_dir / 'allreduce.json'} and {out_dir / 'allreduce.md'}")
     return 0
 
 
@@ -377,16 +496,20 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     p.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
-    p.add_argument("--engines", nargs="+", choices=list(ENGINES), default=list(ENGINES))
+    p.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--iters", type=int, default=0,
-                   help="rounds per repeat; 0 (default) picks them so a repeat takes ~--target-s")  # fmt: skip
+    p.add_argument(
+        "--iters",
+        type=int,
+        default=0,
+        help="rounds per repeat; 0 (default) picks them so a repeat takes ~--target-s",
+    )
     p.add_argument("--target-s", type=float, default=TARGET_S)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--out", default="benchmarks/results", help="relative to the repository")
+    p.add_argument("--floor-threads", type=int, default=1, help="torch threads of copy-floor")
     p.add_argument("--mpirun", default=None, help="mpirun to use (default: the venv's, or PATH)")
     p.add_argument("--job-timeout", type=float, default=600.0)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--engine", choices=list(ENGINES), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.repeats < 1 or args.iters < 0 or min(args.ranks) < 2:
         p.error("--repeats >= 1, --iters >= 0 and --ranks >= 2 each")

@@ -17,7 +17,7 @@ from dataclasses import fields
 
 from hpc_asgd import env
 from hpc_asgd.config import SECTIONS, Config
-from hpc_asgd.errors import ConfigError, HpcAsgdError
+from hpc_asgd.errors import ConfigError, error_line
 
 
 def _flag(name: str) -> str:
@@ -104,12 +104,7 @@ def cmd_train(args: argparse.Namespace, launch: env.Launch) -> int:
         comm = make_comm(cfg.run.comm, launch, cfg.run.comm_timeout)
         summary = run(cfg, launch, comm)
     except (Exception, KeyboardInterrupt) as e:
-        what = str(e) if isinstance(e, HpcAsgdError) else f"{type(e).__name__}: {e}"
-        print(
-            f"hpc-asgd: error on rank {launch.rank}/{launch.size}: {what}",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(error_line(launch.rank, launch.size, e), file=sys.stderr, flush=True)
         if os.environ.get("HPC_ASGD_TRACEBACK"):
             import traceback
 

@@ -78,6 +78,11 @@ class WorkerConfig:
     update: str = _f("hogwild", "inside a rank: hogwild | locked | leashed | partitioned")
     workers: int = _f(1, "W: worker processes per rank sharing one model")
     persistence: int = _f(0, "B: Leashed-SGD retries before a gradient is dropped; 0 = unbounded")
+    partition_after_epochs: float = _f(1.0, "partitioned: full steps only before this epoch")
+    threads_per_worker: int = _f(0, "intra-op threads of each worker; 0 = the rank's cores / W")
+    spawn_workers: bool = _f(
+        False, "run W = 1 in a worker process too (default: in the rank's own)"
+    )
 
 
 @dataclass
@@ -225,6 +230,8 @@ class Config:
             "post_local_epochs": s.post_local_epochs,
             "persistence": w.persistence,
             "group_size": s.group_size,
+            "threads_per_worker": w.threads_per_worker,
+            "partition_after_epochs": w.partition_after_epochs,
         }
         for name, value in non_negative.items():
             if value < 0:
@@ -233,8 +240,15 @@ class Config:
             raise ConfigError(f"momentum: must be below 1, got {o.momentum}")
         if o.nesterov and not o.momentum:
             raise ConfigError("nesterov: needs --momentum > 0")
-        if w.workers > 1:
-            raise ConfigError("workers: shared-memory workers (W > 1) are not implemented yet")
+        if s.algo == "sync" and (w.workers > 1 or w.spawn_workers):
+            raise ConfigError(
+                "algo: 'sync' averages gradients inside every step and runs with W = 1 in the "
+                "rank's own process; with workers use local-sgd (--period 1 averages every step)"
+            )
+        if w.update == "leashed" and w.workers > 120:
+            raise ConfigError(
+                f"workers: Leashed-SGD supports at most 120 workers per rank, got {w.workers}"
+            )
         if s.algo == "hier-avg":
             size = s.group_size or local_size
             if world_size % size:

@@ -17,3 +17,9 @@ class DataError(HpcAsgdError):
 
 class CommError(HpcAsgdError):
     """A collective failed or passed its deadline; the message names the missing ranks."""
+
+
+def error_line(rank: int, size: int, err: BaseException) -> str:
+    """The one line a failing rank prints."""
+    what = str(err) if isinstance(err, HpcAsgdError) else f"{type(err).__name__}: {err}"
+    return f"hpc-asgd: error on rank {rank}/{size}: {what}"

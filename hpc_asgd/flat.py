@@ -21,8 +21,17 @@ from torch import nn
 
 
 class FlatModel:
+    """``FlatModel(module)`` copies the module's values into a new flat buffer;
+    ``FlatModel(module, data=shared)`` adopts an existing one (a worker process re-pointing its
+    freshly built module at the rank's shared buffer) without copying."""
+
     def __init__(
-        self, module: nn.Module, *, shared: bool = False, device: torch.device | str = "cpu"
+        self,
+        module: nn.Module,
+        *,
+        shared: bool = False,
+        device: torch.device | str = "cpu",
+        data: torch.Tensor | None = None,
     ):
         module.to(device)
         params = list(module.parameters())
@@ -36,24 +45,46 @@ class FlatModel:
         self.n_params = sum(p.numel() for p in params)
         self.n_buffers = sum(b.numel() for _, _, b in buffers)
         n = self.n_params + self.n_buffers
-        self.data = torch.zeros(n, dtype=torch.float32, device=device)
+        adopt = data is not None
+        if adopt and data.numel() != n:
+            raise ValueError(f"flat buffer has {data.numel()} elements, the model needs {n}")
+        self.data = data if adopt else torch.zeros(n, dtype=torch.float32, device=device)
         self.grad = torch.zeros(self.n_params, dtype=torch.float32, device=device)
-        if shared:
+        if shared and not adopt:
             self.data.share_memory_()
-            self.grad.share_memory_()
+        self._params = params
+        self.param_slices: list[slice] = []  # where each parameter lives in ``params``
         off = 0
         for p in params:
             k = p.numel()
-            self.data[off : off + k].copy_(p.detach().reshape(-1))
+            if not adopt:
+                self.data[off : off + k].copy_(p.detach().reshape(-1))
             p.data = self.data[off : off + k].view_as(p)
             p.grad = self.grad[off : off + k].view_as(p)
+            self.param_slices.append(slice(off, off + k))
             off += k
         for m, name, b in buffers:
             k = b.numel()
-            self.data[off : off + k].copy_(b.reshape(-1))
+            if not adopt:
+                self.data[off : off + k].copy_(b.reshape(-1))
             m._buffers[name] = self.data[off : off + k].view_as(b)
             off += k
         self.params = self.data[: self.n_params]  # the optimizer's view
+        self.bound = self.params  # the ``(n_params,)`` tensor the module's parameters view now
+
+    def bind_params(self, params: torch.Tensor) -> None:
+        """Point the module's parameters at ``params`` ``(n_params,)`` (a private copy or an
+        immutable version of an update rule); buffers stay in the flat buffer."""
+        if params is self.bound:
+            return
+        for p, sl in zip(self._params, self.param_slices, strict=True):
+            p.data = params[sl].view_as(p)
+        self.bound = params
+
+    def only_grads_for(self, block: slice | None) -> None:
+        """Partial backprop: gradients only for parameters overlapping ``block`` (None: all)."""
+        for p, sl in zip(self._params, self.param_slices, strict=True):
+            p.requires_grad_(block is None or (sl.start < block.stop and block.start < sl.stop))
 
     def zero_grad(self) -> None:
         self.grad.zero_()

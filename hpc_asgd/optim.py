@@ -22,17 +22,21 @@ class FlatSGD:
         self.momentum, self.weight_decay, self.nesterov = momentum, weight_decay, nesterov
         self.buf: torch.Tensor | None = None  # (n_params,) momentum, made on the first step
 
-    def direction(self, params: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """The step ``d`` of ``params -= lr * d``; ``grad`` may be overwritten."""
+    def direction(self, params: torch.Tensor, grad: torch.Tensor, block: slice | None = None):
+        """The step ``d`` of ``params -= lr * d``; ``grad`` may be overwritten. With ``block``
+        (a partial step), ``d`` covers only ``params[block]`` and only that slice of the
+        momentum moves."""
+        if self.momentum and self.buf is None:
+            self.buf = torch.zeros_like(grad)  # m * 0 + d == d: torch's first-step clone, exactly
+        if block is not None:
+            params, grad = params[block], grad[block]
         d = grad
         if self.weight_decay:
             d = d.add_(params, alpha=self.weight_decay)
         if self.momentum:
-            if self.buf is None:
-                self.buf = d.clone()
-            else:
-                self.buf.mul_(self.momentum).add_(d)
-            d = d.add_(self.buf, alpha=self.momentum) if self.nesterov else self.buf
+            buf = self.buf if block is None else self.buf[block]
+            buf.mul_(self.momentum).add_(d)
+            d = d.add_(buf, alpha=self.momentum) if self.nesterov else buf
         return d
 
     def step(self, params: torch.Tensor, grad: torch.Tensor, lr: float) -> None:

@@ -1,8 +1,15 @@
 """``run(config, launch) -> summary``: the one place that wires the parts together.
 
-config -> comm -> data -> model in a flat buffer -> synchroniser -> steps -> outputs.
-Epochs are passes over this rank's shard; every rank runs the same number of steps, so the
-ranks agree on every collective round by construction.
+config -> comm -> data -> model in a flat buffer -> update rule + synchroniser -> steps -> outputs.
+
+Two process layouts run the same step (``step.Stepper``):
+- in process (W = 1, the default): the rank's own process takes every node step;
+- workers (W > 1, or ``--spawn-workers``): W spawned processes take node steps from a shared
+  counter while the rank's main process supervises them, evaluates, and runs the blocking
+  averaging rounds at node-step boundaries (workers pause at ``limit``).
+Every rank runs the same number of node steps and the same sequence of collectives (averaging
+rounds at fixed node steps, evaluations at fixed node steps, in step order), so the ranks agree
+on every collective by construction.
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,8 +33,30 @@ from hpc_asgd.data import Dataset, ShardSampler, load_dataset
 from hpc_asgd.env import Launch, is_tty
 from hpc_asgd.flat import FlatModel
 from hpc_asgd.models import build_model
-from hpc_asgd.optim import FlatSGD, Schedule
-from hpc_asgd.sync import make_synchronizer
+from hpc_asgd.shm import AtomicArray, make_rule
+from hpc_asgd.shm.base import UpdateRule
+from hpc_asgd.shm.workers import (
+    DONE,
+    LIMIT,
+    NCTL,
+    WorkerPool,
+    WorkerSpec,
+    augment_seed,
+    spawn_context,
+)
+from hpc_asgd.step import (
+    APPLIED,
+    DROPPED,
+    LOCK_WAIT,
+    LOSS_SUM,
+    NSTATS,
+    STALE0,
+    STEPS,
+    TRIES0,
+    Stepper,
+    inject,
+)
+from hpc_asgd.sync import Synchronizer, make_synchronizer
 
 EVAL_BATCH = 512
 
@@ -46,6 +77,7 @@ def evaluate(
         len(data.test), comm.rank, comm.size, EVAL_BATCH, seed=0, shuffle=False, drop_last=False
     )
     acc = torch.zeros(3, dtype=torch.float64)
+    was_training = model.training
     model.eval()
     with torch.no_grad():
         for idx in sampler.epoch(0):
@@ -55,10 +87,40 @@ def evaluate(
             acc[0] += (out.argmax(1) == y).sum().item()
             acc[1] += F.cross_entropy(out, y, reduction="sum").item()
             acc[2] += y.numel()
-    model.train()
+    model.train(was_training)
     stats = torch.cat([acc, extra.to(torch.float64)])
     comm.allreduce_(stats)
     return stats
+
+
+class StoppedError(Exception):
+    """SIGTERM: leave through the cleanup path (workers stopped), as Ctrl-C does."""
+
+
+def _on_sigterm(signum, frame):
+    raise StoppedError("stopped by SIGTERM")
+
+
+@dataclass
+class _Run:
+    """What both process layouts need; built once by ``run``."""
+
+    cfg: Config
+    launch: Launch
+    comm: Comm
+    data: Dataset
+    flat: FlatModel
+    rule: UpdateRule
+    sync: Synchronizer
+    sampler: ShardSampler
+    stats: torch.Tensor  # (W, NSTATS) float64
+    total: int  # node steps
+    spe: int  # node steps per epoch
+    evals: list[int]  # node steps after which to evaluate; the last is ``total``
+    evaluate_at: Callable[[int, torch.nn.Module], None]
+    device: torch.device
+    rank_threads: int
+    progress: metrics.Progress
 
 
 def run(cfg: Config, launch: Launch, comm: Comm | None = None) -> dict:
@@ -69,9 +131,10 @@ def run(cfg: Config, launch: Launch, comm: Comm | None = None) -> dict:
     """
     t_start = time.perf_counter()
     cfg.validate(launch.size, launch.local_size)
-    torch.set_num_threads(_threads_per_rank(launch))
+    rank_threads = _threads_per_rank(launch)
+    torch.set_num_threads(rank_threads)
     comm = comm or make_comm(cfg.run.comm, launch, cfg.run.comm_timeout)
-    d, o, s, r = cfg.data, cfg.optim, cfg.sync, cfg.run
+    d, w, r = cfg.data, cfg.workers, cfg.run
     device = torch.device(r.device)
     if device.type == "cuda":
         device = torch.device("cuda", launch.local_rank % torch.cuda.device_count())
@@ -84,85 +147,170 @@ def run(cfg: Config, launch: Launch, comm: Comm | None = None) -> dict:
     data = load_dataset(d.dataset, d.data_dir, download=False, **load)
     torch.manual_seed(r.seed)
     model = build_model(cfg.model.model, data.input_shape, data.num_classes)
-    flat = FlatModel(model, device=device)
-    sync = make_synchronizer(cfg, comm, flat)
+    spawn = w.workers > 1 or w.spawn_workers
+    flat = FlatModel(model, device=device, shared=spawn)
+    ctx = spawn_context()
+    rule = make_rule(cfg, flat.params, ctx)
+    sync = make_synchronizer(cfg, comm, flat, rule)
     sync.start()
 
     sampler = ShardSampler(len(data.train), comm.rank, comm.size, d.batch_size, r.seed)
     spe = sampler.steps_per_epoch
     total = max(1, math.ceil(r.epochs * spe))
     every = max(1, round(r.eval_every * spe))
-    opt = FlatSGD(o.momentum, o.weight_decay, o.nesterov)
-    sched = Schedule(
-        o.lr,
-        r.epochs,
-        o.lr_schedule,
-        o.warmup_epochs,
-        o.warmup_lr,
-        tuple(o.lr_milestones),
-        o.lr_gamma,
-    )
-    gen = torch.Generator().manual_seed(r.seed * 7919 + comm.rank)  # augmentation draws
-    lead = comm.rank == 0
+    stats = torch.zeros((w.workers, NSTATS), dtype=torch.float64)
     out = Path(r.out) if r.out else None
-    progress = metrics.Progress(total, spe, lead, is_tty(sys.stderr))
+    progress = metrics.Progress(total, spe, comm.rank == 0, is_tty(sys.stderr))
     rows: list[dict] = []
-    fault = launch.fault if launch.fault and launch.fault.rank == comm.rank else None
-    slow = r.slow_factor if r.slow_rank == comm.rank else 1.0
+    seen = torch.zeros(2, dtype=torch.float64)  # (loss_sum, steps) at the last evaluation
 
-    train_s = 0.0  # first step to last, without evaluation
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    loss_n = 0
-    batches: list[torch.Tensor] = []
-    model.train()
-    t_seg = time.perf_counter()
-    for step in range(total):
-        epoch_i, i = divmod(step, spe)
-        if i == 0:
-            batches = list(sampler.epoch(epoch_i))
-        if fault is not None and step == fault.step:
-            _inject(fault.kind, comm.rank, step)
+    def evaluate_at(step: int, eval_model: torch.nn.Module) -> None:
+        now = torch.stack([stats[:, LOSS_SUM].sum(), stats[:, STEPS].sum()])
+        st = evaluate(eval_model, data, comm, device, now - seen)
+        seen.copy_(now)
+        row = {
+            "epoch": round(step / spe, 4),
+            "time_s": round(time.perf_counter() - t_start, 3),
+            "samples": step * d.batch_size * comm.size,
+            "train_loss": float(st[3] / max(float(st[4]), 1.0)),
+            "test_acc": float(st[0] / st[2]),
+            "test_loss": float(st[1] / st[2]),
+        }
+        rows.append(row)
+        progress.epoch(row)
+        if comm.rank == 0 and out:
+            metrics.write_jsonl(out / "metrics.jsonl", rows)
+
+    job = _Run(
+        cfg,
+        launch,
+        comm,
+        data,
+        flat,
+        rule,
+        sync,
+        sampler,
+        stats,
+        total,
+        spe,
+        [*range(every, total, every), total],
+        evaluate_at,
+        device,
+        rank_threads,
+        progress,
+    )
+    old_term = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        train_s = _train_workers(job, ctx) if spawn else _train_in_process(job)
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+    return _summarise(job, rows, train_s, t_start, out)
+
+
+def _train_in_process(job: _Run) -> float:
+    """W = 1 in the rank's own process: step, then the synchroniser, then maybe evaluate."""
+    comm, flat, sync, spe = job.comm, job.flat, job.sync, job.spe
+    job.rule.attach(0)
+    gen = torch.Generator().manual_seed(augment_seed(job.cfg.run.seed, comm.rank, 0))
+    hook = sync.grads_ready if sync.averages_gradients else None
+    stepper = Stepper(
+        job.cfg, job.data, flat, job.rule, job.sampler, gen, job.device, job.stats[0], hook
+    )
+    slow = job.cfg.run.slow_factor if job.cfg.run.slow_rank == comm.rank else 1.0
+    stop = sync.next_stop(0, 0.0)
+    pending = list(job.evals)
+    train_s, t_seg = 0.0, time.perf_counter()
+    flat.module.train()
+    for s in range(job.total):
+        inject(job.launch.fault, comm.rank, s)
         t_step = time.perf_counter()
-        x, y = data.train.batch(batches[i], train=True, gen=gen)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss = F.cross_entropy(model(x), y)
-        flat.zero_grad()
-        loss.backward()
-        epoch = step / spe
-        sync.grads_ready(step + 1)
-        opt.step(flat.params, flat.grad, sched(epoch))
-        sync.step_done(step + 1, (step + 1) / spe)
-        loss_sum += loss.detach().to(torch.float64).cpu()
-        loss_n += 1
+        stepper.step(s)
+        if s + 1 == stop:
+            sync.step_done(stop, stop / spe)
+            stop = sync.next_stop(stop, stop / spe)
         if slow > 1:  # straggler injection: stretch this step to F times its measured length
             time.sleep((slow - 1) * (time.perf_counter() - t_step))
-        progress.step(step + 1, None)
-        if (step + 1) % every == 0 or step + 1 == total:
+        job.progress.step(s + 1)
+        if s + 1 == pending[0]:
             train_s += time.perf_counter() - t_seg
-            if step + 1 == total:
+            job.rule.publish()  # evaluate the latest parameters, in the flat buffer
+            flat.bind_params(flat.params)
+            if s + 1 == job.total:
                 sync.finish()  # the final exact average comes before the final evaluation
-            st = evaluate(
-                model, data, comm, device, torch.stack([loss_sum, torch.tensor(float(loss_n))])
-            )
-            row = {
-                "epoch": round((step + 1) / spe, 4),
-                "time_s": round(time.perf_counter() - t_start, 3),
-                "samples": (step + 1) * d.batch_size * comm.size,
-                "train_loss": float(st[3] / max(st[4], 1)),
-                "test_acc": float(st[0] / st[2]),
-                "test_loss": float(st[1] / st[2]),
-            }
-            rows.append(row)
-            progress.epoch(row)
-            if lead and out:
-                metrics.write_jsonl(out / "metrics.jsonl", rows)
-            loss_sum.zero_()
-            loss_n = 0
+            job.evaluate_at(pending.pop(0), flat.module)
             t_seg = time.perf_counter()
+    return train_s
 
+
+def _train_workers(job: _Run, ctx) -> float:
+    """W spawned workers take node steps; this process supervises, averages and evaluates,
+    handling events (blocking rounds, evaluations) in node-step order on every rank."""
+    cfg, flat, rule, sync, spe, total = job.cfg, job.flat, job.rule, job.sync, job.spe, job.total
+    w = cfg.workers
+    job.stats.share_memory_()
+    ctl = AtomicArray(NCTL)
+    threads = w.threads_per_worker or max(1, job.rank_threads // w.workers)
+    spec = WorkerSpec(
+        cfg.to_dict(),
+        job.launch,
+        job.comm.rank,
+        job.comm.size,
+        job.data,
+        flat.data,
+        rule,
+        ctl,
+        job.stats,
+        total,
+        threads,
+        str(job.device),
+        ctx.Queue(),
+    )
+    # The evaluation model: a private copy, filled from a snapshot of the shared one.
+    shape, classes = job.data.input_shape, job.data.num_classes
+    eval_flat = FlatModel(build_model(cfg.model.model, shape, classes), device=job.device)
+    stop = sync.next_stop(0, 0.0)
+    pending = list(job.evals)
+    pool = WorkerPool(spec, w.workers, ctx)
+    pool.start()
+    try:
+        pool.wait_ready()
+        t0 = train_end = time.perf_counter()  # training time starts when all may step
+        ctl[LIMIT].store(min(stop or total, total))
+        last_check = 0.0
+        while True:
+            if time.monotonic() - last_check > 0.05:
+                pool.check()
+                last_check = time.monotonic()
+            event = min(stop or total + 1, pending[0])
+            if ctl[DONE].load() < event:
+                time.sleep(2e-4)
+                continue
+            if event == stop:  # workers are held at the limit: nothing is in flight
+                sync.step_done(stop, stop / spe)
+                stop = sync.next_stop(stop, stop / spe)
+                ctl[LIMIT].store(min(stop or total, total))  # release the workers
+            if event == pending[0]:
+                if event == total:
+                    pool.join()
+                    train_end = time.perf_counter()
+                    sync.finish()  # publishes the rule's latest version, then averages
+                rule.snapshot(eval_flat.params)
+                eval_flat.data[flat.n_params :].copy_(flat.data[flat.n_params :])
+                job.evaluate_at(pending.pop(0), eval_flat.module)
+                if not pending:  # evaluations overlap the workers' training: not subtracted
+                    return train_end - t0
+    finally:
+        pool.stop()
+        ctl.close()
+
+
+def _summarise(job: _Run, rows: list[dict], train_s: float, t_start: float, out: Path | None):
+    cfg, comm, flat, sync, total = job.cfg, job.comm, job.flat, job.sync, job.total
+    d, s = cfg.data, cfg.sync
     digest = bytes.fromhex(flat.checksum())
     sums = comm.allgather(torch.frombuffer(bytearray(digest), dtype=torch.uint8))
     waits = comm.allgather(torch.tensor([sync.wait_s, train_s], dtype=torch.float64))
+    all_stats = comm.allgather(job.stats)  # (ranks, W, NSTATS)
     samples = total * d.batch_size * comm.size
     train_s_max = float(waits[:, 1].max())
     summary = {
@@ -173,7 +321,7 @@ def run(cfg: Config, launch: Launch, comm: Comm | None = None) -> dict:
         "workers_per_rank": cfg.workers.workers,
         "dataset": d.dataset,
         "model": cfg.model.model,
-        "epochs": r.epochs,
+        "epochs": cfg.run.epochs,
         "steps_per_rank": total,
         "samples_processed": samples,
         "wall_s": round(time.perf_counter() - t_start, 3),
@@ -182,21 +330,34 @@ def run(cfg: Config, launch: Launch, comm: Comm | None = None) -> dict:
         "final_test_acc": rows[-1]["test_acc"],
         "final_test_loss": rows[-1]["test_loss"],
         "averaging_rounds": sync.rounds,
-        "comm_wait_s": [round(float(w), 4) for w in waits[:, 0]],
+        "comm_wait_s": [round(float(x), 4) for x in waits[:, 0]],
         "param_checksums": [bytes(row.tolist()).hex() for row in sums],
         "consensus": len({bytes(row.tolist()) for row in sums}) == 1,
+        "workers": _worker_metrics(cfg, all_stats),
         "versions": metrics.versions(comm.name),
         "config": cfg.to_dict(),
     }
-    if lead and out:
-        metrics.save_model(out / "model.pt", model, cfg.to_dict())
+    if comm.rank == 0 and out:
+        metrics.save_model(out / "model.pt", flat.module, cfg.to_dict())
         metrics.write_json(out / "summary.json", summary)
     return summary
 
 
-def _inject(kind: str, rank: int, step: int) -> None:
-    """Fault injection for the failure tests (``HPC_ASGD_FAULT``, read by env.py)."""
-    if kind == "stop":  # stop answering, as a hung node does; the peers' deadline must fire
-        os.kill(os.getpid(), signal.SIGSTOP)
-        return
-    raise RuntimeError(f"injected fault at step {step}")
+def _worker_metrics(cfg: Config, st: torch.Tensor) -> dict:
+    """Per-worker steps and the update rule's histograms, summed over ranks and workers."""
+    from hpc_asgd.shm.base import HIST_BINS
+
+    ints = lambda t: [int(v) for v in t.tolist()]  # noqa: E731
+    out = {
+        "steps": [ints(r) for r in st[:, :, STEPS]],  # [rank][worker]
+        "applied": int(st[:, :, APPLIED].sum()),
+        "dropped": int(st[:, :, DROPPED].sum()),
+        "staleness_hist": ints(st[:, :, STALE0 : STALE0 + HIST_BINS].sum((0, 1))),
+        "staleness_hist_bins": f"0..{HIST_BINS - 2}, >={HIST_BINS - 1} updates in between",
+    }
+    if cfg.workers.update == "leashed":
+        out["cas_tries_hist"] = ints(st[:, :, TRIES0 : TRIES0 + HIST_BINS].sum((0, 1)))
+        out["cas_tries_hist_bins"] = f"1..{HIST_BINS - 1}, >={HIST_BINS} tries"
+    if cfg.workers.update == "locked":
+        out["lock_wait_s"] = [[round(v, 4) for v in r.tolist()] for r in st[:, :, LOCK_WAIT]]
+    return out

@@ -68,17 +68,23 @@ class Poller:
     """Waits on a condition with a deadline, sleeping with backoff so idle ranks leave the
     cores to the ranks that compute (tests oversubscribe 2 cores with 4 ranks)."""
 
+    SPIN = 2e-3  # s of busy polling first: MPI progresses only inside MPI calls
+
     def __init__(self, timeout: float | None):
-        self.deadline = None if timeout is None else time.monotonic() + timeout
+        now = time.monotonic()
+        self.deadline = None if timeout is None else now + timeout
+        self.spin_until = now + self.SPIN
         self.nap = 0.0
 
     def expired(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
 
     def idle(self) -> None:
-        # 0, 20us, 40us ... capped at 1 ms: short waits stay fast, long waits stay cheap.
-        if self.nap:
-            time.sleep(self.nap)
+        # Spin 2 ms, then sleep 20us, 40us ... capped at 1 ms: short waits stay fast (and keep
+        # MPI progressing), long waits leave the cores to the ranks that compute.
+        if time.monotonic() < self.spin_until:
+            return
+        time.sleep(self.nap)
         self.nap = min(1e-3, self.nap * 2 or 2e-5)
 
 

@@ -1,22 +1,31 @@
 """MPI engine through mpi4py: zero-copy on CPU tensors, CUDA-aware when the MPI is.
 
-Every collective is posted non-blocking and waited on with a deadline. While a rank waits it
-answers "where are you?" pings from its peers on a duplicated control communicator, so a rank
-whose deadline passes can name the ranks that did not arrive: those that do not answer (dead,
-stopped, or still computing) or that answer from an earlier collective.
+Deadlines without giving up MPI's fast blocking algorithms: a watchdog thread per process
+(MPI_THREAD_MULTIPLE) answers "which collective are you in?" pings from peers on a duplicated
+control communicator, and watches the blocking collective the main thread is in. When a
+deadline passes, the waiting rank pings every peer: those that do not answer (dead, stopped)
+or that answer from an earlier collective (still computing, or stuck elsewhere) are named, the
+one-line error is printed and the job is aborted. Non-blocking work (``iallreduce_``) is waited
+on by polling, so ``Work.wait(timeout)`` raises :class:`CommError` instead.
 """
 
 from __future__ import annotations
 
 import ctypes
 import sys
+import threading
 import time
+import weakref
 
 import torch
 
 from hpc_asgd.comm.base import Poller, check_op, timeout_error
+from hpc_asgd.errors import error_line
 
 _PING, _PONG = 7301, 7302
+# s between the watchdog's looks (ping answers, deadlines): rare enough not to contend with the
+# main thread for MPI's progress engine, frequent enough to answer a 2 s diagnosis.
+_WATCH_EVERY = 0.05
 
 
 def _mpi():
@@ -36,6 +45,48 @@ def cuda_aware() -> bool:
     return bool(fn())
 
 
+class _Watchdog(threading.Thread):
+    """One per process: answers pings of every live communicator and enforces the deadline of
+    the blocking collective the main thread is in."""
+
+    def __init__(self) -> None:
+        super().__init__(name="hpc_asgd-mpi-watchdog", daemon=True)
+        self.comms: weakref.WeakSet[MpiComm] = weakref.WeakSet()
+        self.lock = threading.Lock()
+
+    def run(self) -> None:
+        while True:
+            time.sleep(_WATCH_EVERY)
+            with self.lock:
+                comms = list(self.comms)
+            for comm in comms:
+                comm.answer_pings()
+                blocked = comm.blocked
+                if blocked is not None and time.monotonic() > blocked[2]:
+                    what, seq, _, timeout = blocked
+                    err = comm.diagnose(what, seq, timeout)
+                    print(error_line(comm.world_ranks[comm.rank], comm.world_size, err),
+                          file=sys.stderr, flush=True)  # fmt: skip
+                    comm.abort(1)
+
+
+_watchdogs: list[_Watchdog] = []  # at most one, started on first use
+
+
+def _watch(comm: MpiComm) -> bool:
+    """Register ``comm`` with the watchdog; False without MPI_THREAD_MULTIPLE, where waits
+    poll and answer pings themselves."""
+    mpi = _mpi()
+    if mpi.Query_thread() < mpi.THREAD_MULTIPLE:
+        return False
+    if not _watchdogs:
+        _watchdogs.append(_Watchdog())
+        _watchdogs[0].start()
+    with _watchdogs[0].lock:
+        _watchdogs[0].comms.add(comm)
+    return True
+
+
 class MpiWork:
     """An MPI request; copies a host-staged result back to the device on completion."""
 
@@ -49,14 +100,15 @@ class MpiWork:
             self.done = True
             if self.staged is not None:
                 host, dev = self.staged
-                dev.copy_(host, non_blocking=False)
+                dev.copy_(host)
         return self.done
 
     def wait(self, timeout: float | None = None) -> None:
         timeout = self.comm.timeout if timeout is None else timeout
         poll = Poller(timeout)
-        while not self.test():
-            self.comm.answer_pings()
+        while not self.test():  # every Test() also drives MPI's progress
+            if not self.comm.watched:
+                self.comm.answer_pings()
             if poll.expired():
                 raise self.comm.diagnose(self.what, self.seq, timeout)
             poll.idle()
@@ -74,11 +126,14 @@ class MpiComm:
         self.c = base.Dup()
         self.ctl = base.Dup()
         self.rank, self.size = self.c.Get_rank(), self.c.Get_size()
+        self.world_size = mpi.COMM_WORLD.Get_size()
         self.timeout = timeout
         self.world_ranks = world_ranks or list(range(self.size))
-        self.seq = 0  # collectives posted on this communicator
+        self.seq = 0  # collectives entered on this communicator
+        self.blocked: tuple[str, int, float, float] | None = None  # (what, seq, deadline, timeout)
         self.cuda_aware = cuda_aware()
         self._ops = {"sum": mpi.SUM, "max": mpi.MAX, "min": mpi.MIN}
+        self.watched = _watch(self)
 
     # ---- buffers -------------------------------------------------------------------------
     def _buf(self, t: torch.Tensor):
@@ -98,6 +153,22 @@ class MpiComm:
         buf, staged = self._buf(t) if t is not None else (None, None)
         return MpiWork(self, start(buf), self.seq, what, staged)
 
+    def _blocking(self, what: str, call, blocking, t: torch.Tensor | None = None) -> None:
+        """Run MPI's blocking collective under the watchdog's deadline, or, without a
+        watchdog, its non-blocking twin ``call`` under a polled one."""
+        if not self.watched:
+            self._post(what, call, t).wait()
+            return
+        self.seq += 1
+        buf, staged = self._buf(t) if t is not None else (None, None)
+        self.blocked = (what, self.seq, time.monotonic() + self.timeout, self.timeout)
+        try:
+            blocking(buf)
+        finally:
+            self.blocked = None
+        if staged is not None:
+            staged[1].copy_(staged[0])
+
     # ---- collectives ---------------------------------------------------------------------
     def iallreduce_(self, t: torch.Tensor, op: str = "sum") -> MpiWork:
         mop = self._ops[check_op(op)]
@@ -105,25 +176,39 @@ class MpiComm:
         return self._post("allreduce", lambda b: self.c.Iallreduce(inplace, b, op=mop), t)
 
     def allreduce_(self, t: torch.Tensor, op: str = "sum") -> None:
-        self.iallreduce_(t, op).wait()
+        mop = self._ops[check_op(op)]
+        inplace = _mpi().IN_PLACE
+        self._blocking(
+            "allreduce",
+            lambda b: self.c.Iallreduce(inplace, b, op=mop),
+            lambda b: self.c.Allreduce(inplace, b, op=mop),
+            t,
+        )
 
     def bcast_(self, t: torch.Tensor, root: int = 0) -> None:
-        self._post("broadcast", lambda b: self.c.Ibcast(b, root=root), t).wait()
+        self._blocking(
+            "broadcast",
+            lambda b: self.c.Ibcast(b, root=root),
+            lambda b: self.c.Bcast(b, root=root),
+            t,
+        )
 
     def allgather(self, t: torch.Tensor) -> torch.Tensor:
         src = t.detach().contiguous().cpu()
         out = torch.empty((self.size, *src.shape), dtype=src.dtype)
-        work = self._post("allgather", lambda _: self.c.Iallgather(src.numpy(), out.numpy()))
-        work.wait()
+        self._blocking(
+            "allgather",
+            lambda _: self.c.Iallgather(src.numpy(), out.numpy()),
+            lambda _: self.c.Allgather(src.numpy(), out.numpy()),
+        )
         return out.to(t.device)
 
     def barrier(self) -> None:
-        self._post("barrier", lambda _: self.c.Ibarrier()).wait()
+        self._blocking("barrier", lambda _: self.c.Ibarrier(), lambda _: self.c.Barrier())
 
     def split(self, color: int, key: int) -> MpiComm:
         sub = self.c.Split(color, key)
-        ranks = self._world_ranks_of(sub)
-        out = MpiComm(sub, self.timeout, ranks)
+        out = MpiComm(sub, self.timeout, self._world_ranks_of(sub))
         sub.Free()
         return out
 
@@ -144,7 +229,7 @@ class MpiComm:
 
     # ---- deadlines -----------------------------------------------------------------------
     def answer_pings(self) -> None:
-        """Tell any peer that asks which collective this rank is waiting in."""
+        """Tell any peer that asks how many collectives this rank has entered here."""
         mpi = _mpi()
         status = mpi.Status()
         while self.ctl.Iprobe(source=mpi.ANY_SOURCE, tag=_PING, status=status):
@@ -153,7 +238,8 @@ class MpiComm:
             self.ctl.send(self.seq, dest=src, tag=_PONG)
 
     def diagnose(self, what: str, seq: int, timeout: float, grace: float = 2.0):
-        """Ping every peer; those that do not answer within ``grace`` s did not arrive."""
+        """Ping every peer; those that do not answer within ``grace`` s, or answer with an
+        earlier collective, did not arrive."""
         peers = [r for r in range(self.size) if r != self.rank]
         sends = [self.ctl.isend(seq, dest=r, tag=_PING) for r in peers]
         recvs = {r: self.ctl.irecv(source=r, tag=_PONG) for r in peers}
@@ -165,7 +251,8 @@ class MpiComm:
                 if ok:
                     answers[r] = value
                     del recvs[r]
-            self.answer_pings()
+            if not self.watched:
+                self.answer_pings()
             time.sleep(1e-3)
         del sends  # the job is about to be aborted; unmatched requests do not matter
         missing = [self.world_ranks[r] for r in peers if r not in answers or answers[r] < seq]
@@ -177,4 +264,4 @@ class MpiComm:
 
 def library_version() -> str:
     """The MPI library's own version line (for ``hpc-asgd info`` and benchmarks)."""
-    return _mpi().Get_library_version().splitlines()[0].strip()
+    return _mpi().Get_library_version().splitlines()[0].strip().strip("\x00")

@@ -64,6 +64,16 @@ class TorchWork:
 
     def wait(self, timeout: float | None = None) -> None:
         timeout = self.comm.timeout if timeout is None else timeout
+        if self.comm.name == "gloo":
+            # Gloo progresses on its own threads: block in C++ (no polling that would steal
+            # the cores from them), first briefly, then, having marked arrival, until the deadline.
+            first = min(_MARK_AFTER, timeout)
+            if not self._wait_for(first):
+                self.comm.mark(self.seq)
+                if not self._wait_for(timeout - first):
+                    raise self.comm.diagnose(self.what, self.seq, timeout)
+            self.test()
+            return
         poll = Poller(timeout)
         mark_at = time.monotonic() + _MARK_AFTER
         while not self.test():
@@ -73,6 +83,16 @@ class TorchWork:
             if poll.expired():
                 raise self.comm.diagnose(self.what, self.seq, timeout)
             poll.idle()
+
+    def _wait_for(self, seconds: float) -> bool:
+        """True if the work completed within ``seconds`` (Gloo leaves it running otherwise)."""
+        try:
+            self.work.wait(datetime.timedelta(seconds=max(seconds, 1e-3)))
+        except RuntimeError as e:
+            if "timed out" in str(e).lower() or "timeout" in str(e).lower():
+                return False
+            raise
+        return True
 
 
 class TorchComm:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from hpc_asgd.comm import Comm
 from hpc_asgd.config import Config
 from hpc_asgd.flat import FlatModel
+from hpc_asgd.shm.base import UpdateRule
 from hpc_asgd.sync.base import Synchronizer
 from hpc_asgd.sync.hier_avg import HierAvg, make_group
 from hpc_asgd.sync.local_sgd import LocalSGD
@@ -12,16 +13,18 @@ from hpc_asgd.sync.none import NoSync
 from hpc_asgd.sync.synchronous import SyncSGD
 
 
-def make_synchronizer(cfg: Config, comm: Comm, flat: FlatModel) -> Synchronizer:
+def make_synchronizer(cfg: Config, comm: Comm, flat: FlatModel, rule: UpdateRule) -> Synchronizer:
     s = cfg.sync
     if s.algo == "none":
-        return NoSync(comm, flat)
+        return NoSync(comm, flat, rule)
     if s.algo == "sync":
-        return SyncSGD(comm, flat)
+        return SyncSGD(comm, flat, rule)
     if s.algo == "local-sgd":
-        return LocalSGD(comm, flat, s.period, s.post_local_epochs)
+        return LocalSGD(comm, flat, rule, s.period, s.post_local_epochs)
     if s.algo == "hier-avg":
-        return HierAvg(comm, flat, make_group(comm, s.group_size), s.local_period, s.global_period)
+        return HierAvg(
+            comm, flat, rule, make_group(comm, s.group_size), s.local_period, s.global_period
+        )
     raise AssertionError(f"validated algo {s.algo!r} has no synchroniser")
 
 

@@ -1,12 +1,14 @@
-"""The synchroniser seam: what happens across ranks around each local step.
+"""The synchroniser seam: what happens across ranks around the node's steps.
 
-A synchroniser sees the flat model (``FlatModel``) and a ``Comm``; it never sees the engine,
-the data or the update rule. Hooks, in the order the driver calls them:
+A synchroniser sees the flat model (``FlatModel``), the update rule that owns the parameters
+and a ``Comm``; it never sees the engine, the data or the process layout. The driver calls,
+in node-step order and identically on every rank:
 
     start()                       once: every rank takes rank 0's initial model
-    grads_ready(step)             after backward, before the update (synchronous SGD)
-    step_done(step, epoch)        after the update (periodic averaging)
-    finish()                      once: final exact average, so consensus is bitwise
+    grads_ready(step)             after backward, before the update (synchronous SGD only)
+    next_stop(step, epoch)        the node step of the next blocking round (None: no more)
+    step_done(stop, epoch)        at that node step; with workers, they are paused there
+    finish()                      once, after the last step: final exact average (consensus)
 """
 
 from __future__ import annotations
@@ -18,16 +20,20 @@ import torch
 
 from hpc_asgd.comm import Comm
 from hpc_asgd.flat import FlatModel
+from hpc_asgd.shm.base import UpdateRule
 
 
 class Synchronizer(Protocol):
     promises_consensus: bool
+    averages_gradients: bool  # True: needs grads_ready after every backward (W = 1 only)
     rounds: int  # averaging (or gradient-averaging) rounds done
-    wait_s: float  # seconds the training loop spent blocked in this synchroniser's collectives
+    wait_s: float  # seconds the node spent blocked in this synchroniser's collectives
 
     def start(self) -> None: ...
 
     def grads_ready(self, step: int) -> None: ...
+
+    def next_stop(self, step: int, epoch: float) -> int | None: ...
 
     def step_done(self, step: int, epoch: float) -> None: ...
 
@@ -35,12 +41,13 @@ class Synchronizer(Protocol):
 
 
 class Averaging:
-    """Shared plumbing: a comm, a flat model, timers and the exact averages every algorithm uses."""
+    """Shared plumbing: a comm, the model, timers and the exact averages every algorithm uses."""
 
     promises_consensus = True
+    averages_gradients = False
 
-    def __init__(self, comm: Comm, flat: FlatModel):
-        self.comm, self.flat = comm, flat
+    def __init__(self, comm: Comm, flat: FlatModel, rule: UpdateRule):
+        self.comm, self.flat, self.rule = comm, flat, rule
         self.rounds = 0
         self.wait_s = 0.0
 
@@ -54,10 +61,22 @@ class Averaging:
         t.div_(comm.size)
         self.wait_s += time.perf_counter() - t0
 
+    def average_model_(self, comm: Comm | None = None) -> None:
+        """Blocking model average (parameters and buffers, one collective), workers paused.
+        A rule that keeps its own versions (Leashed-SGD) hands its latest one over first and
+        takes the average back as a new version."""
+        self.rule.publish()
+        self.average_(self.flat.data, comm)
+        self.rule.load(self.flat.params)
+
     def start(self) -> None:
         self.comm.bcast_(self.flat.data, root=0)
+        self.rule.load(self.flat.params)
 
     def grads_ready(self, step: int) -> None:
+        return None
+
+    def next_stop(self, step: int, epoch: float) -> int | None:
         return None
 
     def step_done(self, step: int, epoch: float) -> None:
@@ -66,6 +85,7 @@ class Averaging:
     def finish(self) -> None:
         """Average parameters and buffers exactly once more, then take rank 0's bits: an
         allreduce alone may round differently on different ranks (recursive doubling)."""
+        self.rule.publish()
         if not self.promises_consensus or self.comm.size == 1:
             return
         self.average_(self.flat.data)

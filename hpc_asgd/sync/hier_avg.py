@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from hpc_asgd.comm import Comm
 from hpc_asgd.flat import FlatModel
+from hpc_asgd.shm.base import UpdateRule
 from hpc_asgd.sync.base import Averaging
 
 
@@ -21,17 +22,19 @@ def make_group(comm: Comm, group_size: int) -> Comm:
 
 
 class HierAvg(Averaging):
-    def __init__(
-        self, comm: Comm, flat: FlatModel, group: Comm, local_period: int, global_period: int
-    ):
-        super().__init__(comm, flat)
+    def __init__(self, comm: Comm, flat: FlatModel, rule: UpdateRule, group: Comm,
+                 local_period: int, global_period: int):  # fmt: skip
+        super().__init__(comm, flat, rule)
         self.group, self.k1, self.k2 = group, local_period, global_period
         self.group_rounds = 0
 
+    def next_stop(self, step: int, epoch: float) -> int:
+        return step + self.k1
+
     def step_done(self, step: int, epoch: float) -> None:
         if step % (self.k1 * self.k2) == 0:
-            self.average_(self.flat.data)
+            self.average_model_()
             self.rounds += 1
-        elif step % self.k1 == 0:
-            self.average_(self.flat.data, self.group)
+        else:
+            self.average_model_(self.group)
             self.group_rounds += 1

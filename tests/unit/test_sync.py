@@ -7,6 +7,7 @@ from torch import nn
 
 from hpc_asgd.comm.local import DoneWork
 from hpc_asgd.flat import FlatModel
+from hpc_asgd.shm import Hogwild
 from hpc_asgd.sync import HierAvg, LocalSGD, NoSync, SyncSGD
 
 
@@ -32,45 +33,62 @@ class FakeComm:
         self.calls.append((f"{self.tag}-bcast", t.numel()))
 
 
-def _flat() -> FlatModel:
+def _flat() -> tuple[FlatModel, Hogwild]:
     torch.manual_seed(0)
-    return FlatModel(nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)))
+    flat = FlatModel(nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)))
+    return flat, Hogwild(flat.params)
+
+
+def _drive(sync, total: int, spe: int) -> list[int]:
+    """The driver's loop: rounds happen exactly at the stops the synchroniser names."""
+    stops, stop = [], sync.next_stop(0, 0.0)
+    for step in range(1, total + 1):
+        if step == stop:
+            sync.step_done(stop, stop / spe)
+            stops.append(stop)
+            stop = sync.next_stop(stop, stop / spe)
+    return stops
 
 
 def test_sync_sgd_averages_gradients_every_step() -> None:
-    flat, comm = _flat(), FakeComm(4, peer_value=1.0)
-    s = SyncSGD(comm, flat)
+    (flat, rule), comm = _flat(), FakeComm(4, peer_value=1.0)
+    s = SyncSGD(comm, flat, rule)
     flat.grad.fill_(5.0)
     s.grads_ready(1)
     assert torch.allclose(flat.grad, torch.full_like(flat.grad, (5 + 3) / 4))
     assert comm.calls == [("world", flat.n_params)] and s.rounds == 1
+    assert s.averages_gradients and s.next_stop(0, 0.0) is None
 
 
 def test_local_sgd_period_and_post_local_warmup() -> None:
-    flat, comm = _flat(), FakeComm(2, peer_value=0.0)
-    s = LocalSGD(comm, flat, period=4, post_local_epochs=1.0)
-    spe = 5
-    for step in range(1, 21):
-        s.step_done(step, step / spe)
-    # steps 1..4 average every step (epoch < 1), then every 4 steps from step 4: 8, 12, 16, 20
-    assert s.rounds == 4 + 4
+    (flat, rule), comm = _flat(), FakeComm(2, peer_value=0.0)
+    s = LocalSGD(comm, flat, rule, period=4, post_local_epochs=1.0)
+    # epoch < 1 (steps 1..5 at 5 steps per epoch): every step; then every 4
+    assert _drive(s, 20, spe=5) == [1, 2, 3, 4, 5, 9, 13, 17]
+    assert s.rounds == 8
     assert all(n == len(flat) for _, n in comm.calls)  # parameters AND buffers, one call
 
 
+def test_local_sgd_averages_in_place() -> None:
+    (flat, rule), comm = _flat(), FakeComm(2, peer_value=3.0)
+    flat.data.fill_(1.0)
+    LocalSGD(comm, flat, rule, period=1).step_done(1, 0.0)
+    assert torch.all(flat.data == 2.0)  # mean of 1 (here) and 3 (the peer)
+
+
 def test_hier_avg_schedule() -> None:
-    flat, world, group = _flat(), FakeComm(4, tag="world"), FakeComm(2, tag="group")
-    s = HierAvg(world, flat, group, local_period=2, global_period=3)
-    for step in range(1, 13):
-        s.step_done(step, 0.0)
+    (flat, rule), world, group = _flat(), FakeComm(4, tag="world"), FakeComm(2, tag="group")
+    s = HierAvg(world, flat, rule, group, local_period=2, global_period=3)
+    assert _drive(s, 12, spe=100) == [2, 4, 6, 8, 10, 12]
     # group rounds at 2, 4, 8, 10; global at 6, 12
     assert [c for c, _ in group.calls] == ["group"] * 4 and s.group_rounds == 4
     assert [c for c, _ in world.calls] == ["world"] * 2 and s.rounds == 2
 
 
 def test_final_average_then_broadcast_for_consensus() -> None:
-    flat, comm = _flat(), FakeComm(2)
-    LocalSGD(comm, flat, period=3).finish()
+    (flat, rule), comm = _flat(), FakeComm(2)
+    LocalSGD(comm, flat, rule, period=3).finish()
     assert [c for c, _ in comm.calls] == ["world", "world-bcast"]
     comm.calls.clear()
-    NoSync(comm, flat).finish()
+    NoSync(comm, flat, rule).finish()
     assert comm.calls == []  # no consensus promised, nothing averaged

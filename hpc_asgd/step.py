@@ -1,0 +1,97 @@
+"""One SGD step at node step ``s``, the same in the rank's own process and in its workers.
+
+Node steps number the rank's passes over its shard: step ``s`` takes batch ``s % spe`` of the
+epoch-``s // spe`` order, whichever worker claims it, so "epoch" means a node-wide pass (as in
+the LPP-SGD reference code) and the LR schedule follows the node's progress.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import torch
+import torch.nn.functional as F
+
+from hpc_asgd.config import Config
+from hpc_asgd.data import Dataset, ShardSampler
+from hpc_asgd.env import Fault
+from hpc_asgd.flat import FlatModel
+from hpc_asgd.optim import FlatSGD, Schedule
+from hpc_asgd.shm.base import HIST_BINS, UpdateRule, bin_of
+
+# Columns of a worker's row in the stats table ``(W, NSTATS)`` (float64, shared memory).
+STEPS, APPLIED, DROPPED, LOCK_WAIT, LOSS_SUM = range(5)
+STALE0 = 5  # staleness histogram: HIST_BINS columns
+TRIES0 = STALE0 + HIST_BINS  # CAS-tries histogram: HIST_BINS columns (tries 1.. in bin 0..)
+NSTATS = TRIES0 + HIST_BINS
+
+
+def schedule_of(cfg: Config) -> Schedule:
+    o = cfg.optim
+    return Schedule(o.lr, cfg.run.epochs, o.lr_schedule, o.warmup_epochs, o.warmup_lr,
+                    tuple(o.lr_milestones), o.lr_gamma)  # fmt: skip
+
+
+class Stepper:
+    def __init__(
+        self,
+        cfg: Config,
+        data: Dataset,
+        flat: FlatModel,
+        rule: UpdateRule,
+        sampler: ShardSampler,
+        gen: torch.Generator,
+        device: torch.device,
+        stats: torch.Tensor,
+        grads_hook=None,
+    ):
+        o = cfg.optim
+        self.data, self.flat, self.rule, self.sampler = data, flat, rule, sampler
+        self.gen, self.device = gen, device
+        self.stats = stats.numpy()  # this worker's row; numpy: element updates cost ~100 ns
+        self.opt = FlatSGD(o.momentum, o.weight_decay, o.nesterov)  # private momentum
+        self.sched = schedule_of(cfg)
+        self.spe = sampler.steps_per_epoch
+        self.grads_hook = grads_hook  # synchronous SGD averages gradients here
+        self.partial = getattr(rule, "block_for", None)
+        self.epoch_cached = -1
+        self.batches: list[torch.Tensor] = []
+
+    def step(self, s: int) -> None:
+        e, i = divmod(s, self.spe)
+        if e != self.epoch_cached:
+            self.batches, self.epoch_cached = self.sampler.epoch(e), e
+        x, y = self.data.train.batch(self.batches[i], train=True, gen=self.gen)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        p = self.rule.read()
+        self.flat.bind_params(p)
+        block = self.partial(s / self.spe) if self.partial else None
+        if self.partial:
+            self.flat.only_grads_for(block)
+        loss = F.cross_entropy(self.flat.module(x), y)
+        self.flat.zero_grad()
+        loss.backward()
+        if self.grads_hook is not None:
+            self.grads_hook(s + 1)
+        d = self.opt.direction(p, self.flat.grad, block)
+        res = self.rule.apply(d, self.sched(s / self.spe), block)
+        row = self.stats
+        row[STEPS] += 1
+        row[APPLIED if res.applied else DROPPED] += 1
+        row[LOCK_WAIT] += res.lock_wait_s
+        row[LOSS_SUM] += loss.detach().item()
+        row[STALE0 + bin_of(res.staleness)] += 1
+        row[TRIES0 + bin_of(res.tries - 1)] += 1
+
+
+def inject(fault: Fault | None, rank: int, step: int) -> None:
+    """Fault injection for the failure tests (``HPC_ASGD_FAULT``, read by env.py)."""
+    if fault is None or fault.rank != rank or fault.step != step:
+        return
+    if fault.kind == "stop":  # stop answering, as a hung node does; the peers' deadline fires
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return
+    if fault.kind == "kill":  # die as the OOM killer does it
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError(f"injected fault at step {step}")
