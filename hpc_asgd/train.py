@@ -263,7 +263,7 @@ def _train_workers(job: _Run, ctx) -> float:
         total,
         threads,
         str(job.device),
-        ctx.Queue(),
+        ctx.SimpleQueue(),
     )
     # The evaluation model: a private copy, filled from a snapshot of the shared one.
     shape, classes = job.data.input_shape, job.data.num_classes

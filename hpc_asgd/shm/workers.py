@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import queue
 import signal
 import time
 from dataclasses import dataclass
@@ -71,7 +70,7 @@ class WorkerSpec:
     total: int
     threads: int
     device: str
-    errors: object  # a spawn-context Queue of (worker, message)
+    errors: object  # a spawn-context SimpleQueue of (worker, message): written synchronously
 
 
 def _die_with_parent() -> None:
@@ -149,13 +148,11 @@ class WorkerPool:
 
     def _message(self, index: int) -> str:
         found = ""
-        try:
-            while True:
-                i, msg = self.spec.errors.get(timeout=0.5)
-                if i == index:
-                    found = msg
-        except queue.Empty:
-            return found
+        while not self.spec.errors.empty():
+            i, msg = self.spec.errors.get()
+            if i == index:
+                found = msg
+        return found
 
     def wait_ready(self) -> None:
         """Block until every worker has built its model and is about to claim steps."""
