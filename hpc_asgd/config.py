@@ -17,7 +17,6 @@ import tomllib
 from hpc_asgd.errors import ConfigError
 
 ALGOS = ("none", "sync", "local-sgd", "local-async", "lasgd", "hier-avg")
-ALGOS_AVAILABLE = ("none", "sync", "local-sgd", "hier-avg")
 UPDATES = ("hogwild", "locked", "leashed", "partitioned")
 SCHEDULES = ("constant", "step", "cosine")
 DEVICES = ("cpu", "cuda")
@@ -71,6 +70,9 @@ class SyncConfig:
     group_size: int = _f(0, "S: ranks per averaging group (hier-avg); 0 = the ranks of one node")
     local_period: int = _f(1, "K1: steps between group averages (hier-avg)")
     global_period: int = _f(1, "K2: group averages between global averages (hier-avg)")
+    hier_mode: str = _f(
+        "blocking", "hier-avg: blocking (the paper) | nonblocking (delta correction)"
+    )
 
 
 @dataclass
@@ -199,10 +201,7 @@ class Config:
         _choice("lr_schedule", o.lr_schedule, SCHEDULES)
         _choice("device", r.device, DEVICES)
         _choice("comm", r.comm, ENGINES)
-        if s.algo not in ALGOS_AVAILABLE:
-            raise ConfigError(
-                f"algo: {s.algo!r} is not implemented yet; available: {', '.join(ALGOS_AVAILABLE)}"
-            )
+        _choice("hier_mode", s.hier_mode, ("blocking", "nonblocking"))
         positive_ints = {
             "batch_size": d.batch_size,
             "period": s.period,

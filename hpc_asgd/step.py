@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +30,15 @@ NSTATS = TRIES0 + HIST_BINS
 
 def schedule_of(cfg: Config) -> Schedule:
     o = cfg.optim
-    return Schedule(o.lr, cfg.run.epochs, o.lr_schedule, o.warmup_epochs, o.warmup_lr,
-                    tuple(o.lr_milestones), o.lr_gamma)  # fmt: skip
+    return Schedule(
+        o.lr,
+        cfg.run.epochs,
+        o.lr_schedule,
+        o.warmup_epochs,
+        o.warmup_lr,
+        tuple(o.lr_milestones),
+        o.lr_gamma,
+    )
 
 
 class Stepper:
@@ -45,6 +53,7 @@ class Stepper:
         device: torch.device,
         stats: torch.Tensor,
         grads_hook=None,
+        slow: float = 1.0,
     ):
         o = cfg.optim
         self.data, self.flat, self.rule, self.sampler = data, flat, rule, sampler
@@ -54,11 +63,13 @@ class Stepper:
         self.sched = schedule_of(cfg)
         self.spe = sampler.steps_per_epoch
         self.grads_hook = grads_hook  # synchronous SGD averages gradients here
+        self.slow = slow  # straggler injection: each step takes ``slow`` times as long
         self.partial = getattr(rule, "block_for", None)
         self.epoch_cached = -1
         self.batches: list[torch.Tensor] = []
 
     def step(self, s: int) -> None:
+        t0 = time.perf_counter()
         e, i = divmod(s, self.spe)
         if e != self.epoch_cached:
             self.batches, self.epoch_cached = self.sampler.epoch(e), e
@@ -83,6 +94,13 @@ class Stepper:
         row[LOSS_SUM] += loss.detach().item()
         row[STALE0 + bin_of(res.staleness)] += 1
         row[TRIES0 + bin_of(res.tries - 1)] += 1
+        if self.slow > 1:  # sleep in proportion to the measured step time
+            time.sleep((self.slow - 1) * (time.perf_counter() - t0))
+
+
+def slow_factor(cfg: Config, rank: int) -> float:
+    """``--slow-factor`` on ``--slow-rank``, 1 elsewhere."""
+    return cfg.run.slow_factor if cfg.run.slow_rank == rank else 1.0
 
 
 def inject(fault: Fault | None, rank: int, step: int) -> None:

@@ -55,6 +55,7 @@ from hpc_asgd.step import (
     TRIES0,
     Stepper,
     inject,
+    slow_factor,
 )
 from hpc_asgd.sync import Synchronizer, make_synchronizer
 
@@ -147,15 +148,15 @@ def run(cfg: Config, launch: Launch, comm: Comm | None = None) -> dict:
     data = load_dataset(d.dataset, d.data_dir, download=False, **load)
     torch.manual_seed(r.seed)
     model = build_model(cfg.model.model, data.input_shape, data.num_classes)
-    spawn = w.workers > 1 or w.spawn_workers
+    # local-async needs the rank's main process free to average while workers train.
+    spawn = w.workers > 1 or w.spawn_workers or cfg.sync.algo == "local-async"
     flat = FlatModel(model, device=device, shared=spawn)
     ctx = spawn_context()
     rule = make_rule(cfg, flat.params, ctx)
-    sync = make_synchronizer(cfg, comm, flat, rule)
-    sync.start()
-
     sampler = ShardSampler(len(data.train), comm.rank, comm.size, d.batch_size, r.seed)
     spe = sampler.steps_per_epoch
+    sync = make_synchronizer(cfg, comm, flat, rule, spe)
+    sync.start()
     total = max(1, math.ceil(r.epochs * spe))
     every = max(1, round(r.eval_every * spe))
     stats = torch.zeros((w.workers, NSTATS), dtype=torch.float64)
@@ -213,29 +214,31 @@ def _train_in_process(job: _Run) -> float:
     job.rule.attach(0)
     gen = torch.Generator().manual_seed(augment_seed(job.cfg.run.seed, comm.rank, 0))
     hook = sync.grads_ready if sync.averages_gradients else None
+    slow = slow_factor(job.cfg, comm.rank)
     stepper = Stepper(
-        job.cfg, job.data, flat, job.rule, job.sampler, gen, job.device, job.stats[0], hook
+        job.cfg, job.data, flat, job.rule, job.sampler, gen, job.device, job.stats[0], hook, slow
     )
-    slow = job.cfg.run.slow_factor if job.cfg.run.slow_rank == comm.rank else 1.0
     stop = sync.next_stop(0, 0.0)
     pending = list(job.evals)
     train_s, t_seg = 0.0, time.perf_counter()
     flat.module.train()
     for s in range(job.total):
         inject(job.launch.fault, comm.rank, s)
-        t_step = time.perf_counter()
         stepper.step(s)
         if s + 1 == stop:
             sync.step_done(stop, stop / spe)
             stop = sync.next_stop(stop, stop / spe)
-        if slow > 1:  # straggler injection: stretch this step to F times its measured length
-            time.sleep((slow - 1) * (time.perf_counter() - t_step))
+        if sync.overlaps:  # the rounds' own cost (snapshot, progress, delta) stalls the steps
+            t_poll = time.perf_counter()
+            sync.poll(s + 1, (s + 1) / spe)
+            sync.wait_s += time.perf_counter() - t_poll
         job.progress.step(s + 1)
         if s + 1 == pending[0]:
             train_s += time.perf_counter() - t_seg
             job.rule.publish()  # evaluate the latest parameters, in the flat buffer
             flat.bind_params(flat.params)
             if s + 1 == job.total:
+                sync.drain(job.total)  # wait for the other ranks' non-blocking rounds
                 sync.finish()  # the final exact average comes before the final evaluation
             job.evaluate_at(pending.pop(0), flat.module)
             t_seg = time.perf_counter()
@@ -282,7 +285,10 @@ def _train_workers(job: _Run, ctx) -> float:
                 pool.check()
                 last_check = time.monotonic()
             event = min(stop or total + 1, pending[0])
-            if ctl[DONE].load() < event:
+            done = ctl[DONE].load()
+            if sync.overlaps:  # this process is the averager: rounds overlap the workers
+                sync.poll(done, done / spe)
+            if done < event:
                 time.sleep(2e-4)
                 continue
             if event == stop:  # workers are held at the limit: nothing is in flight
@@ -293,6 +299,7 @@ def _train_workers(job: _Run, ctx) -> float:
                 if event == total:
                     pool.join()
                     train_end = time.perf_counter()
+                    sync.drain(total)  # wait for the other ranks' non-blocking rounds
                     sync.finish()  # publishes the rule's latest version, then averages
                 rule.snapshot(eval_flat.params)
                 eval_flat.data[flat.n_params :].copy_(flat.data[flat.n_params :])
@@ -309,7 +316,9 @@ def _summarise(job: _Run, rows: list[dict], train_s: float, t_start: float, out:
     d, s = cfg.data, cfg.sync
     digest = bytes.fromhex(flat.checksum())
     sums = comm.allgather(torch.frombuffer(bytearray(digest), dtype=torch.uint8))
-    waits = comm.allgather(torch.tensor([sync.wait_s, train_s], dtype=torch.float64))
+    waits = comm.allgather(
+        torch.tensor([sync.wait_s, train_s, sync.inflight_s], dtype=torch.float64)
+    )
     all_stats = comm.allgather(job.stats)  # (ranks, W, NSTATS)
     samples = total * d.batch_size * comm.size
     train_s_max = float(waits[:, 1].max())
@@ -331,6 +340,12 @@ def _summarise(job: _Run, rows: list[dict], train_s: float, t_start: float, out:
         "final_test_loss": rows[-1]["test_loss"],
         "averaging_rounds": sync.rounds,
         "comm_wait_s": [round(float(x), 4) for x in waits[:, 0]],
+        "comm_inflight_s": [round(float(x), 4) for x in waits[:, 2]],
+        # share of the communication time hidden behind computation, per rank
+        "comm_overlap": [
+            round(max(0.0, 1 - float(w) / float(f)), 4) if f > 0 else None
+            for w, f in zip(waits[:, 0], waits[:, 2], strict=True)
+        ],
         "param_checksums": [bytes(row.tolist()).hex() for row in sums],
         "consensus": len({bytes(row.tolist()) for row in sums}) == 1,
         "workers": _worker_metrics(cfg, all_stats),

@@ -40,12 +40,37 @@ def mpi_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def session_members(sid: int) -> list[int]:
+    """Live processes of session ``sid`` (a test starts each job in a session of its own)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[3]) == sid and fields[0] != "Z":  # field 6 of stat: session id
+            pids.append(int(d.name))
+    return pids
+
+
+def assert_no_orphans(sid: int, grace: float = 5.0) -> None:
+    """Every process the job started (ranks, workers) is gone, within ``grace`` seconds."""
+    deadline = time.monotonic() + grace
+    while (left := session_members(sid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left, f"orphan processes of the job: {left}"
+
+
 @dataclass
 class Result:
     rc: int
     out: str
     err: str
     seconds: float
+    sid: int = 0  # the job's session: every process it started
 
     @property
     def text(self) -> str:
@@ -79,7 +104,7 @@ def mpirun(
         os.killpg(proc.pid, 9)
         out, err = proc.communicate()
         pytest.fail(f"mpirun -n {n} {' '.join(args)} hung past {timeout} s\n{out}\n{err}")
-    return Result(proc.returncode, out, err, time.monotonic() - t0)
+    return Result(proc.returncode, out, err, time.monotonic() - t0, proc.pid)
 
 
 def train(n: int, *flags: str, timeout: float = 120, env: dict[str, str] | None = None) -> Result:

@@ -49,7 +49,15 @@ def make_comm(engine: str, launch: Launch, timeout: float) -> Comm:
 
         return TorchComm.init(engine, launch, timeout)
     if engine == "horovod":
-        raise ConfigError("comm: 'horovod' is not available in this build yet")
+        from hpc_asgd.comm.horovod import HorovodComm  # imports Horovod itself only on use
+
+        comm = HorovodComm(timeout, mpi=launch.under_mpi)
+        if comm.size != launch.size:
+            raise ConfigError(
+                f"comm: Horovod sees {comm.size} rank(s) but the launcher said {launch.size}: "
+                "is Horovod built against the MPI that launched this job?"
+            )
+        return comm
     raise ConfigError(f"comm: unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
 
 

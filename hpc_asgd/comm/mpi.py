@@ -1,31 +1,32 @@
 """MPI engine through mpi4py: zero-copy on CPU tensors, CUDA-aware when the MPI is.
 
-Deadlines without giving up MPI's fast blocking algorithms: a watchdog thread per process
-(MPI_THREAD_MULTIPLE) answers "which collective are you in?" pings from peers on a duplicated
-control communicator, and watches the blocking collective the main thread is in. When a
-deadline passes, the waiting rank pings every peer: those that do not answer (dead, stopped)
-or that answer from an earlier collective (still computing, or stuck elsewhere) are named, the
-one-line error is printed and the job is aborted. Non-blocking work (``iallreduce_``) is waited
-on by polling, so ``Work.wait(timeout)`` raises :class:`CommError` instead.
+Deadlines without giving up MPI's fast blocking algorithms: blocking collectives call MPI's
+blocking functions while a watchdog thread (which never calls MPI) watches the deadline;
+non-blocking work is waited on by polling ``Test`` in the calling thread. When a deadline
+passes, the rank asks every peer's status service (``status.py``, plain TCP) how many
+collectives it entered: those that do not answer (dead, stopped) or answer with a lower count
+(still computing, or stuck elsewhere) are named. A polled wait raises :class:`CommError`; a
+blocked one is ended by the watchdog, which prints the one-line error and aborts the job.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 import threading
 import time
 import weakref
 
+import numpy as np
 import torch
 
+from hpc_asgd.comm import status
 from hpc_asgd.comm.base import Poller, check_op, timeout_error
 from hpc_asgd.errors import error_line
 
-_PING, _PONG = 7301, 7302
-# s between the watchdog's looks (ping answers, deadlines): rare enough not to contend with the
-# main thread for MPI's progress engine, frequent enough to answer a 2 s diagnosis.
-_WATCH_EVERY = 0.05
+_WATCH_EVERY = 0.05  # s between the watchdog's looks at blocked collectives
+_GRACE = 2.0  # s peers get to answer "where are you?"
 
 
 def _mpi():
@@ -45,46 +46,55 @@ def cuda_aware() -> bool:
     return bool(fn())
 
 
-class _Watchdog(threading.Thread):
-    """One per process: answers pings of every live communicator and enforces the deadline of
-    the blocking collective the main thread is in."""
+class _Process:
+    """Per-process state shared by every communicator: the status service, the peers'
+    addresses (by world rank), the live communicators (by id) and the watchdog thread."""
 
     def __init__(self) -> None:
-        super().__init__(name="hpc_asgd-mpi-watchdog", daemon=True)
-        self.comms: weakref.WeakSet[MpiComm] = weakref.WeakSet()
-        self.lock = threading.Lock()
+        mpi = _mpi()
+        self.comms: weakref.WeakValueDictionary[int, MpiComm] = weakref.WeakValueDictionary()
+        self.next_cid = 0
+        self.server = status.StatusServer(self._count)
+        self.server.start()
+        world = mpi.COMM_WORLD
+        mine = np.frombuffer(status.encode_address(self.server.port), dtype=np.uint8)
+        table = np.empty((world.Get_size(), status.RECORD), dtype=np.uint8)
+        world.Allgather(mine, table)  # collective, once, right after MPI_Init
+        self.addresses = [status.decode_address(row.tobytes()) for row in table]
+        self.threaded = mpi.Query_thread() >= mpi.THREAD_MULTIPLE
+        threading.Thread(target=self._watch, name="hpc_asgd-watchdog", daemon=True).start()
 
-    def run(self) -> None:
+    def _count(self, cid: int) -> int:
+        comm = self.comms.get(cid)
+        return -1 if comm is None else comm.seq
+
+    def register(self, comm: MpiComm) -> int:
+        cid, self.next_cid = self.next_cid, self.next_cid + 1
+        self.comms[cid] = comm
+        return cid
+
+    def _watch(self) -> None:
         while True:
             time.sleep(_WATCH_EVERY)
-            with self.lock:
-                comms = list(self.comms)
-            for comm in comms:
-                comm.answer_pings()
+            for comm in list(self.comms.values()):
                 blocked = comm.blocked
                 if blocked is not None and time.monotonic() > blocked[2]:
                     what, seq, _, timeout = blocked
                     err = comm.diagnose(what, seq, timeout)
-                    print(error_line(comm.world_ranks[comm.rank], comm.world_size, err),
-                          file=sys.stderr, flush=True)  # fmt: skip
-                    comm.abort(1)
+                    rank = comm.world_ranks[comm.rank]
+                    print(error_line(rank, len(self.addresses), err), file=sys.stderr, flush=True)
+                    if self.threaded:
+                        _mpi().COMM_WORLD.Abort(1)
+                    os._exit(1)  # the launcher ends the other ranks on a non-zero exit
 
 
-_watchdogs: list[_Watchdog] = []  # at most one, started on first use
+_process: list[_Process] = []  # one, made with the first communicator
 
 
-def _watch(comm: MpiComm) -> bool:
-    """Register ``comm`` with the watchdog; False without MPI_THREAD_MULTIPLE, where waits
-    poll and answer pings themselves."""
-    mpi = _mpi()
-    if mpi.Query_thread() < mpi.THREAD_MULTIPLE:
-        return False
-    if not _watchdogs:
-        _watchdogs.append(_Watchdog())
-        _watchdogs[0].start()
-    with _watchdogs[0].lock:
-        _watchdogs[0].comms.add(comm)
-    return True
+def _proc() -> _Process:
+    if not _process:
+        _process.append(_Process())
+    return _process[0]
 
 
 class MpiWork:
@@ -107,8 +117,6 @@ class MpiWork:
         timeout = self.comm.timeout if timeout is None else timeout
         poll = Poller(timeout)
         while not self.test():  # every Test() also drives MPI's progress
-            if not self.comm.watched:
-                self.comm.answer_pings()
             if poll.expired():
                 raise self.comm.diagnose(self.what, self.seq, timeout)
             poll.idle()
@@ -122,18 +130,16 @@ class MpiComm:
     def __init__(self, comm=None, timeout: float = 300.0, world_ranks: list[int] | None = None):
         mpi = _mpi()
         base = mpi.COMM_WORLD if comm is None else comm
-        # Separate contexts: our collectives never match a user's, pings never match data.
-        self.c = base.Dup()
-        self.ctl = base.Dup()
+        self.c = base.Dup()  # a context of our own: our collectives never match a user's
         self.rank, self.size = self.c.Get_rank(), self.c.Get_size()
-        self.world_size = mpi.COMM_WORLD.Get_size()
         self.timeout = timeout
         self.world_ranks = world_ranks or list(range(self.size))
         self.seq = 0  # collectives entered on this communicator
         self.blocked: tuple[str, int, float, float] | None = None  # (what, seq, deadline, timeout)
         self.cuda_aware = cuda_aware()
         self._ops = {"sum": mpi.SUM, "max": mpi.MAX, "min": mpi.MIN}
-        self.watched = _watch(self)
+        self.proc = _proc()
+        self.cid = self.proc.register(self)
 
     # ---- buffers -------------------------------------------------------------------------
     def _buf(self, t: torch.Tensor):
@@ -153,12 +159,8 @@ class MpiComm:
         buf, staged = self._buf(t) if t is not None else (None, None)
         return MpiWork(self, start(buf), self.seq, what, staged)
 
-    def _blocking(self, what: str, call, blocking, t: torch.Tensor | None = None) -> None:
-        """Run MPI's blocking collective under the watchdog's deadline, or, without a
-        watchdog, its non-blocking twin ``call`` under a polled one."""
-        if not self.watched:
-            self._post(what, call, t).wait()
-            return
+    def _blocking(self, what: str, blocking, t: torch.Tensor | None = None) -> None:
+        """Run MPI's blocking collective under the watchdog's deadline."""
         self.seq += 1
         buf, staged = self._buf(t) if t is not None else (None, None)
         self.blocked = (what, self.seq, time.monotonic() + self.timeout, self.timeout)
@@ -178,33 +180,19 @@ class MpiComm:
     def allreduce_(self, t: torch.Tensor, op: str = "sum") -> None:
         mop = self._ops[check_op(op)]
         inplace = _mpi().IN_PLACE
-        self._blocking(
-            "allreduce",
-            lambda b: self.c.Iallreduce(inplace, b, op=mop),
-            lambda b: self.c.Allreduce(inplace, b, op=mop),
-            t,
-        )
+        self._blocking("allreduce", lambda b: self.c.Allreduce(inplace, b, op=mop), t)
 
     def bcast_(self, t: torch.Tensor, root: int = 0) -> None:
-        self._blocking(
-            "broadcast",
-            lambda b: self.c.Ibcast(b, root=root),
-            lambda b: self.c.Bcast(b, root=root),
-            t,
-        )
+        self._blocking("broadcast", lambda b: self.c.Bcast(b, root=root), t)
 
     def allgather(self, t: torch.Tensor) -> torch.Tensor:
         src = t.detach().contiguous().cpu()
         out = torch.empty((self.size, *src.shape), dtype=src.dtype)
-        self._blocking(
-            "allgather",
-            lambda _: self.c.Iallgather(src.numpy(), out.numpy()),
-            lambda _: self.c.Allgather(src.numpy(), out.numpy()),
-        )
+        self._blocking("allgather", lambda _: self.c.Allgather(src.numpy(), out.numpy()))
         return out.to(t.device)
 
     def barrier(self) -> None:
-        self._blocking("barrier", lambda _: self.c.Ibarrier(), lambda _: self.c.Barrier())
+        self._blocking("barrier", lambda _: self.c.Barrier())
 
     def split(self, color: int, key: int) -> MpiComm:
         sub = self.c.Split(color, key)
@@ -228,35 +216,13 @@ class MpiComm:
         _mpi().COMM_WORLD.Abort(code)
 
     # ---- deadlines -----------------------------------------------------------------------
-    def answer_pings(self) -> None:
-        """Tell any peer that asks how many collectives this rank has entered here."""
-        mpi = _mpi()
-        status = mpi.Status()
-        while self.ctl.Iprobe(source=mpi.ANY_SOURCE, tag=_PING, status=status):
-            src = status.Get_source()
-            self.ctl.recv(source=src, tag=_PING)
-            self.ctl.send(self.seq, dest=src, tag=_PONG)
-
-    def diagnose(self, what: str, seq: int, timeout: float, grace: float = 2.0):
-        """Ping every peer; those that do not answer within ``grace`` s, or answer with an
-        earlier collective, did not arrive."""
-        peers = [r for r in range(self.size) if r != self.rank]
-        sends = [self.ctl.isend(seq, dest=r, tag=_PING) for r in peers]
-        recvs = {r: self.ctl.irecv(source=r, tag=_PONG) for r in peers}
-        answers: dict[int, int] = {}
-        end = time.monotonic() + grace
-        while recvs and time.monotonic() < end:
-            for r, req in list(recvs.items()):
-                ok, value = req.test()
-                if ok:
-                    answers[r] = value
-                    del recvs[r]
-            if not self.watched:
-                self.answer_pings()
-            time.sleep(1e-3)
-        del sends  # the job is about to be aborted; unmatched requests do not matter
-        missing = [self.world_ranks[r] for r in peers if r not in answers or answers[r] < seq]
-        behind = {self.world_ranks[r]: s for r, s in answers.items() if s < seq}
+    def diagnose(self, what: str, seq: int, timeout: float):
+        """Ask every peer how far it got; those that do not answer within the grace time, or
+        answer with an earlier collective, did not arrive."""
+        peers = {self.world_ranks[r]: r for r in range(self.size) if r != self.rank}
+        answers = status.ask_all({w: self.proc.addresses[w] for w in peers}, self.cid, _GRACE)
+        missing = sorted(w for w, n in answers.items() if n is None or n < seq)
+        behind = {w: n for w, n in answers.items() if n is not None and 0 <= n < seq}
         return timeout_error(
             self.name, self.world_ranks[self.rank], what, seq, timeout, missing, behind
         )

@@ -30,7 +30,8 @@ from hpc_asgd.shm.base import AtomicArray, UpdateRule
 # every worker is ready, so that none starts seconds ahead), stop request, workers ready.
 NEXT, DONE, LIMIT, STOP, READY = range(5)
 NCTL = 5
-START_TIMEOUT = 300.0  # s for W workers to spawn, import torch and build their model
+START_TIMEOUT = 300.0
+WORKER_NICE = 5  # s for W workers to spawn, import torch and build their model
 
 
 class WorkerError(HpcAsgdError):
@@ -85,12 +86,15 @@ def worker_main(index: int, spec: WorkerSpec) -> None:
     """Entry point of worker ``index`` (a spawned process)."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Below the rank's main process, which must answer at once when it wakes to drive an
+    # averaging round (on an oversubscribed node it would otherwise wait for a time slice).
+    os.nice(WORKER_NICE)
     try:
         from hpc_asgd.config import Config
         from hpc_asgd.data import ShardSampler
         from hpc_asgd.flat import FlatModel
         from hpc_asgd.models import build_model
-        from hpc_asgd.step import Stepper, inject
+        from hpc_asgd.step import Stepper, inject, slow_factor
 
         torch.set_num_threads(spec.threads)
         cfg = Config.from_flat(spec.config)
@@ -102,8 +106,19 @@ def worker_main(index: int, spec: WorkerSpec) -> None:
             len(data.train), spec.rank, spec.world, cfg.data.batch_size, cfg.run.seed
         )
         gen = torch.Generator().manual_seed(augment_seed(cfg.run.seed, spec.rank, index))
-        stepper = Stepper(cfg, data, flat, spec.rule, sampler, gen, torch.device(spec.device),
-                          spec.stats[index])  # fmt: skip
+        device = torch.device(spec.device)
+        stepper = Stepper(
+            cfg,
+            data,
+            flat,
+            spec.rule,
+            sampler,
+            gen,
+            device,
+            spec.stats[index],
+            None,
+            slow_factor(cfg, spec.rank),
+        )
         model.train()
         spec.ctl[READY].inc()
         while (s := claim(spec.ctl, spec.total)) is not None:

@@ -8,6 +8,8 @@ in node-step order and identically on every rank:
     grads_ready(step)             after backward, before the update (synchronous SGD only)
     next_stop(step, epoch)        the node step of the next blocking round (None: no more)
     step_done(stop, epoch)        at that node step; with workers, they are paused there
+    poll(step, epoch)             often, never blocking: drive non-blocking rounds (overlaps)
+    drain(step)                   after this rank's last step: finish the non-blocking rounds
     finish()                      once, after the last step: final exact average (consensus)
 """
 
@@ -26,8 +28,11 @@ from hpc_asgd.shm.base import UpdateRule
 class Synchronizer(Protocol):
     promises_consensus: bool
     averages_gradients: bool  # True: needs grads_ready after every backward (W = 1 only)
+    overlaps: bool  # True: rounds run in the background, driven by poll
+    needs_workers: bool  # True: the rank's main process must be free to average (spawn)
     rounds: int  # averaging (or gradient-averaging) rounds done
     wait_s: float  # seconds the node spent blocked in this synchroniser's collectives
+    inflight_s: float  # seconds collectives were in flight (= wait_s when blocking)
 
     def start(self) -> None: ...
 
@@ -37,6 +42,10 @@ class Synchronizer(Protocol):
 
     def step_done(self, step: int, epoch: float) -> None: ...
 
+    def poll(self, step: int, epoch: float) -> None: ...
+
+    def drain(self, step: int) -> None: ...
+
     def finish(self) -> None: ...
 
 
@@ -45,6 +54,8 @@ class Averaging:
 
     promises_consensus = True
     averages_gradients = False
+    overlaps = False
+    needs_workers = False
 
     def __init__(self, comm: Comm, flat: FlatModel, rule: UpdateRule):
         self.comm, self.flat, self.rule = comm, flat, rule
@@ -78,6 +89,16 @@ class Averaging:
 
     def next_stop(self, step: int, epoch: float) -> int | None:
         return None
+
+    def poll(self, step: int, epoch: float) -> None:
+        return None
+
+    def drain(self, step: int) -> None:
+        return None
+
+    @property
+    def inflight_s(self) -> float:
+        return self.wait_s  # blocking rounds: in flight exactly while the node waits
 
     def step_done(self, step: int, epoch: float) -> None:
         return None

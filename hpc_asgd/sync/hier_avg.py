@@ -3,15 +3,22 @@
 Ranks form groups of S consecutive ranks (``--group-size``; default: the ranks of one node),
 i.e. groups ``[0..S-1], [S..2S-1], ...``. Every K1 local steps each group averages its models
 on its sub-communicator; every K1*K2 steps all ranks average instead. S = 1 is K-AVG with
-K = K1*K2; K1 = K2 = 1 is synchronous averaging every step. Blocking, as in the paper.
+K = K1*K2; K1 = K2 = 1 is synchronous averaging every step.
+
+``--hier-mode blocking`` (the paper): the rounds block the node (workers paused).
+``--hier-mode nonblocking``: each level runs LASGD-style rounds in the background (snapshot,
+allreduce while training goes on, add ``mean - snapshot``), at most one in flight per level.
 """
 
 from __future__ import annotations
+
+import time
 
 from hpc_asgd.comm import Comm
 from hpc_asgd.flat import FlatModel
 from hpc_asgd.shm.base import UpdateRule
 from hpc_asgd.sync.base import Averaging
+from hpc_asgd.sync.rounds import AsyncRound
 
 
 def make_group(comm: Comm, group_size: int) -> Comm:
@@ -22,14 +29,28 @@ def make_group(comm: Comm, group_size: int) -> Comm:
 
 
 class HierAvg(Averaging):
-    def __init__(self, comm: Comm, flat: FlatModel, rule: UpdateRule, group: Comm,
-                 local_period: int, global_period: int):  # fmt: skip
+    def __init__(
+        self,
+        comm: Comm,
+        flat: FlatModel,
+        rule: UpdateRule,
+        group: Comm,
+        local_period: int,
+        global_period: int,
+        nonblocking: bool = False,
+    ):
         super().__init__(comm, flat, rule)
         self.group, self.k1, self.k2 = group, local_period, global_period
         self.group_rounds = 0
+        self.overlaps = nonblocking
+        if nonblocking:
+            self.local = AsyncRound(group, flat, rule)
+            self.world = AsyncRound(comm.split(0, comm.rank), flat, rule)
+            self.next_local, self.next_world = self.k1, self.k1 * self.k2
 
-    def next_stop(self, step: int, epoch: float) -> int:
-        return step + self.k1
+    # ---- blocking (the paper) --------------------------------------------------------------
+    def next_stop(self, step: int, epoch: float) -> int | None:
+        return None if self.overlaps else step + self.k1
 
     def step_done(self, step: int, epoch: float) -> None:
         if step % (self.k1 * self.k2) == 0:
@@ -38,3 +59,35 @@ class HierAvg(Averaging):
         else:
             self.average_model_(self.group)
             self.group_rounds += 1
+
+    # ---- non-blocking (delta correction) ---------------------------------------------------
+    def poll(self, step: int, epoch: float) -> None:
+        for r in (self.local, self.world):
+            if r.busy and r.test():
+                r.apply()
+        self.rounds, self.group_rounds = self.world.rounds, self.local.rounds
+        if step >= self.next_world and not self.world.busy:
+            self.world.start(finished=False)
+            self.next_world = step + self.k1 * self.k2
+            self.next_local = step + self.k1
+        elif step >= self.next_local and not self.local.busy:
+            self.local.start(finished=False)
+            self.next_local = step + self.k1
+
+    def drain(self, step: int) -> None:
+        t0 = time.perf_counter()
+        for r in (self.local, self.world):
+            if r.busy:
+                r.wait()
+                r.apply()
+        # Groups first, then everyone: every rank drains in the same order.
+        self.local.drain()
+        self.world.drain()
+        self.rounds, self.group_rounds = self.world.rounds, self.local.rounds
+        self.wait_s += time.perf_counter() - t0
+
+    @property
+    def inflight_s(self) -> float:
+        if not self.overlaps:
+            return self.wait_s
+        return self.local.inflight_s + self.world.inflight_s

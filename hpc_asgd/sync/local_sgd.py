@@ -15,8 +15,14 @@ from hpc_asgd.sync.base import Averaging
 
 
 class LocalSGD(Averaging):
-    def __init__(self, comm: Comm, flat: FlatModel, rule: UpdateRule, period: int,
-                 post_local_epochs: float = 0.0):  # fmt: skip
+    def __init__(
+        self,
+        comm: Comm,
+        flat: FlatModel,
+        rule: UpdateRule,
+        period: int,
+        post_local_epochs: float = 0.0,
+    ):
         super().__init__(comm, flat, rule)
         self.period, self.post_local_epochs = period, post_local_epochs
 

@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 
-from tests.conftest import train
+from tests.conftest import assert_no_orphans, train
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(120)]
-
-
-def _no_orphans() -> None:
-    left = subprocess.run(
-        ["pgrep", "-f", "hpc_asgd.cli train"], check=False, capture_output=True, text=True
-    )
-    assert left.stdout.strip() == "", f"orphan ranks: {left.stdout}"
 
 
 BAD = [
@@ -39,7 +30,7 @@ def test_bad_config(flags: list[str], message: str) -> None:
     lines = res.error_lines()
     assert len(lines) == 1 and lines[0].startswith(f"hpc-asgd: error: {message}"), res.text
     assert "Traceback" not in res.text
-    _no_orphans()
+    assert_no_orphans(res.sid)
 
 
 def test_missing_data_file(tmp_path) -> None:
@@ -50,7 +41,7 @@ def test_missing_data_file(tmp_path) -> None:
         res.text
     )
     assert "Traceback" not in res.text
-    _no_orphans()
+    assert_no_orphans(res.sid)
 
 
 def test_corrupt_data_file(tmp_path) -> None:
@@ -75,7 +66,7 @@ def test_corrupt_data_file(tmp_path) -> None:
     # without checksums the restricted unpickler still refuses the bytes, naming the file
     assert res.error_lines() and str(d) in res.error_lines()[0], res.text
     assert "Traceback" not in res.text
-    _no_orphans()
+    assert_no_orphans(res.sid)
 
 
 @pytest.mark.parametrize("engine", ["mpi", "gloo"])
@@ -98,7 +89,7 @@ def test_rank_that_raises_aborts_the_job(engine: str) -> None:
         res.text
     )
     assert res.seconds < 40
-    _no_orphans()
+    assert_no_orphans(res.sid)
 
 
 @pytest.mark.parametrize("engine", ["mpi", "gloo"])
@@ -119,4 +110,4 @@ def test_rank_that_stops_answering_is_named(engine: str) -> None:
     assert res.rc != 0
     assert "timed out after 4 s on rank 0: rank(s) 1 did not arrive" in res.text, res.text
     assert res.seconds < 40, res.seconds
-    _no_orphans()
+    assert_no_orphans(res.sid)

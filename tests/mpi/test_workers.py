@@ -10,21 +10,11 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, mpi_env, summary, train
+from tests.conftest import ROOT, assert_no_orphans, mpi_env, summary, train
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(200)]
 
 DIGITS = ["--dataset", "digits", "--model", "mlp", "--lr", "0.05", "--momentum", "0.9"]
-
-
-def _no_orphans() -> None:
-    left = subprocess.run(
-        ["pgrep", "-f", "hpc_asgd.cli train|multiprocessing.spawn"],
-        check=False,
-        capture_output=True,
-        text=True,
-    )
-    assert left.stdout.strip() == "", f"orphan processes: {left.stdout}"
 
 
 def test_one_spawned_worker_equals_the_in_process_path(tmp_path) -> None:
@@ -95,7 +85,7 @@ def test_killed_worker_fails_the_job_cleanly() -> None:
     assert "error on rank 1/2: rank 1 worker" in res.text, res.text
     assert "was killed by signal SIGKILL" in res.text, res.text
     time.sleep(1)
-    _no_orphans()
+    assert_no_orphans(res.sid)
 
 
 def test_raising_worker_is_named() -> None:
@@ -111,7 +101,7 @@ def test_raising_worker_is_named() -> None:
     )
     assert res.rc != 0
     assert "exited with code 1: RuntimeError: injected fault at step 25" in res.text, res.text
-    _no_orphans()
+    assert_no_orphans(res.sid)
 
 
 def test_sigterm_stops_everything() -> None:
@@ -135,6 +125,7 @@ def test_sigterm_stops_everything() -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,
     )
     time.sleep(8)  # spawned, training
     assert proc.poll() is None, proc.communicate()
@@ -142,4 +133,4 @@ def test_sigterm_stops_everything() -> None:
     out, err = proc.communicate(timeout=30)
     assert proc.returncode != 0
     assert "stopped by SIGTERM" in err, out + err
-    _no_orphans()
+    assert_no_orphans(proc.pid)

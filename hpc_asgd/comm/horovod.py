@@ -1,0 +1,361 @@
+"""Horovod engine: the same collectives over Horovod's MPI (or Gloo) controller.
+
+Horovod 0.28.1 has to be built against torch >= 2.1 with a C++17 patch: run
+``scripts/install_horovod.sh``. Horovod is imported lazily, on first use, so that the rest of
+hpc_asgd never needs it.
+
+How the Comm protocol maps onto Horovod:
+
+- Every collective carries an explicit name, ``<comm tag>.<seq>``: Horovod matches operations
+  across ranks by name, and its automatic names count the handles of the whole process, which
+  differ between ranks as soon as sub-groups run collectives of their own.
+- ``split`` and ``split_node`` use Horovod's *process sets*. They are global objects: every rank
+  of the job must register every set, in the same order, even the sets it is not in. We start
+  Horovod with dynamic process sets and register sets from splits of the world communicator,
+  which every rank calls. A split that needs a new set, asked of a sub-communicator, is refused
+  (the other ranks would never register it); one whose sets exist already is fine. Sets are
+  kept and reused, so splitting the world with one color again is the global set under a new
+  tag. Within a set, Horovod orders ranks by global rank; ``key`` only breaks ties (as in the
+  torch.distributed engine).
+- Deadlines: ``Work.wait`` polls ``hvd.poll`` until the deadline. Horovod cannot abandon an
+  operation it has posted, so a timed-out collective stays queued; the communicator is marked
+  broken and :meth:`HorovodComm.shutdown` skips its final barrier. The waiting rank then asks
+  every peer's status service (``status.py``, plain TCP, as the MPI engine does) how many
+  collectives it has entered on this communicator: those that do not answer, or answer with
+  a lower count, are named. No thread but Horovod's own calls MPI after start-up.
+- Shutdown: Horovod ends every rank's pending operations as soon as one rank shuts down, so at
+  interpreter exit all ranks first meet in a barrier (under the deadline) and only then shut
+  Horovod down (registered with ``atexit`` when the world communicator is made).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import socket
+import sys
+import threading
+import zlib
+
+import torch
+
+from hpc_asgd.comm import status
+from hpc_asgd.comm.base import Poller, check_op, timeout_error
+from hpc_asgd.errors import CommError, ConfigError
+
+_INSTALL_HINT = "run scripts/install_horovod.sh"
+_GRACE = 2.0  # s peers get to answer "how far did you get?"
+
+
+def _hvd():
+    """``horovod.torch``, imported on first use, with a readable error when it is missing."""
+    try:
+        import horovod.torch as hvd
+    except ImportError as e:
+        raise ConfigError(f"--comm horovod: Horovod is not installed ({e}); {_INSTALL_HINT}") from e
+    return hvd
+
+
+class _State:
+    """Process-wide Horovod state: the registered process sets and the communicators made."""
+
+    def __init__(self) -> None:
+        self.sets: dict[tuple[int, ...], object] = {}  # sorted global ranks -> ProcessSet
+        self.comms: dict[int, HorovodComm] = {}  # by cid, the same on every member
+        self.addresses: list[tuple[str, int]] = []  # status service of each world rank
+        self.server: status.StatusServer | None = None
+        self.mpi = False  # MPI started through mpi4py: abort with MPI_Abort
+        self.world: HorovodComm | None = None
+        self.down = False
+        self.failed = False  # an uncaught exception is ending this process
+        self.lock = threading.Lock()
+
+
+_state = _State()
+
+
+class HorovodWork:
+    """A posted Horovod operation; ``after`` runs once on completion (copies, reshapes)."""
+
+    def __init__(self, comm: HorovodComm, handle: int, seq: int, what: str, after=None):
+        self.comm, self.handle, self.seq, self.what, self.after = comm, handle, seq, what, after
+        self.done = False
+        self.result = None
+
+    def _finish(self) -> None:
+        hvd = _hvd()
+        try:
+            out = hvd.synchronize(self.handle)  # does not block: poll() said it is complete
+        except Exception as e:  # HorovodInternalError: a peer shut down, or the op failed
+            self.comm.broken = True
+            raise CommError(
+                f"horovod {self.what} #{self.seq} failed on rank {self.comm.world_rank}: "
+                f"{_first(e)}"
+            ) from e
+        self.result = self.after(out) if self.after is not None else out
+        self.done = True
+
+    def test(self) -> bool:
+        if not self.done and _hvd().poll(self.handle):
+            self._finish()
+        return self.done
+
+    def wait(self, timeout: float | None = None) -> None:
+        timeout = self.comm.timeout if timeout is None else timeout
+        # Horovod progresses on its own background thread: poll with backoff, so that idle
+        # ranks leave the cores to the ranks (and Horovod threads) that work.
+        poll = Poller(timeout)
+        while not self.test():
+            if poll.expired():
+                self.comm.broken = True  # Horovod cannot withdraw the operation
+                raise self.comm.diagnose(self.what, self.seq, timeout)
+            poll.idle()
+
+
+class HorovodComm:
+    """A Horovod process set; ``HorovodComm(timeout)`` starts Horovod over the whole job."""
+
+    name = "horovod"
+
+    def __init__(self, timeout: float = 300.0, mpi: bool = True, _parent=None, _members=None):
+        self.timeout = timeout
+        self.seq = 0  # collectives posted on this communicator
+        self.splits = 0  # splits made from it (part of the children's tags)
+        self.broken = False  # a wait timed out or failed: skip the final barrier
+        if _parent is None:
+            self._init_world(mpi)
+        else:
+            parent, index = _parent  # index: of this group among the split's, the same on members
+            self.members = list(_members)
+            self.process_set = _state.sets[tuple(self.members)]
+            self.world_rank = parent.world_rank
+            self.tag = f"{parent.tag}.{parent.splits}-{index}"
+        self.world_ranks = self.members
+        self.rank = self.members.index(self.world_rank)
+        self.size = len(self.members)
+        # The status service's key for this communicator: derived from the tag, so that every
+        # member names it alike whatever other groups it belongs to.
+        self.cid = zlib.crc32(self.tag.encode()) & 0x7FFFFFFF
+        _state.comms[self.cid] = self
+        if _parent is None:
+            self._exchange_addresses()
+
+    def _init_world(self, mpi: bool) -> None:
+        if _state.world is not None:
+            raise CommError("horovod: the world communicator exists already (one per process)")
+        hvd = _hvd()
+        if mpi and not hvd.mpi_built():
+            raise ConfigError(
+                "--comm horovod: this Horovod was built without MPI, but the job runs under "
+                f"an MPI launcher; {_INSTALL_HINT} (it builds Horovod with MPI)"
+            )
+        try:
+            if not mpi:
+                raise ImportError
+            from mpi4py import MPI  # initialises MPI (THREAD_MULTIPLE) before Horovod does
+        except ImportError:
+            # Horovod starts MPI itself (or Gloo under horovodrun); abort() then exits.
+            hvd.init(process_sets="dynamic")
+        else:
+            # Horovod duplicates COMM_WORLD for its own traffic; dynamic process sets let
+            # split() register sets after start-up.
+            hvd.init(comm=MPI.COMM_WORLD, process_sets="dynamic")
+            _state.mpi = True
+        self.members = list(range(hvd.size()))
+        self.world_rank = hvd.rank()
+        self.process_set = hvd.global_process_set
+        _state.sets[tuple(self.members)] = hvd.global_process_set
+        self.tag = "w"
+        _state.world = self
+        # Runs before Horovod's own atexit shutdown (registered earlier, by hvd.init).
+        atexit.register(shutdown)
+        _note_uncaught_exceptions()
+
+    def _exchange_addresses(self) -> None:
+        """Start this process's status service and learn every rank's (a Horovod allgather)."""
+        _state.server = status.StatusServer(_count)
+        _state.server.start()
+        mine = torch.frombuffer(
+            bytearray(status.encode_address(_state.server.port)), dtype=torch.uint8
+        )
+        table = self.allgather(mine)
+        _state.addresses = [status.decode_address(bytes(row.tolist())) for row in table]
+
+    # ---- posting -------------------------------------------------------------------------
+    def _post(self, what: str, start, after=None) -> HorovodWork:
+        if _state.down:
+            raise CommError(f"horovod {what}: Horovod has been shut down on this rank")
+        self.seq += 1  # what the status service tells peers that ask
+        name = f"{self.tag}.{self.seq}"
+        try:
+            handle = start(name)
+        except Exception as e:  # HorovodInternalError: Horovod was shut down by a peer
+            self.broken = True
+            raise CommError(
+                f"horovod {what} #{self.seq} failed on rank {self.world_rank}: {_first(e)}"
+            ) from e
+        return HorovodWork(self, handle, self.seq, what, after)
+
+    def _staged(self, t: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """(tensor Horovod works on, whether it is a host copy of a device tensor)."""
+        if not t.is_contiguous():
+            raise ValueError("collectives need contiguous (flat) tensors")
+        if t.device.type != "cpu" and not _hvd().nccl_built():
+            return t.detach().to("cpu"), True
+        return t.detach(), False
+
+    # ---- collectives ---------------------------------------------------------------------
+    def iallreduce_(self, t: torch.Tensor, op: str = "sum") -> HorovodWork:
+        hvd = _hvd()
+        hop = {"sum": hvd.Sum, "max": hvd.Max, "min": hvd.Min}[check_op(op)]
+        buf, staged = self._staged(t)
+
+        def start(name: str) -> int:
+            return hvd.allreduce_async_(buf, name=name, op=hop, process_set=self.process_set)
+
+        def after(_out):
+            if staged:
+                t.copy_(buf)
+
+        return self._post("allreduce", start, after)
+
+    def allreduce_(self, t: torch.Tensor, op: str = "sum") -> None:
+        self.iallreduce_(t, op).wait()
+
+    def bcast_(self, t: torch.Tensor, root: int = 0) -> None:
+        hvd = _hvd()
+        buf, staged = self._staged(t)
+        root_world = self.members[root]  # Horovod names the root by its global rank
+
+        def start(name: str) -> int:
+            return hvd.broadcast_async_(buf, root_world, name=name, process_set=self.process_set)
+
+        def after(_out):
+            if staged:
+                t.copy_(buf)
+
+        self._post("broadcast", start, after).wait()
+
+    def allgather(self, t: torch.Tensor) -> torch.Tensor:
+        hvd = _hvd()
+        src, _ = self._staged(t.detach().contiguous())
+        one = src.unsqueeze(0)  # Horovod concatenates along dim 0: (size, *shape)
+
+        def start(name: str) -> int:
+            return hvd.allgather_async(one, name=name, process_set=self.process_set)
+
+        work = self._post("allgather", start, lambda out: out.to(t.device))
+        work.wait()
+        return work.result
+
+    def barrier(self, timeout: float | None = None) -> None:
+        # A named one-element allreduce rather than hvd.barrier(): it can be polled against
+        # the deadline like every other collective.
+        hvd = _hvd()
+        one = torch.zeros(1, dtype=torch.int32)
+
+        def start(name: str) -> int:
+            return hvd.allreduce_async_(one, name=name, op=hvd.Sum, process_set=self.process_set)
+
+        self._post("barrier", start).wait(timeout)
+
+    # ---- groups --------------------------------------------------------------------------
+    def split(self, color: int, key: int) -> HorovodComm:
+        pairs = self.allgather(torch.tensor([color, key], dtype=torch.int64)).tolist()
+        groups = {}
+        for i, (c, k) in enumerate(pairs):
+            groups.setdefault(c, []).append((k, self.members[i]))
+        # Horovod sorts a set's ranks: members in ascending global rank (key breaks no order).
+        wanted = [tuple(sorted(r for _, r in groups[c])) for c in sorted(groups)]
+        new = [g for g in dict.fromkeys(wanted) if g not in _state.sets]
+        if new and self is not _state.world:
+            # Every member of this communicator reaches the same verdict (same gathered data).
+            raise CommError(
+                "horovod: split() of a sub-communicator into new groups is not supported "
+                "(Horovod process sets must be registered by every rank of the job); split "
+                "the world communicator instead"
+            )
+        hvd = _hvd()
+        for g in new:  # every rank of the job, the same sets, in the same order
+            _state.sets[g] = hvd.add_process_set(list(g))
+        self.splits += 1
+        index = sorted(groups).index(color)
+        return HorovodComm(self.timeout, _parent=(self, index), _members=wanted[index])
+
+    def split_node(self) -> HorovodComm:
+        host = socket.gethostname().encode()[:64].ljust(64, b"\0")
+        hosts = self.allgather(torch.frombuffer(bytearray(host), dtype=torch.uint8))
+        first: dict[bytes, int] = {}
+        colors = [first.setdefault(bytes(h.tolist()), len(first)) for h in hosts]
+        return self.split(colors[self.rank], self.rank)
+
+    def abort(self, code: int = 1) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if _state.mpi:
+            from mpi4py import MPI
+
+            MPI.COMM_WORLD.Abort(code)
+        os._exit(code)  # the launcher ends the other ranks on a non-zero exit
+
+    def shutdown(self) -> None:
+        """End Horovod on this rank after every rank has arrived (see :func:`shutdown`)."""
+        shutdown()
+
+    # ---- deadlines -----------------------------------------------------------------------
+    def diagnose(self, what: str, seq: int, timeout: float) -> CommError:
+        """Ask every peer how far it got on this communicator; those that do not answer
+        within the grace time, or answer with an earlier collective, did not arrive."""
+        if not _state.addresses:  # the address exchange itself timed out
+            return timeout_error(self.name, self.world_rank, what, seq, timeout, None)
+        peers = [w for w in self.members if w != self.world_rank]
+        answers = status.ask_all({w: _state.addresses[w] for w in peers}, self.cid, _GRACE)
+        missing = sorted(w for w, n in answers.items() if n is None or n < seq)
+        behind = {w: n for w, n in answers.items() if n is not None and 0 <= n < seq}
+        return timeout_error(self.name, self.world_rank, what, seq, timeout, missing, behind)
+
+
+def _count(cid: int) -> int:
+    """The status service's answer: collectives posted on communicator ``cid`` (-1: unknown)."""
+    comm = _state.comms.get(cid)
+    return -1 if comm is None else comm.seq
+
+
+def _first(e: BaseException) -> str:
+    """The first sentence of an engine error (Horovod's run over several lines)."""
+    text = str(e).strip()
+    return text.split(". ")[0].splitlines()[0] if text else type(e).__name__
+
+
+def _note_uncaught_exceptions() -> None:
+    """A process ended by an uncaught exception skips the final barrier: its peers are not
+    where it is, and the launcher ends the job on its non-zero exit anyway."""
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        _state.failed = True
+        previous(kind, value, tb)
+
+    sys.excepthook = hook
+
+
+def shutdown() -> None:
+    """Final barrier over the whole job (under the deadline), then ``hvd.shutdown()``.
+
+    Horovod tears down every rank's pending operations as soon as one rank shuts down, so no
+    rank may leave while a peer still has a collective in flight. Skipped after a failed or
+    timed-out collective (the ranks are out of step: a barrier could only time out). Safe to
+    call more than once; registered with ``atexit`` when Horovod starts.
+    """
+    with _state.lock:
+        if _state.down or _state.world is None:
+            return
+        world = _state.world
+        try:
+            if not _state.failed and not any(c.broken for c in _state.comms.values()):
+                world.barrier()
+        except CommError as e:
+            print(f"hpc-asgd: warning: {e}", file=sys.stderr, flush=True)
+        finally:
+            _state.down = True
+            _hvd().shutdown()

@@ -1,0 +1,52 @@
+"""``--algo lasgd``: asynchronous allreduce of the model (LASGD; Avidor et al., arXiv 2203.13085).
+
+Local steps never wait for communication. Every ``--period`` K local steps, if no round is in
+flight, the rank snapshots its model and starts a non-blocking allreduce of the snapshot; the
+steps go on, and when the allreduce completes the delta ``mean(x_s) - x_s`` is added to the
+model that moved on (``rounds.AsyncRound``). At most one round is in flight, so a fast rank's
+next round waits (in the background) for the slow ranks to join the current one. Rounds are
+matched by order on a communicator of their own; after its last step a rank keeps joining
+rounds until every rank has finished, then the final exact average gives consensus.
+"""
+
+from __future__ import annotations
+
+from hpc_asgd.comm import Comm
+from hpc_asgd.flat import FlatModel
+from hpc_asgd.shm.base import UpdateRule
+from hpc_asgd.sync.base import Averaging
+from hpc_asgd.sync.rounds import AsyncRound
+
+
+class LASGD(Averaging):
+    overlaps = True
+
+    def __init__(
+        self,
+        comm: Comm,
+        flat: FlatModel,
+        rule: UpdateRule,
+        period: int,
+        post_local_epochs: float = 0.0,
+    ):
+        super().__init__(comm, flat, rule)
+        self.period, self.post_local_epochs = period, post_local_epochs
+        self.round = AsyncRound(comm.split(0, comm.rank), flat, rule)
+        self.next = 0  # node step at or after which the next round may start
+
+    def poll(self, step: int, epoch: float) -> None:
+        r = self.round
+        if r.busy and r.test():
+            r.apply()
+            self.rounds += 1
+        if not r.busy and step >= self.next and step > 0:
+            r.start(finished=False)
+            self.next = step + (1 if epoch < self.post_local_epochs else self.period)
+
+    def drain(self, step: int) -> None:
+        self.wait_s += self.round.drain()
+        self.rounds = self.round.rounds
+
+    @property
+    def inflight_s(self) -> float:
+        return self.round.inflight_s

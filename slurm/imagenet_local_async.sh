@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+#SBATCH --job-name=imagenet-local-async
+#SBATCH --nodes=8
+#SBATCH --ntasks-per-node=1
+#SBATCH --cpus-per-task=32
+#SBATCH --time=2-00:00:00
+#SBATCH --signal=B:USR1@120
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
+# Non-blocking in-place averaging on ImageNet (train/<class>/*.JPEG, val/<class>/*.JPEG under
+# DATA_DIR), ResNet-50, one rank per node with WORKERS workers, averaging every PERIOD (8) steps.
+# On GPU nodes, one rank per GPU:
+#   sbatch --gres=gpu:4 --ntasks-per-node=4 --cpus-per-task=8 \
+#     --export=ALL,RANKS_PER=gpu,WORKERS=1,EXTRA_ARGS="--device cuda --comm nccl" slurm/imagenet_local_async.sh
+# Knobs (environment or sbatch --export=ALL,VAR=...): see slurm/common.sh. Example:
+#   EPOCHS=1 DATA_DIR=$PWD/data sbatch --nodes=2 slurm/imagenet_local_async.sh
+set -euo pipefail
+# Find common.sh: $HPC_ASGD_HOME, next to this file (bash slurm/x.sh), next to the submitted
+# file (Slurm runs a copy of it from its spool folder), or slurm/ under the submit directory.
+for here in "${HPC_ASGD_HOME:-.}/slurm" "$(dirname "$0")" "${SLURM_SUBMIT_DIR:-.}/slurm" \
+  "${SLURM_JOB_ID:+$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's|^ *Command=\(/.*\)/[^/]*$|\1|p')}"; do
+  [ -f "$here/common.sh" ] && break
+done
+# shellcheck source=common.sh
+source "$here/common.sh" || {
+  echo "hpc-asgd: error: slurm/common.sh not found: set HPC_ASGD_HOME to the hpc_asgd checkout" >&2
+  exit 1
+}
+
+: "${ALGO:=local-async}" "${DATASET:=imagenet}" "${MODEL:=resnet50}" "${PERIOD:=8}"
+: "${WORKERS:=${SLURM_CPUS_PER_TASK:-1}}"
+hpc_asgd_run --algo "$ALGO" --period "$PERIOD"
