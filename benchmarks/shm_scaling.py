@@ -190,9 +190,20 @@ def peer(args: argparse.Namespace) -> int:
         batches = torch.stack(order[rank::w])  # (steps_r, B): this process's share
         p = ctx.Process(
             target=_peer_proc,
-            args=(rank, model, x, y, batches, threads, args.lr, args.momentum, barrier, times,
-                  args.peer_profile),
-        )  # fmt: skip
+            args=(
+                rank,
+                model,
+                x,
+                y,
+                batches,
+                threads,
+                args.lr,
+                args.momentum,
+                barrier,
+                times,
+                args.peer_profile,
+            ),
+        )
         p.start()
         procs.append(p)
     for p in procs:
@@ -224,8 +235,12 @@ def case_args(args: argparse.Namespace, model: str, data_dir: str | None) -> dic
     dataset, steps = MODELS[model]
     steps = max(1, round(steps * args.steps_scale))
     size = args.synthetic_size or max(steps * args.batch_size, 512)
-    return {"dataset": dataset, "data_dir": data_dir if dataset == "mnist" else None,
-            "steps": steps, "synthetic_size": size}  # fmt: skip
+    return {
+        "dataset": dataset,
+        "data_dir": data_dir if dataset == "mnist" else None,
+        "steps": steps,
+        "synthetic_size": size,
+    }
 
 
 def ours_cmd(args, model: str, workers: int, rule: str, case: dict, out: Path) -> list[str]:
@@ -234,11 +249,34 @@ def ours_cmd(args, model: str, workers: int, rule: str, case: dict, out: Path) -
     spe = n // args.batch_size
     epochs = case["steps"] / spe
     assert max(1, math.ceil(epochs * spe)) == case["steps"]
-    cmd = [sys.executable, "-m", "hpc_asgd.cli", "train", "--dataset", case["dataset"],
-           "--model", model, "--workers", str(workers), "--update", rule,
-           "--batch-size", str(args.batch_size), "--epochs", repr(epochs),
-           "--eval-every", repr(max(epochs, 1.0)), "--lr", str(args.lr),
-           "--momentum", str(args.momentum), "--seed", "0", "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "hpc_asgd.cli",
+        "train",
+        "--dataset",
+        case["dataset"],
+        "--model",
+        model,
+        "--workers",
+        str(workers),
+        "--update",
+        rule,
+        "--batch-size",
+        str(args.batch_size),
+        "--epochs",
+        repr(epochs),
+        "--eval-every",
+        repr(max(epochs, 1.0)),
+        "--lr",
+        str(args.lr),
+        "--momentum",
+        str(args.momentum),
+        "--seed",
+        "0",
+        "--out",
+        str(out),
+    ]
     if case["data_dir"]:
         cmd += ["--data-dir", case["data_dir"]]
     if case["dataset"] == "synthetic":
@@ -249,11 +287,25 @@ def ours_cmd(args, model: str, workers: int, rule: str, case: dict, out: Path) -
 
 
 def peer_cmd(args, model: str, workers: int, case: dict) -> list[str]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--peer", "--models", model,
-           "--workers", str(workers), "--steps", str(case["steps"]),
-           "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-           "--momentum", str(args.momentum),
-           "--synthetic-size", str(case["synthetic_size"])]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--peer",
+        "--models",
+        model,
+        "--workers",
+        str(workers),
+        "--steps",
+        str(case["steps"]),
+        "--batch-size",
+        str(args.batch_size),
+        "--lr",
+        str(args.lr),
+        "--momentum",
+        str(args.momentum),
+        "--synthetic-size",
+        str(case["synthetic_size"]),
+    ]
     if case["data_dir"]:
         cmd += ["--data-dir", case["data_dir"]]
     if args.threads:
@@ -263,8 +315,9 @@ def peer_cmd(args, model: str, workers: int, case: dict) -> list[str]:
 
 def run_child(cmd: list[str], timeout: float, env: dict | None = None) -> str:
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout,
-                              env=env, check=False)  # fmt: skip
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout, env=env, check=False
+        )
     except subprocess.TimeoutExpired:
         sys.exit(f"shm_scaling.py: {shlex.join(cmd)} ran past {timeout} s")
     if proc.returncode != 0:
@@ -285,9 +338,13 @@ def run_one(args, model: str, workers: int, contender: str, case: dict, tmp: Pat
         s = json.loads((out / "summary.json").read_text())
         if s["steps_per_rank"] != case["steps"]:
             sys.exit(f"shm_scaling.py: ours ran {s['steps_per_rank']} steps, not {case['steps']}")
-        res = {"samples_per_s": s["samples_per_s"], "train_s": s["train_s"],
-               "steps": s["steps_per_rank"], "final_test_acc": s["final_test_acc"],
-               "worker_steps": s["workers"]["steps"][0]}  # fmt: skip
+        res = {
+            "samples_per_s": s["samples_per_s"],
+            "train_s": s["train_s"],
+            "steps": s["steps_per_rank"],
+            "final_test_acc": s["final_test_acc"],
+            "worker_steps": s["workers"]["steps"][0],
+        }
     res["run_s"] = round(time.monotonic() - t0, 2)
     return res
 
@@ -331,14 +388,25 @@ def analyse(results: dict, contenders: list[str], workers: list[int]) -> dict:
         for c in contenders:
             got = speedup.get(model, {}).get(c, {}).get("2")
             if got is not None:
-                goals.append({"goal": f"{model} W=2 >= {target}x W=1", "contender": c,
-                              "value": round(got, 3), "met": got >= target})  # fmt: skip
+                goals.append(
+                    {
+                        "goal": f"{model} W=2 >= {target}x W=1",
+                        "contender": c,
+                        "value": round(got, 3),
+                        "met": got >= target,
+                    }
+                )
     for model, by_w in vs_peer.items():
         for w, row in by_w.items():
             for c, r in row.items():
-                goals.append({"goal": f"{model} W={w} ours >= peer", "contender": c,
-                              "value": round(r["ratio_of_medians"], 3),
-                              "met": r["ratio_of_medians"] >= 1.0})  # fmt: skip
+                goals.append(
+                    {
+                        "goal": f"{model} W={w} ours >= peer",
+                        "contender": c,
+                        "value": round(r["ratio_of_medians"], 3),
+                        "met": r["ratio_of_medians"] >= 1.0,
+                    }
+                )
     return {"speedup": speedup, "ours_over_peer": vs_peer, "goals": goals}
 
 
@@ -348,9 +416,13 @@ def versions() -> dict[str, str]:
 
     import hpc_asgd
 
-    return {"hpc_asgd": hpc_asgd.__version__, "python": platform.python_version(),
-            "torch": torch.__version__, "numpy": numpy.__version__,
-            "platform": platform.platform()}  # fmt: skip
+    return {
+        "hpc_asgd": hpc_asgd.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+    }
 
 
 def load_average() -> list[float]:
@@ -421,8 +493,9 @@ def markdown(report: dict) -> str:
     lines += ["", "Goals (from the issue):", "", "| goal | contender | value | met |"]
     lines += ["|---|---|---:|---|"]
     for g in a["goals"]:
-        lines.append(f"| {g['goal']} | {g['contender']} | {g['value']:.2f} | "
-                     f"{'yes' if g['met'] else 'NO'} |")  # fmt: skip
+        lines.append(
+            f"| {g['goal']} | {g['contender']} | {g['value']:.2f} | {'yes' if g['met'] else 'NO'} |"
+        )
     lines += [
         "",
         "The issue author's own peer-style measurement at batch 16: "
@@ -445,18 +518,22 @@ def driver(args: argparse.Namespace, argv: list[str]) -> int:
         else:
             data_dir = str(tmp / "mnist-like")
             info = write_mnist_like(Path(data_dir))
-            data_note = (f"mlp/cnn: {info['source']} ({info['train']} train, {info['test']} "
-                         "test images, IDX files)")  # fmt: skip
+            data_note = (
+                f"mlp/cnn: {info['source']} ({info['train']} train, {info['test']} "
+                "test images, IDX files)"
+            )
         if "resnet20" in args.models:
             data_note += "; resnet20: the 3x32x32 synthetic dataset"
         cases = {}
         for model in args.models:
             case = case_args(args, model, data_dir)
-            case["n_train"] = len(load(case["dataset"], case["data_dir"],
-                                       case["synthetic_size"]).train)  # fmt: skip
+            case["n_train"] = len(
+                load(case["dataset"], case["data_dir"], case["synthetic_size"]).train
+            )
             cases[model] = case
-        raw: dict = {m: {str(w): {c: [] for c in args.contenders} for w in args.workers}
-                     for m in args.models}  # fmt: skip
+        raw: dict = {
+            m: {str(w): {c: [] for c in args.contenders} for w in args.workers} for m in args.models
+        }
         for r in range(args.repeats):
             for model in args.models:
                 for w in args.workers:
@@ -464,11 +541,15 @@ def driver(args: argparse.Namespace, argv: list[str]) -> int:
                     for c in args.contenders[k:] + args.contenders[:k]:
                         res = run_one(args, model, w, c, cases[model], tmp)
                         raw[model][str(w)][c].append(res)
-                        print(f"  repeat {r + 1}/{args.repeats} {model} W={w} {c}: "
-                              f"{res['samples_per_s']:.0f} samples/s (run {res['run_s']} s)",
-                              flush=True)  # fmt: skip
-    results = {m: {w: {c: summarise(v) for c, v in row.items()} for w, row in by_w.items()}
-               for m, by_w in raw.items()}  # fmt: skip
+                        print(
+                            f"  repeat {r + 1}/{args.repeats} {model} W={w} {c}: "
+                            f"{res['samples_per_s']:.0f} samples/s (run {res['run_s']} s)",
+                            flush=True,
+                        )
+    results = {
+        m: {w: {c: summarise(v) for c, v in row.items()} for w, row in by_w.items()}
+        for m, by_w in raw.items()
+    }
     report = {
         "benchmark": "shm_scaling",
         "command": command,
@@ -498,7 +579,7 @@ def driver(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 # ---- profiling ------------------------------------------------------------------------------
-SITECUSTOMIZE = '''
+SITECUSTOMIZE = """
 import os
 if os.environ.get("SHM_SCALING_PROFILE_DIR"):
     import atexit, cProfile, multiprocessing.process as _mp_process
@@ -513,7 +594,7 @@ if os.environ.get("SHM_SCALING_PROFILE_DIR"):
             prof.dump_stats(os.path.join(os.environ["SHM_SCALING_PROFILE_DIR"],
                                          f"{self.name}-{os.getpid()}.prof"))
     _mp_process.BaseProcess.run = _run
-'''
+"""
 
 
 def profile(args: argparse.Namespace) -> int:
@@ -533,20 +614,23 @@ def profile(args: argparse.Namespace) -> int:
         (tmp / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
         (tmp / "prof").mkdir()
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp / "site"),
-                                                          env.get("PYTHONPATH")]))  # fmt: skip
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(tmp / "site"), env.get("PYTHONPATH")])
+        )
         env["SHM_SCALING_PROFILE_DIR"] = str(tmp / "prof")
         out = tmp / "ours"
         run_child(ours_cmd(args, model, w, rule, case, out), args.run_timeout, env)
         s = json.loads((out / "summary.json").read_text())
-        print(f"ours ({rule}, {model}, W={w}): {s['samples_per_s']} samples/s over "
-              f"{s['train_s']} s; cProfile of worker 0 (includes start-up):")  # fmt: skip
+        print(
+            f"ours ({rule}, {model}, W={w}): {s['samples_per_s']} samples/s over "
+            f"{s['train_s']} s; cProfile of worker 0 (includes start-up):"
+        )
         profs = sorted((tmp / "prof").glob("hpc-asgd-w0-*.prof"))
         if profs:
             pstats.Stats(str(profs[0])).sort_stats("tottime").print_stats(args.profile_top)
         else:
             print("  (no worker profile: W = 1 runs in the rank's own process)")
-        stdout = run_child(peer_cmd(args, model, w, case) + ["--peer-profile"], args.run_timeout)
+        stdout = run_child([*peer_cmd(args, model, w, case), "--peer-profile"], args.run_timeout)
         print(f"peer ({model}, W={w}), cProfile of worker 0 (timed loop only):")
         print(stdout)
     return 0
@@ -556,22 +640,39 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(DEFAULT_CONTENDERS),
-                   help="'all' is not a choice: list them (hogwild leashed locked partitioned peer)")  # fmt: skip
+    p.add_argument(
+        "--contenders",
+        nargs="+",
+        choices=CONTENDERS,
+        default=list(DEFAULT_CONTENDERS),
+        help="'all' is not a choice: list them (hogwild leashed locked partitioned peer)",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--momentum", type=float, default=0.5)
-    p.add_argument("--steps-scale", type=float, default=1.0,
-                   help="multiply every model's step count (mlp 3000, cnn 200, resnet20 64)")  # fmt: skip
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch threads per process; 0 (default) = cores // W, at least 1")  # fmt: skip
+    p.add_argument(
+        "--steps-scale",
+        type=float,
+        default=1.0,
+        help="multiply every model's step count (mlp 3000, cnn 200, resnet20 64)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads per process; 0 (default) = cores // W, at least 1",
+    )
     p.add_argument("--data-dir", default=None, help="real MNIST IDX files (default: digits)")
     p.add_argument("--synthetic-size", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--out", default="benchmarks/results", help="relative to the repository")
     p.add_argument("--run-timeout", type=float, default=300.0)
-    p.add_argument("--profile", choices=RULES, default=None,
-                   help="profile one case of ours (first --models, first --workers) and the peer")  # fmt: skip
+    p.add_argument(
+        "--profile",
+        choices=RULES,
+        default=None,
+        help="profile one case of ours (first --models, first --workers) and the peer",
+    )
     p.add_argument("--profile-top", type=int, default=25)
     p.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=0, help=argparse.SUPPRESS)

@@ -75,6 +75,8 @@ class HierAvg(Averaging):
             self.next_local = step + self.k1
 
     def drain(self, step: int) -> None:
+        if not self.overlaps:
+            return
         t0 = time.perf_counter()
         for r in (self.local, self.world):
             if r.busy:
