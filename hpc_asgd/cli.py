@@ -17,7 +17,7 @@ from dataclasses import fields
 
 from hpc_asgd import env
 from hpc_asgd.config import SECTIONS, Config
-from hpc_asgd.errors import ConfigError, error_line
+from hpc_asgd.errors import ConfigError, Preempted, error_line
 
 
 def _flag(name: str) -> str:
@@ -103,6 +103,10 @@ def cmd_train(args: argparse.Namespace, launch: env.Launch) -> int:
     try:
         comm = make_comm(cfg.run.comm, launch, cfg.run.comm_timeout)
         summary = run(cfg, launch, comm)
+    except Preempted as e:  # every rank checkpointed at the same step: no abort
+        if launch.rank == 0:
+            print(f"hpc-asgd: {e}", file=sys.stderr, flush=True)
+        return Preempted.EXIT_CODE
     except (Exception, KeyboardInterrupt) as e:
         print(error_line(launch.rank, launch.size, e), file=sys.stderr, flush=True)
         if os.environ.get("HPC_ASGD_TRACEBACK"):

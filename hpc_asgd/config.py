@@ -98,6 +98,16 @@ class RunConfig:
     out: str | None = _f(None, "output folder for summary.json, metrics.jsonl, model.pt")
     slow_rank: int = _f(-1, "straggler injection: this rank's steps are slowed")
     slow_factor: float = _f(1.0, "straggler injection: the slow rank's steps take F times as long")
+    checkpoint_dir: str | None = _f(None, "folder of checkpoints; enables USR1 preemption handling")
+    checkpoint_every: int = _f(0, "checkpoint every N node steps (0: off)")
+    checkpoint_minutes: float = _f(0.0, "checkpoint every M minutes (0: off)")
+    check_every: int = _f(200, "node steps between the ranks' checks for USR1 and the timer")
+    resume: str | None = _f(
+        None, "'auto' (newest checkpoint in --checkpoint-dir, if any) or a folder"
+    )
+    stop_at_step: int = _f(
+        0, "checkpoint and stop at this node step, as a preemption does (0: off)"
+    )
 
 
 SECTIONS = {
@@ -231,6 +241,9 @@ class Config:
             "group_size": s.group_size,
             "threads_per_worker": w.threads_per_worker,
             "partition_after_epochs": w.partition_after_epochs,
+            "checkpoint_every": r.checkpoint_every,
+            "checkpoint_minutes": r.checkpoint_minutes,
+            "stop_at_step": r.stop_at_step,
         }
         for name, value in non_negative.items():
             if value < 0:
@@ -257,6 +270,13 @@ class Config:
                 )
         if r.slow_rank >= world_size:
             raise ConfigError(f"slow_rank: {r.slow_rank} is not a rank of a {world_size}-rank job")
+        if r.check_every <= 0:
+            raise ConfigError(f"check_every: must be a positive integer, got {r.check_every}")
+        wants_dir = (
+            r.checkpoint_every or r.checkpoint_minutes or r.stop_at_step or r.resume == "auto"
+        )
+        if wants_dir and not r.checkpoint_dir:
+            raise ConfigError("checkpoint_dir: checkpoints and --resume auto need --checkpoint-dir")
         if r.slow_factor < 1:
             raise ConfigError(f"slow_factor: must be >= 1, got {r.slow_factor}")
         if (

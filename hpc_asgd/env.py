@@ -18,7 +18,7 @@ class Fault:
     """Fault injection for tests: ``HPC_ASGD_FAULT=KIND@RANK:STEP``; the process (rank or
     worker) that takes node step STEP on rank RANK raises, stops (SIGSTOP) or kills itself."""
 
-    kind: str  # "raise" | "stop" | "kill"
+    kind: str  # "raise" | "stop" | "kill" | "ckptkill" (SIGKILL while writing a checkpoint)
     rank: int
     step: int
 
@@ -73,9 +73,9 @@ def _first_slurm_host(nodelist: str) -> str:
 def _parse_fault(spec: str | None) -> Fault | None:
     if not spec:
         return None
-    m = re.fullmatch(r"(raise|stop|kill)@(\d+):(\d+)", spec.strip())
+    m = re.fullmatch(r"(raise|stop|kill|ckptkill)@(\d+):(\d+)", spec.strip())
     if not m:
-        raise ValueError(f"HPC_ASGD_FAULT={spec!r}: expected raise|stop|kill@RANK:STEP")
+        raise ValueError(f"HPC_ASGD_FAULT={spec!r}: expected raise|stop|kill|ckptkill@RANK:STEP")
     return Fault(m.group(1), int(m.group(2)), int(m.group(3)))
 
 

@@ -23,3 +23,15 @@ def error_line(rank: int, size: int, err: BaseException) -> str:
     """The one line a failing rank prints."""
     what = str(err) if isinstance(err, HpcAsgdError) else f"{type(err).__name__}: {err}"
     return f"hpc-asgd: error on rank {rank}/{size}: {what}"
+
+
+class Preempted(HpcAsgdError):
+    """Every rank wrote the checkpoint and stops so that the job can be requeued."""
+
+    EXIT_CODE = 85  # the SLURM templates requeue the job on this exit status
+
+    def __init__(self, step: int):
+        super().__init__(
+            f"checkpointed at node step {step}; exiting with {self.EXIT_CODE} to be requeued"
+        )
+        self.step = step

@@ -26,11 +26,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from hpc_asgd import metrics
+from hpc_asgd import checkpoint, metrics
 from hpc_asgd.comm import Comm, make_comm
 from hpc_asgd.config import Config
 from hpc_asgd.data import Dataset, ShardSampler, load_dataset
-from hpc_asgd.env import Launch, is_tty
+from hpc_asgd.env import Fault, Launch, is_tty
+from hpc_asgd.errors import Preempted
 from hpc_asgd.flat import FlatModel
 from hpc_asgd.models import build_model
 from hpc_asgd.shm import AtomicArray, make_rule
@@ -39,6 +40,7 @@ from hpc_asgd.shm.workers import (
     DONE,
     LIMIT,
     NCTL,
+    NEXT,
     WorkerPool,
     WorkerSpec,
     augment_seed,
@@ -102,6 +104,77 @@ def _on_sigterm(signum, frame):
     raise StoppedError("stopped by SIGTERM")
 
 
+class Checkpointer:
+    """When to checkpoint, and whether to stop for a requeue.
+
+    Deterministic triggers (every N node steps, ``--stop-at-step``) need no communication.
+    A USR1 (SLURM's warning before preemption) or the minutes timer reach one rank at a
+    time, so with ``--checkpoint-dir`` the ranks meet every ``--check-every`` node steps in a
+    tiny MAX-allreduce of ``[USR1 seen, rank 0's timer expired]`` and act together.
+    """
+
+    def __init__(self, cfg: Config, comm: Comm):
+        r = cfg.run
+        self.comm, self.cfg = comm, cfg
+        self.root = Path(r.checkpoint_dir) if r.checkpoint_dir else None
+        self.every, self.check, self.stop_at = r.checkpoint_every, r.check_every, r.stop_at_step
+        self.minutes = r.checkpoint_minutes
+        self.t_last = time.monotonic()
+        self.usr1 = False
+        self.saved = 0
+
+    def on_usr1(self, signum, frame) -> None:
+        self.usr1 = True
+
+    def next_event(self, step: int) -> int | None:
+        """The next node step after ``step`` at which :meth:`at` must be called."""
+        if self.root is None:
+            return None
+        due = [self.check * (step // self.check + 1)]
+        if self.every:
+            due.append(self.every * (step // self.every + 1))
+        if self.stop_at > step:
+            due.append(self.stop_at)
+        return min(due)
+
+    def at(self, step: int) -> tuple[bool, bool]:
+        """(save a checkpoint now, then stop); collective at check steps, same on every rank."""
+        if self.root is None:
+            return False, False
+        save = bool(self.every) and step % self.every == 0
+        stop = step == self.stop_at
+        if step % self.check == 0:
+            timer = self.minutes > 0 and time.monotonic() - self.t_last > 60 * self.minutes
+            flags = torch.tensor([float(self.usr1), float(timer and self.comm.rank == 0)])
+            self.comm.allreduce_(flags, op="max")
+            stop = stop or bool(flags[0])
+            save = save or bool(flags[1])
+        return save or stop, stop
+
+    def save(self, step: int, state: dict, fault: Fault | None = None) -> Path:
+        def killed_while_writing() -> None:  # fault injection: die before the commit
+            if (
+                fault
+                and fault.kind == "ckptkill"
+                and (fault.rank, fault.step) == (self.comm.rank, step)
+            ):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        folder = checkpoint.save(
+            self.root, step, self.comm, state, before_commit=killed_while_writing
+        )
+        self.t_last = time.monotonic()
+        self.saved += 1
+        return folder
+
+    def resume(self) -> dict | None:
+        r = self.cfg.run
+        if not r.resume:
+            return None
+        folder = checkpoint.resolve(r.resume, self.root)
+        return None if folder is None else checkpoint.load(folder, self.comm.rank, self.comm.size)
+
+
 @dataclass
 class _Run:
     """What both process layouts need; built once by ``run``."""
@@ -122,6 +195,25 @@ class _Run:
     device: torch.device
     rank_threads: int
     progress: metrics.Progress
+    ck: Checkpointer
+    rows: list[dict]
+    seen: torch.Tensor  # (loss_sum, steps) at the last evaluation
+    resumed: dict | None  # the checkpoint this run resumes from
+
+    def state(self, step: int, train_s: float, extra: dict | None = None) -> dict:
+        """What a checkpoint holds (tensors and plain containers: ``weights_only``-safe)."""
+        self.rule.publish()
+        return {
+            "step": step,
+            "flat": self.flat.data.detach().cpu().clone(),
+            "stats": self.stats.clone(),
+            "rows": list(self.rows),
+            "seen": self.seen.clone(),
+            "train_s": train_s,
+            "rounds": self.sync.rounds,
+            "config": self.cfg.to_dict(),
+            **(extra or {}),
+        }
 
 
 def run(cfg: Config, launch: Launch, comm: Comm | None = None) -> dict:
@@ -164,6 +256,15 @@ def run(cfg: Config, launch: Launch, comm: Comm | None = None) -> dict:
     progress = metrics.Progress(total, spe, comm.rank == 0, is_tty(sys.stderr))
     rows: list[dict] = []
     seen = torch.zeros(2, dtype=torch.float64)  # (loss_sum, steps) at the last evaluation
+    ck = Checkpointer(cfg, comm)
+    resumed = ck.resume()
+    if resumed is not None:  # each rank takes back its own model, counters and metrics
+        flat.data.copy_(resumed["flat"])
+        rule.load(flat.params)
+        stats.copy_(resumed["stats"])
+        rows.extend(resumed["rows"])
+        seen.copy_(resumed["seen"])
+        sync.rounds = resumed["rounds"]
 
     def evaluate_at(step: int, eval_model: torch.nn.Module) -> None:
         now = torch.stack([stats[:, LOSS_SUM].sum(), stats[:, STEPS].sum()])
@@ -199,12 +300,18 @@ def run(cfg: Config, launch: Launch, comm: Comm | None = None) -> dict:
         device,
         rank_threads,
         progress,
+        ck,
+        rows,
+        seen,
+        resumed,
     )
     old_term = signal.signal(signal.SIGTERM, _on_sigterm)
+    old_usr1 = signal.signal(signal.SIGUSR1, ck.on_usr1)
     try:
         train_s = _train_workers(job, ctx) if spawn else _train_in_process(job)
     finally:
         signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGUSR1, old_usr1)
     return _summarise(job, rows, train_s, t_start, out)
 
 
@@ -218,11 +325,19 @@ def _train_in_process(job: _Run) -> float:
     stepper = Stepper(
         job.cfg, job.data, flat, job.rule, job.sampler, gen, job.device, job.stats[0], hook, slow
     )
+    start, train_s = 0, 0.0
+    if job.resumed is not None:  # the rest of a W = 1 run's state: bitwise continuation
+        start, train_s = job.resumed["step"], job.resumed["train_s"]
+        stepper.opt.buf = job.resumed["momentum"]
+        gen.set_state(job.resumed["generator"])
+        torch.set_rng_state(job.resumed["torch_rng"])
     stop = sync.next_stop(0, 0.0)
-    pending = list(job.evals)
-    train_s, t_seg = 0.0, time.perf_counter()
+    while stop is not None and stop <= start:  # replay the schedule of rounds up to ``start``
+        stop = sync.next_stop(stop, stop / spe)
+    pending = [e for e in job.evals if e > start]
+    t_seg = time.perf_counter()
     flat.module.train()
-    for s in range(job.total):
+    for s in range(start, job.total):
         inject(job.launch.fault, comm.rank, s)
         stepper.step(s)
         if s + 1 == stop:
@@ -242,6 +357,19 @@ def _train_in_process(job: _Run) -> float:
                 sync.finish()  # the final exact average comes before the final evaluation
             job.evaluate_at(pending.pop(0), flat.module)
             t_seg = time.perf_counter()
+        save, halt = job.ck.at(s + 1)
+        if save and s + 1 < job.total:
+            sync.quiesce(s + 1)
+            extra = {
+                "momentum": stepper.opt.buf,
+                "generator": gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+            }
+            now = train_s + time.perf_counter() - t_seg
+            job.ck.save(s + 1, job.state(s + 1, now, extra), job.launch.fault)
+            flat.bind_params(flat.params)
+            if halt:
+                raise Preempted(s + 1)
     return train_s
 
 
@@ -271,20 +399,31 @@ def _train_workers(job: _Run, ctx) -> float:
     # The evaluation model: a private copy, filled from a snapshot of the shared one.
     shape, classes = job.data.input_shape, job.data.num_classes
     eval_flat = FlatModel(build_model(cfg.model.model, shape, classes), device=job.device)
+    start, train_before = 0, 0.0
+    if job.resumed is not None:  # model and counters; the workers' momentum starts afresh
+        start, train_before = job.resumed["step"], job.resumed["train_s"]
+        ctl.t[NEXT] = ctl.t[DONE] = start
     stop = sync.next_stop(0, 0.0)
-    pending = list(job.evals)
+    while stop is not None and stop <= start:
+        stop = sync.next_stop(stop, stop / spe)
+    pending = [e for e in job.evals if e > start]
+    ck_at = job.ck.next_event(start)
+
+    def limit() -> int:  # workers pause at blocking rounds and checkpoint checks
+        return min(x for x in (stop, ck_at, total) if x is not None)
+
     pool = WorkerPool(spec, w.workers, ctx)
     pool.start()
     try:
         pool.wait_ready()
         t0 = train_end = time.perf_counter()  # training time starts when all may step
-        ctl[LIMIT].store(min(stop or total, total))
+        ctl[LIMIT].store(limit())
         last_check = 0.0
         while True:
             if time.monotonic() - last_check > 0.05:
                 pool.check()
                 last_check = time.monotonic()
-            event = min(stop or total + 1, pending[0])
+            event = min(x for x in (stop, ck_at, pending[0]) if x is not None)
             done = ctl[DONE].load()
             if sync.overlaps:  # this process is the averager: rounds overlap the workers
                 sync.poll(done, done / spe)
@@ -294,7 +433,6 @@ def _train_workers(job: _Run, ctx) -> float:
             if event == stop:  # workers are held at the limit: nothing is in flight
                 sync.step_done(stop, stop / spe)
                 stop = sync.next_stop(stop, stop / spe)
-                ctl[LIMIT].store(min(stop or total, total))  # release the workers
             if event == pending[0]:
                 if event == total:
                     pool.join()
@@ -305,7 +443,17 @@ def _train_workers(job: _Run, ctx) -> float:
                 eval_flat.data[flat.n_params :].copy_(flat.data[flat.n_params :])
                 job.evaluate_at(pending.pop(0), eval_flat.module)
                 if not pending:  # evaluations overlap the workers' training: not subtracted
-                    return train_end - t0
+                    return train_before + train_end - t0
+            if event == ck_at:  # workers are held: the shared model is still
+                save, halt = job.ck.at(event)
+                if save and event < total:
+                    sync.quiesce(event)
+                    now = train_before + time.perf_counter() - t0
+                    job.ck.save(event, job.state(event, now), job.launch.fault)
+                    if halt:
+                        raise Preempted(event)
+                ck_at = job.ck.next_event(event)
+            ctl[LIMIT].store(limit())  # release the workers
     finally:
         pool.stop()
         ctl.close()

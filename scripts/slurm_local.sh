@@ -171,6 +171,8 @@ SlurmctldHost=$NODE(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# A requeued job waits cred_expire seconds (default 120) before it may start again.
+AuthInfo=cred_expire=30
 CryptoType=crypto/munge
 PluginDir=$plugins
 StateSaveLocation=$STATE_DIR/ctld

@@ -25,5 +25,6 @@ source "$here/common.sh" || {
   exit 1
 }
 
+: "${PRESET=$HPC_ASGD_HOME/configs/cifar100_lasgd.toml}" # PRESET= (empty): flags only
 : "${ALGO:=lasgd}" "${DATASET:=cifar100}" "${MODEL:=resnet20}" "${PERIOD:=8}"
 hpc_asgd_run --algo "$ALGO" --period "$PERIOD"

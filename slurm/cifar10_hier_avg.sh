@@ -26,6 +26,7 @@ source "$here/common.sh" || {
   exit 1
 }
 
+: "${PRESET=$HPC_ASGD_HOME/configs/cifar10_hier_avg.toml}" # PRESET= (empty): flags only
 : "${ALGO:=hier-avg}" "${DATASET:=cifar10}" "${MODEL:=resnet20}"
 : "${GROUP_SIZE:=0}" "${LOCAL_PERIOD:=4}" "${GLOBAL_PERIOD:=8}"
 hpc_asgd_run --algo "$ALGO" --group-size "$GROUP_SIZE" --local-period "$LOCAL_PERIOD" \

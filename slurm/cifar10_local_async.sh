@@ -11,7 +11,7 @@
 # Non-blocking in-place averaging ("Local SGD meets asynchrony"; "Scaling the Wild") on CIFAR-10,
 # ResNet-20: one rank per node with WORKERS shared-memory workers (default: one per core), the
 # rank's main process averages every PERIOD (16) node-level steps while the workers keep going.
-# Uses configs/cifar10_resnet20_local_async.toml when it exists (flags below override it).
+# The preset supplies the schedule; the flags below and the knobs override it.
 # Knobs (environment or sbatch --export=ALL,VAR=...): see slurm/common.sh. Example:
 #   EPOCHS=1 DATA_DIR=$PWD/data sbatch --nodes=2 slurm/cifar10_local_async.sh
 set -euo pipefail
@@ -27,11 +27,7 @@ source "$here/common.sh" || {
   exit 1
 }
 
-: "${ALGO:=local-async}" "${DATASET:=cifar10}" "${MODEL:=resnet20}"
+: "${PRESET=$HPC_ASGD_HOME/configs/cifar10_resnet20_local_async.toml}" # PRESET= (empty): flags only
+: "${ALGO:=local-async}" "${DATASET:=cifar10}" "${MODEL:=resnet20}" "${PERIOD:=16}"
 : "${WORKERS:=${SLURM_CPUS_PER_TASK:-1}}"
-preset=$HPC_ASGD_HOME/configs/cifar10_resnet20_local_async.toml
-if [ -f "$preset" ]; then # the preset's period unless PERIOD is set
-  hpc_asgd_run --config "$preset" --algo "$ALGO" ${PERIOD:+--period "$PERIOD"}
-else
-  hpc_asgd_run --algo "$ALGO" --period "${PERIOD:-16}"
-fi
+hpc_asgd_run --algo "$ALGO" --period "$PERIOD"

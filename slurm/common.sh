@@ -14,6 +14,9 @@
 #                                                                     (array: <name>-<array id>_<task>)
 #   EPOCHS        --epochs (unset: the preset's / CLI's default)
 #   DATASET MODEL ALGO and per-template knobs (PERIOD, GROUP_SIZE, ...): defaults in each template
+#   PRESET        --config TOML read first (each template names its configs/ preset; the flags
+#                 and knobs override it). A missing preset is skipped with a note; PRESET= (empty)
+#                 means flags only.
 #   WORKERS       --workers W: shared-memory worker processes per rank. Templates with workers
 #                 default it to SLURM_CPUS_PER_TASK (one core each); others leave it unset (1).
 #   EXTRA_ARGS    appended last to `hpc-asgd train` (whitespace-separated; last flag wins)
@@ -147,7 +150,15 @@ hpc_asgd_run() {
   mkdir -p "$OUT_DIR"
   export DATA_DIR OUT_DIR
 
-  local args=(train "$@")
+  local args=(train)
+  if [ -n "${PRESET:-}" ]; then
+    if [ -f "$PRESET" ]; then
+      args+=(--config "$PRESET")
+    else
+      hpc_asgd_log "preset $PRESET not found: using the template's flags alone"
+    fi
+  fi
+  args+=("$@")
   [ -n "${DATASET:-}" ] && args+=(--dataset "$DATASET")
   [ -n "${MODEL:-}" ] && args+=(--model "$MODEL")
   args+=(--data-dir "$DATA_DIR" --out "$OUT_DIR")

@@ -28,6 +28,7 @@ source "$here/common.sh" || {
   exit 1
 }
 
+: "${PRESET=$HPC_ASGD_HOME/configs/imagenet_resnet50_local_async.toml}" # PRESET= (empty): flags only
 : "${ALGO:=local-async}" "${DATASET:=imagenet}" "${MODEL:=resnet50}" "${PERIOD:=8}"
 : "${WORKERS:=${SLURM_CPUS_PER_TASK:-1}}"
 hpc_asgd_run --algo "$ALGO" --period "$PERIOD"

@@ -27,6 +27,7 @@ source "$here/common.sh" || {
   exit 1
 }
 
+: "${PRESET=$HPC_ASGD_HOME/configs/mnist_leashed.toml}" # PRESET= (empty): flags only
 : "${DATASET:=mnist}" "${MODEL:=cnn}" "${UPDATE:=leashed}" "${PERIOD:=16}"
 : "${WORKERS:=${SLURM_CPUS_PER_TASK:-1}}"
 if [ "${SLURM_NTASKS:-1}" -gt 1 ]; then

@@ -86,6 +86,7 @@ def worker_main(index: int, spec: WorkerSpec) -> None:
     """Entry point of worker ``index`` (a spawned process)."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     # Below the rank's main process, which must answer at once when it wakes to drive an
     # averaging round (on an oversubscribed node it would otherwise wait for a time slice).
     os.nice(WORKER_NICE)
@@ -143,10 +144,16 @@ class WorkerPool:
         self.procs: list = []
 
     def start(self) -> None:
-        for i in range(self.n):
-            p = self.ctx.Process(target=worker_main, args=(i, self.spec), name=f"hpc-asgd-w{i}")
-            p.start()
-            self.procs.append(p)
+        # USR1 (SLURM's preemption warning) is for the rank's main process; workers inherit
+        # SIG_IGN through exec, so they are never killed by its default action.
+        previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        try:
+            for i in range(self.n):
+                p = self.ctx.Process(target=worker_main, args=(i, self.spec), name=f"hpc-asgd-w{i}")
+                p.start()
+                self.procs.append(p)
+        finally:
+            signal.signal(signal.SIGUSR1, previous)
 
     def check(self) -> None:
         """Raise WorkerError if a worker died or raised (exit 0 is a worker that finished)."""

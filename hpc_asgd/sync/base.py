@@ -96,6 +96,10 @@ class Averaging:
     def drain(self, step: int) -> None:
         return None
 
+    def quiesce(self, step: int) -> None:
+        """Complete every round in flight, on every rank (before a checkpoint)."""
+        return
+
     @property
     def inflight_s(self) -> float:
         return self.wait_s  # blocking rounds: in flight exactly while the node waits

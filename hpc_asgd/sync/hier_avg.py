@@ -88,6 +88,11 @@ class HierAvg(Averaging):
         self.rounds, self.group_rounds = self.world.rounds, self.local.rounds
         self.wait_s += time.perf_counter() - t0
 
+    def quiesce(self, step: int) -> None:
+        if self.overlaps:
+            self.drain(step)
+            self.next_local, self.next_world = step + self.k1, step + self.k1 * self.k2
+
     @property
     def inflight_s(self) -> float:
         if not self.overlaps:

@@ -47,6 +47,10 @@ class LASGD(Averaging):
         self.wait_s += self.round.drain()
         self.rounds = self.round.rounds
 
+    def quiesce(self, step: int) -> None:
+        self.drain(step)
+        self.next = step + self.period
+
     @property
     def inflight_s(self) -> float:
         return self.round.inflight_s

@@ -93,6 +93,12 @@ class LocalAsync(Averaging):
                 self.agree.wait()
         self.wait_s += time.perf_counter() - t0
 
+    def quiesce(self, step: int) -> None:
+        self.drain(step)
+        self.over = False
+        while self.next <= step:
+            self.next += self._k(self.next)
+
     @property
     def inflight_s(self) -> float:
         return self.round.inflight_s

@@ -20,7 +20,7 @@ ACCURATE = ["--epochs", "8", "--lr", "0.05", "--momentum", "0.9"]
 
 
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("n", [1, 2, 4])
 def test_collectives(n: int) -> None:
     res = mpirun(n, [sys.executable, CHECK, "horovod"], timeout=180)
     assert res.rc == 0, res.text
