@@ -15,8 +15,8 @@ How the Comm protocol maps onto Horovod:
   which every rank calls. A split that needs a new set, asked of a sub-communicator, is refused
   (the other ranks would never register it); one whose sets exist already is fine. Sets are
   kept and reused, so splitting the world with one color again is the global set under a new
-  tag. Within a set, Horovod orders ranks by global rank; ``key`` only breaks ties (as in the
-  torch.distributed engine).
+  tag. Within a set, Horovod orders ranks by global rank, so ``key`` cannot reorder them (as
+  in the torch.distributed engine); every caller in hpc_asgd passes key = rank anyway.
 - Deadlines: ``Work.wait`` polls ``hvd.poll`` until the deadline. Horovod cannot abandon an
   operation it has posted, so a timed-out collective stays queued; the communicator is marked
   broken and :meth:`HorovodComm.shutdown` skips its final barrier. The waiting rank then asks
@@ -265,7 +265,7 @@ class HorovodComm:
         groups = {}
         for i, (c, k) in enumerate(pairs):
             groups.setdefault(c, []).append((k, self.members[i]))
-        # Horovod sorts a set's ranks: members in ascending global rank (key breaks no order).
+        # Horovod sorts a set's ranks: members in ascending global rank, whatever the keys.
         wanted = [tuple(sorted(r for _, r in groups[c])) for c in sorted(groups)]
         new = [g for g in dict.fromkeys(wanted) if g not in _state.sets]
         if new and self is not _state.world:

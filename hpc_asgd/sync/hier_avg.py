@@ -12,13 +12,11 @@ allreduce while training goes on, add ``mean - snapshot``), at most one in fligh
 
 from __future__ import annotations
 
-import time
-
 from hpc_asgd.comm import Comm
 from hpc_asgd.flat import FlatModel
 from hpc_asgd.shm.base import UpdateRule
 from hpc_asgd.sync.base import Averaging
-from hpc_asgd.sync.rounds import AsyncRound
+from hpc_asgd.sync.rounds import AsyncRound, drain_all
 
 
 def make_group(comm: Comm, group_size: int) -> Comm:
@@ -77,16 +75,8 @@ class HierAvg(Averaging):
     def drain(self, step: int) -> None:
         if not self.overlaps:
             return
-        t0 = time.perf_counter()
-        for r in (self.local, self.world):
-            if r.busy:
-                r.wait()
-                r.apply()
-        # Groups first, then everyone: every rank drains in the same order.
-        self.local.drain()
-        self.world.drain()
+        self.wait_s += drain_all([self.local, self.world])
         self.rounds, self.group_rounds = self.world.rounds, self.local.rounds
-        self.wait_s += time.perf_counter() - t0
 
     def quiesce(self, step: int) -> None:
         if self.overlaps:

@@ -18,6 +18,7 @@ import time
 import torch
 
 from hpc_asgd.comm import Comm, Work
+from hpc_asgd.comm.base import Poller
 from hpc_asgd.flat import FlatModel
 from hpc_asgd.shm.base import UpdateRule
 
@@ -74,10 +75,25 @@ class AsyncRound:
     def drain(self) -> float:
         """After this rank's last step: keep taking part in rounds (as finished) until every
         rank has finished. Returns the seconds spent waiting."""
-        t0 = time.perf_counter()
-        while True:
-            if self.work is None:
-                self.start(finished=True)
-            self.wait()
-            if self.apply():
-                return time.perf_counter() - t0
+        return drain_all([self])
+
+
+def drain_all(rounds: list[AsyncRound]) -> float:
+    """Drain several round streams (on different communicators) TOGETHER: progress is driven
+    on all of them at once, because a peer may be blocked on another stream's round that
+    needs us (waiting for one stream after the other can deadlock). Returns seconds waited."""
+    t0 = time.perf_counter()
+    left = list(rounds)
+    poll = Poller(max(r.comm.timeout for r in rounds))
+    while left:
+        for r in list(left):
+            if not r.busy:
+                r.start(finished=True)
+            elif r.test():
+                if r.apply():
+                    left.remove(r)
+                poll = Poller(r.comm.timeout)  # progress: a fresh deadline
+        if left and poll.expired():
+            left[0].work.wait(0.0)  # raises the engine's error naming the missing ranks
+        poll.idle()
+    return time.perf_counter() - t0

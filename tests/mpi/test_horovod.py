@@ -11,7 +11,7 @@ pytest.importorskip(
     reason="Horovod is not installed: run scripts/install_horovod.sh (builds 0.28.1 with C++17)",
 )
 
-from tests.conftest import mpirun, summary, train
+from tests.conftest import assert_no_orphans, mpirun, summary, train
 
 pytestmark = pytest.mark.mpi
 
@@ -33,6 +33,33 @@ def test_deadline_names_missing_rank() -> None:
     assert res.rc == 0, res.text
     assert res.out.count("NAMED rank") == 2, res.text
     assert "SKIPPER-DONE" in res.out, res.text
+    assert_no_orphans(res.sid)
+
+
+FAULTY = ["--comm", "horovod", "--algo", "sync", "--epochs", "5"]
+
+
+@pytest.mark.timeout(90)
+def test_rank_that_raises_aborts_the_job() -> None:
+    res = train(
+        2, *FAULTY, "--comm-timeout", "10", env={"HPC_ASGD_FAULT": "raise@1:10"}, timeout=60
+    )
+    assert res.rc != 0
+    assert "hpc-asgd: error on rank 1/2: RuntimeError: injected fault at step 10" in res.text, (
+        res.text
+    )
+    assert res.seconds < 40, res.seconds
+    assert_no_orphans(res.sid)
+
+
+@pytest.mark.timeout(90)
+def test_rank_that_stops_answering_is_named() -> None:
+    res = train(2, *FAULTY, "--comm-timeout", "4", env={"HPC_ASGD_FAULT": "stop@1:10"}, timeout=60)
+    assert res.rc != 0
+    assert "horovod allreduce" in res.text, res.text
+    assert "timed out after 4 s on rank 0: rank(s) 1 did not arrive" in res.text, res.text
+    assert res.seconds < 40, res.seconds
+    assert_no_orphans(res.sid)
 
 
 ALGOS = [
