@@ -14,9 +14,12 @@
 # is restarted. Daemons run as root (SlurmUser=root): this is a test cluster, not a site set-up.
 #
 # Environment: SLURM_CONF_DIR (/etc/slurm), SLURM_STATE_DIR (/var/spool/slurm),
-# SLURM_LOG_DIR (/var/log/slurm), SLURM_RUN_DIR (/run/slurm), SLURM_PARTITION (debug),
+# SLURM_LOG_DIR (/var/log/slurm), SLURM_RUN_DIR (/run/slurm), SLURM_PARTITION (debug) (another
+# SLURM_CONF_DIR needs SLURM_CONF=<dir>/slurm.conf exported for sbatch, srun and sinfo),
 # SLURM_START_TIMEOUT (seconds to wait for an idle node, 90), SLURM_MPI_DEFAULT (pmix when the
-# plugin is installed, else none), SLURM_SKIP_INSTALL=1 (never call apt-get).
+# plugin is installed, else none), SLURM_SKIP_INSTALL=1 (never call apt-get), SLURM_LOCAL_FORCE=1
+# (replace a slurm.conf that this script did not write; by default it refuses).
+# `stop` stops the daemons only: processes of jobs still running are left alone.
 set -euo pipefail
 
 CONF_DIR=${SLURM_CONF_DIR:-/etc/slurm}
@@ -79,7 +82,7 @@ install_packages() {
   if ! have_all; then
     [ "${SLURM_SKIP_INSTALL:-0}" = 1 ] && die "$why and SLURM_SKIP_INSTALL=1"
     command -v apt-get >/dev/null || die "$why and there is no apt-get to install them"
-    say "installing slurmctld slurmd slurm-client munge libpmix-dev with apt-get (a few minutes)"
+    say "installing slurmctld slurmd slurm-client munge with apt-get (a few minutes)"
     apt_install slurmctld slurmd slurm-client munge \
       || die "apt-get failed; see $LOG_DIR/apt.log: $(tail -n 3 "$LOG_DIR/apt.log" | tr '\n' ' ')"
     have_all || die "packages installed but $why from PATH ($PATH)"
@@ -96,7 +99,7 @@ install_packages() {
 munge_pid() {
   local pid
   pid=$(cat "$MUNGE_RUN/munged.pid" 2>/dev/null) || return 1
-  kill -0 "$pid" 2>/dev/null && echo "$pid"
+  [ -n "$pid" ] && [ -e "/proc/$pid" ] && echo "$pid"
 }
 
 start_munge() {
@@ -195,6 +198,8 @@ JobCompType=jobcomp/filetxt
 JobCompLoc=$LOG_DIR/jobcomp.txt
 ReturnToService=2
 SchedulerType=sched/backfill
+# Look at pending jobs every few seconds (defaults: 60 and 30): requeued jobs restart promptly.
+SchedulerParameters=sched_interval=5,bf_interval=5
 # Finished jobs stay visible to scontrol for an hour (there is no accounting database).
 MinJobAge=3600
 KillWait=10
@@ -205,6 +210,11 @@ NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$real_mem State=UNKNOWN
 PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE
 EOF
   chmod 0644 "$tmp"
+  if [ -f "$CONF" ] && ! grep -q "^# Written by hpc_asgd's scripts/slurm_local.sh" "$CONF" \
+    && [ "${SLURM_LOCAL_FORCE:-0}" != 1 ]; then
+    rm -f "$tmp"
+    die "$CONF exists and was not written by this script (a site configuration?): not touching it; move it away or set SLURM_LOCAL_FORCE=1"
+  fi
   if [ -f "$CONF" ] && cmp -s "$tmp" "$CONF"; then
     rm -f "$tmp"
     return 1 # unchanged
@@ -219,7 +229,7 @@ EOF
 daemon_pid() { # slurmctld | slurmd
   local pid
   pid=$(cat "$RUN_DIR/$1.pid" 2>/dev/null) || return 1
-  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && echo "$pid"
+  [ -n "$pid" ] && [ -e "/proc/$pid" ] && echo "$pid" # /proc: works for non-root status too
 }
 
 stop_pid() { # name pid

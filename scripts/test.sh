@@ -11,6 +11,21 @@ export PATH="$PWD/$VENV/bin:$PATH"
 # Open MPI refuses to run as root without these (CI and containers run as root).
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 
+# As root (CI, containers): shellcheck for the shell-script lint test, and a real single-node
+# SLURM cluster for tests/slurm (Debian packages, installed when missing). Elsewhere those
+# tests skip, saying why.
+if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+  if ! command -v shellcheck >/dev/null; then
+    echo "[test] installing shellcheck"
+    { DEBIAN_FRONTEND=noninteractive apt-get -q update \
+      && DEBIAN_FRONTEND=noninteractive apt-get -q -y install shellcheck; } </dev/null >/dev/null 2>&1 \
+      || echo "[test] shellcheck could not be installed: its test will skip"
+  fi
+  echo "[test] local SLURM cluster"
+  bash scripts/slurm_local.sh start </dev/null \
+    || echo "[test] scripts/slurm_local.sh start failed: tests/slurm will report why"
+fi
+
 echo "[test] ruff"
 ruff check hpc_asgd tests benchmarks scripts
 ruff format --check hpc_asgd tests benchmarks scripts

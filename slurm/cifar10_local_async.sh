@@ -21,7 +21,7 @@ for here in "${HPC_ASGD_HOME:-.}/slurm" "$(dirname "$0")" "${SLURM_SUBMIT_DIR:-.
   "${SLURM_JOB_ID:+$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's|^ *Command=\(/.*\)/[^/]*$|\1|p')}"; do
   [ -f "$here/common.sh" ] && break
 done
-# shellcheck source=common.sh
+# shellcheck source=common.sh source-path=SCRIPTDIR
 source "$here/common.sh" || {
   echo "hpc-asgd: error: slurm/common.sh not found: set HPC_ASGD_HOME to the hpc_asgd checkout" >&2
   exit 1
@@ -29,5 +29,5 @@ source "$here/common.sh" || {
 
 : "${PRESET=$HPC_ASGD_HOME/configs/cifar10_resnet20_local_async.toml}" # PRESET= (empty): flags only
 : "${ALGO:=local-async}" "${DATASET:=cifar10}" "${MODEL:=resnet20}" "${PERIOD:=16}"
-: "${WORKERS:=${SLURM_CPUS_PER_TASK:-1}}"
+: "${WORKERS:=$(hpc_asgd_default_workers)}"
 hpc_asgd_run --algo "$ALGO" --period "$PERIOD"

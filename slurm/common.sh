@@ -11,17 +11,19 @@
 #   OUT_ROOT      parent of the per-job output folders       default: runs (relative to the job's
 #                                                                      working directory)
 #   OUT_DIR       this job's outputs                         default: $OUT_ROOT/<job name>-<job id>
-#                                                                     (array: <name>-<array id>_<task>)
+#                 (array: <name>-<array id>_<task>); slurm.out in it links to the job's log
 #   EPOCHS        --epochs (unset: the preset's / CLI's default)
 #   DATASET MODEL ALGO and per-template knobs (PERIOD, GROUP_SIZE, ...): defaults in each template
 #   PRESET        --config TOML read first (each template names its configs/ preset; the flags
 #                 and knobs override it). A missing preset is skipped with a note; PRESET= (empty)
 #                 means flags only.
 #   WORKERS       --workers W: shared-memory worker processes per rank. Templates with workers
-#                 default it to SLURM_CPUS_PER_TASK (one core each); others leave it unset (1).
+#                 default it to SLURM_CPUS_PER_TASK (one core each; 1 with RANKS_PER=gpu);
+#                 the others leave it unset (the preset's or 1).
 #   EXTRA_ARGS    appended last to `hpc-asgd train` (whitespace-separated; last flag wins)
 #   VENV          a virtual environment to activate; unset: `hpc-asgd` from the exported PATH
-#   LAUNCHER      srun (default) | mpirun: how the ranks start inside the allocation
+#   LAUNCHER      srun (default) | mpirun: how the ranks start inside the allocation | none: one
+#                 rank started directly (a quick try outside SLURM, or world size 1)
 #   SRUN_MPI      srun --mpi=<plugin>                         default: pmix
 #   SRUN_ARGS     more srun flags;  MPIRUN / MPIRUN_ARGS: the mpirun binary and more flags
 #   RANKS_PER     node (default): one rank per task, --workers inside it, threads from
@@ -39,7 +41,8 @@
 #                 OMPI_MCA_btl_tcp_if_include, PMIX_MCA_psec (native quiets a wheel-built
 #                 Open MPI under Slurm's own PMIx).
 #   MAX_RESTARTS  requeues after a checkpoint (exit 85) before giving up   default: 3
-#   CHECKPOINT_EVERY  passed as --checkpoint-every when the CLI has that flag
+#   CHECKPOINT_EVERY, CHECKPOINT_MINUTES, CHECK_EVERY: passed as --checkpoint-every,
+#                 --checkpoint-minutes, --check-every when set and the CLI has these flags
 #
 # Preemption and time limits: the templates ask for `--signal=B:USR1@120` and `--requeue`. The
 # launcher runs in the background; the batch shell traps USR1 (from that signal, or from
@@ -79,6 +82,16 @@ hpc_asgd_log() { printf '[hpc-asgd slurm %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 hpc_asgd_die() {
   printf 'hpc-asgd: error: %s\n' "$*" >&2
   exit 1
+}
+
+# Default WORKERS of the templates with shared-memory workers: one per core of the rank
+# (RANKS_PER=node), or 1 when each rank drives a GPU.
+hpc_asgd_default_workers() {
+  if [ "${RANKS_PER:-node}" = gpu ]; then
+    echo 1
+  else
+    echo "${SLURM_CPUS_PER_TASK:-1}"
+  fi
 }
 
 # The job id that scontrol requeue takes: array tasks are named <array job id>_<task id>.
@@ -148,7 +161,17 @@ hpc_asgd_run() {
     fi
   fi
   mkdir -p "$OUT_DIR"
+  OUT_DIR=$(cd "$OUT_DIR" && pwd) # absolute: the same folder for every rank and every restart
   export DATA_DIR OUT_DIR
+  # The job's log (#SBATCH --output, which Slurm cannot put in a folder it would have to create)
+  # gets a link in the job's folder.
+  local log=""
+  if [ -n "${SLURM_JOB_ID:-}" ]; then
+    log=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *StdOut=//p' | head -n 1) || true
+  fi
+  if [ -n "$log" ] && [ -f "$log" ]; then
+    ln -sfn "$log" "$OUT_DIR/slurm.out"
+  fi
 
   local args=(train)
   if [ -n "${PRESET:-}" ]; then
@@ -170,9 +193,15 @@ hpc_asgd_run() {
   if grep -q -- '--resume' <<<"$help"; then
     args+=(--resume auto --checkpoint-dir "$OUT_DIR/checkpoints")
   fi
-  if [ -n "${CHECKPOINT_EVERY:-}" ] && grep -q -- '--checkpoint-every' <<<"$help"; then
-    args+=(--checkpoint-every "$CHECKPOINT_EVERY")
-  fi
+  local knob flag
+  for knob in CHECKPOINT_EVERY:--checkpoint-every CHECKPOINT_MINUTES:--checkpoint-minutes \
+    CHECK_EVERY:--check-every; do
+    flag=${knob#*:}
+    knob=${knob%%:*}
+    if [ -n "${!knob:-}" ] && grep -q -- "$flag" <<<"$help"; then
+      args+=("$flag" "${!knob}")
+    fi
+  done
   local extra=()
   read -r -a extra <<<"${EXTRA_ARGS:-}"
   args+=("${extra[@]}")
@@ -201,12 +230,13 @@ hpc_asgd_run() {
       read -r -a more <<<"${MPIRUN_ARGS:-}"
       launch+=("${more[@]}")
       ;;
-    *) hpc_asgd_die "LAUNCHER must be srun or mpirun, not '${LAUNCHER}'" ;;
+    none) [ "$ntasks" -eq 1 ] || hpc_asgd_die "LAUNCHER=none runs one rank, not $ntasks" ;;
+    *) hpc_asgd_die "LAUNCHER must be srun, mpirun or none, not '${LAUNCHER}'" ;;
   esac
 
   hpc_asgd_fabric
   hpc_asgd_log "job $job_ref (${SLURM_JOB_NAME:-}) on ${SLURM_JOB_NODELIST:-$(hostname -s)}: $ntasks ranks, ${RANKS_PER:-node} mode, $cpus cpus/rank, workers ${WORKERS:-1}, OMP_NUM_THREADS=$OMP_NUM_THREADS, restart ${SLURM_RESTART_COUNT:-0}/${MAX_RESTARTS:-3}"
-  hpc_asgd_log "out: $OUT_DIR  data: $DATA_DIR"
+  hpc_asgd_log "out: $OUT_DIR  data: $DATA_DIR  cli: $(command -v hpc-asgd)"
   hpc_asgd_log "run: ${launch[*]} ${exe[*]} ${args[*]}"
   hpc_asgd_launch "${launch[@]}" "${exe[@]}" "${args[@]}"
 }

@@ -11,8 +11,8 @@
 # Non-blocking in-place averaging on ImageNet (train/<class>/*.JPEG, val/<class>/*.JPEG under
 # DATA_DIR), ResNet-50, one rank per node with WORKERS workers, averaging every PERIOD (8) steps.
 # On GPU nodes, one rank per GPU:
-#   sbatch --gres=gpu:4 --ntasks-per-node=4 --cpus-per-task=8 \
-#     --export=ALL,RANKS_PER=gpu,WORKERS=1,EXTRA_ARGS="--device cuda --comm nccl" slurm/imagenet_local_async.sh
+#   RANKS_PER=gpu EXTRA_ARGS="--device cuda" \
+#     sbatch --gres=gpu:4 --ntasks-per-node=4 --cpus-per-task=8 slurm/imagenet_local_async.sh
 # Knobs (environment or sbatch --export=ALL,VAR=...): see slurm/common.sh. Example:
 #   EPOCHS=1 DATA_DIR=$PWD/data sbatch --nodes=2 slurm/imagenet_local_async.sh
 set -euo pipefail
@@ -22,7 +22,7 @@ for here in "${HPC_ASGD_HOME:-.}/slurm" "$(dirname "$0")" "${SLURM_SUBMIT_DIR:-.
   "${SLURM_JOB_ID:+$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's|^ *Command=\(/.*\)/[^/]*$|\1|p')}"; do
   [ -f "$here/common.sh" ] && break
 done
-# shellcheck source=common.sh
+# shellcheck source=common.sh source-path=SCRIPTDIR
 source "$here/common.sh" || {
   echo "hpc-asgd: error: slurm/common.sh not found: set HPC_ASGD_HOME to the hpc_asgd checkout" >&2
   exit 1
@@ -30,5 +30,5 @@ source "$here/common.sh" || {
 
 : "${PRESET=$HPC_ASGD_HOME/configs/imagenet_resnet50_local_async.toml}" # PRESET= (empty): flags only
 : "${ALGO:=local-async}" "${DATASET:=imagenet}" "${MODEL:=resnet50}" "${PERIOD:=8}"
-: "${WORKERS:=${SLURM_CPUS_PER_TASK:-1}}"
+: "${WORKERS:=$(hpc_asgd_default_workers)}"
 hpc_asgd_run --algo "$ALGO" --period "$PERIOD"

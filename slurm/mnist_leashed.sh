@@ -21,7 +21,7 @@ for here in "${HPC_ASGD_HOME:-.}/slurm" "$(dirname "$0")" "${SLURM_SUBMIT_DIR:-.
   "${SLURM_JOB_ID:+$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's|^ *Command=\(/.*\)/[^/]*$|\1|p')}"; do
   [ -f "$here/common.sh" ] && break
 done
-# shellcheck source=common.sh
+# shellcheck source=common.sh source-path=SCRIPTDIR
 source "$here/common.sh" || {
   echo "hpc-asgd: error: slurm/common.sh not found: set HPC_ASGD_HOME to the hpc_asgd checkout" >&2
   exit 1
@@ -29,7 +29,7 @@ source "$here/common.sh" || {
 
 : "${PRESET=$HPC_ASGD_HOME/configs/mnist_leashed.toml}" # PRESET= (empty): flags only
 : "${DATASET:=mnist}" "${MODEL:=cnn}" "${UPDATE:=leashed}" "${PERIOD:=16}"
-: "${WORKERS:=${SLURM_CPUS_PER_TASK:-1}}"
+: "${WORKERS:=$(hpc_asgd_default_workers)}"
 if [ "${SLURM_NTASKS:-1}" -gt 1 ]; then
   : "${ALGO:=local-sgd}"
 else
