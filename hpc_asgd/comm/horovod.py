@@ -10,19 +10,31 @@ How the Comm protocol maps onto Horovod:
   across ranks by name, and its automatic names count the handles of the whole process, which
   differ between ranks as soon as sub-groups run collectives of their own.
 - ``split`` and ``split_node`` use Horovod's *process sets*. They are global objects: every rank
-  of the job must register every set, in the same order, even the sets it is not in. We start
-  Horovod with dynamic process sets and register sets from splits of the world communicator,
-  which every rank calls. A split that needs a new set, asked of a sub-communicator, is refused
-  (the other ranks would never register it); one whose sets exist already is fine. Sets are
-  kept and reused, so splitting the world with one color again is the global set under a new
-  tag. Within a set, Horovod orders ranks by global rank, so ``key`` cannot reorder them (as
-  in the torch.distributed engine); every caller in hpc_asgd passes key = rank anyway.
-- Deadlines: ``Work.wait`` polls ``hvd.poll`` until the deadline. Horovod cannot abandon an
-  operation it has posted, so a timed-out collective stays queued; the communicator is marked
-  broken and :meth:`HorovodComm.shutdown` skips its final barrier. The waiting rank then asks
-  every peer's status service (``status.py``, plain TCP, as the MPI engine does) how many
-  collectives it has entered on this communicator: those that do not answer, or answer with
-  a lower count, are named. No thread but Horovod's own calls MPI after start-up.
+  of the job must register every set, in the same order, even the sets it is not in, so only
+  splits of the world communicator (which every rank calls) may make new sets; a split of a
+  sub-communicator that needs one is refused. Sets are kept and reused: splitting the world
+  with one color again is the global set under a new tag. Within a set, Horovod orders ranks
+  by global rank, so ``key`` cannot reorder them (as in the torch.distributed engine); every
+  caller in hpc_asgd passes key = rank anyway.
+- Registering sets: Horovod's *dynamic* process sets (``hvd.add_process_set``) make its
+  background thread run an MPI_Allgather every cycle while holding the lock that every
+  enqueue takes, with the GIL held: one stopped peer then freezes the other ranks inside
+  ``allreduce_async_``, out of reach of any deadline (seen here with SIGSTOP). So when mpi4py
+  started MPI (under mpirun), sets are static: a split that needs new ones waits for the
+  collectives in flight, shuts Horovod down and starts it again with every set known so far
+  (MPI itself stays up; about 10 ms here, at set-up time). Without mpi4py, Horovod
+  owns MPI and could not restart it, so dynamic sets are used, with that caveat.
+- Deadlines: ``Work.wait`` polls ``hvd.poll`` until the deadline, then asks every peer's
+  status service (``status.py``, plain TCP, as the MPI engine does) how many collectives it
+  has entered on this communicator: those that do not answer, or answer with a lower count,
+  are named. If every member answered, ranks outside the group that do not answer are named
+  (each rank's one Horovod thread serves every set in turn, so a rank stuck in one set's
+  negotiation, e.g. waiting for a stopped peer, stalls its other sets too). No thread
+  but Horovod's own calls MPI after start-up. Horovod cannot withdraw a posted operation, so
+  a timed-out collective stays queued: the communicator is marked broken, and
+  :func:`shutdown` skips its final barrier and lingers a moment first (the first rank to shut
+  Horovod down fails every peer's pending operations with "Horovod has been shut down"; the
+  peers whose deadlines are about to pass get to name the missing ranks themselves).
 - Shutdown: Horovod ends every rank's pending operations as soon as one rank shuts down, so at
   interpreter exit all ranks first meet in a barrier (under the deadline) and only then shut
   Horovod down (registered with ``atexit`` when the world communicator is made).
@@ -35,6 +47,7 @@ import os
 import socket
 import sys
 import threading
+import time
 import zlib
 
 import torch
@@ -64,10 +77,12 @@ class _State:
         self.comms: dict[int, HorovodComm] = {}  # by cid, the same on every member
         self.addresses: list[tuple[str, int]] = []  # status service of each world rank
         self.server: status.StatusServer | None = None
-        self.mpi = False  # MPI started through mpi4py: abort with MPI_Abort
+        self.mpi = False  # MPI started through mpi4py: abort with MPI_Abort, static sets
+        self.inflight: set[HorovodWork] = set()  # posted, not yet seen complete
         self.world: HorovodComm | None = None
         self.down = False
         self.failed = False  # an uncaught exception is ending this process
+        self.timed_out = False  # a deadline passed here: linger before shutting down
         self.lock = threading.Lock()
 
 
@@ -94,6 +109,7 @@ class HorovodWork:
             ) from e
         self.result = self.after(out) if self.after is not None else out
         self.done = True
+        _state.inflight.discard(self)
 
     def test(self) -> bool:
         if not self.done and _hvd().poll(self.handle):
@@ -108,6 +124,7 @@ class HorovodWork:
         while not self.test():
             if poll.expired():
                 self.comm.broken = True  # Horovod cannot withdraw the operation
+                _state.timed_out = True
                 raise self.comm.diagnose(self.what, self.seq, timeout)
             poll.idle()
 
@@ -127,7 +144,6 @@ class HorovodComm:
         else:
             parent, index = _parent  # index: of this group among the split's, the same on members
             self.members = list(_members)
-            self.process_set = _state.sets[tuple(self.members)]
             self.world_rank = parent.world_rank
             self.tag = f"{parent.tag}.{parent.splits}-{index}"
         self.world_ranks = self.members
@@ -154,21 +170,18 @@ class HorovodComm:
                 raise ImportError
             from mpi4py import MPI  # initialises MPI (THREAD_MULTIPLE) before Horovod does
         except ImportError:
-            # Horovod starts MPI itself (or Gloo under horovodrun); abort() then exits.
+            # Horovod starts MPI itself (or Gloo under horovodrun): it would finalise MPI on
+            # shutdown, so sets cannot be static (see the module notes); abort() just exits.
             hvd.init(process_sets="dynamic")
         else:
-            # Horovod duplicates COMM_WORLD for its own traffic; dynamic process sets let
-            # split() register sets after start-up.
-            hvd.init(comm=MPI.COMM_WORLD, process_sets="dynamic")
             _state.mpi = True
+            hvd.init(comm=MPI.COMM_WORLD)  # Horovod duplicates COMM_WORLD for its own traffic
         self.members = list(range(hvd.size()))
         self.world_rank = hvd.rank()
-        self.process_set = hvd.global_process_set
         _state.sets[tuple(self.members)] = hvd.global_process_set
         self.tag = "w"
         _state.world = self
-        # Runs before Horovod's own atexit shutdown (registered earlier, by hvd.init).
-        atexit.register(shutdown)
+        _run_shutdown_first()
         _note_uncaught_exceptions()
 
     def _exchange_addresses(self) -> None:
@@ -180,6 +193,11 @@ class HorovodComm:
         )
         table = self.allgather(mine)
         _state.addresses = [status.decode_address(bytes(row.tolist())) for row in table]
+
+    @property
+    def process_set(self):
+        """This group's Horovod process set (a new object after each restart)."""
+        return _state.sets[tuple(self.members)]
 
     # ---- posting -------------------------------------------------------------------------
     def _post(self, what: str, start, after=None) -> HorovodWork:
@@ -194,7 +212,9 @@ class HorovodComm:
             raise CommError(
                 f"horovod {what} #{self.seq} failed on rank {self.world_rank}: {_first(e)}"
             ) from e
-        return HorovodWork(self, handle, self.seq, what, after)
+        work = HorovodWork(self, handle, self.seq, what, after)
+        _state.inflight.add(work)
+        return work
 
     def _staged(self, t: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """(tensor Horovod works on, whether it is a host copy of a device tensor)."""
@@ -275,9 +295,8 @@ class HorovodComm:
                 "(Horovod process sets must be registered by every rank of the job); split "
                 "the world communicator instead"
             )
-        hvd = _hvd()
-        for g in new:  # every rank of the job, the same sets, in the same order
-            _state.sets[g] = hvd.add_process_set(list(g))
+        if new:  # every rank of the job, the same sets, in the same order
+            _register(new)
         self.splits += 1
         index = sorted(groups).index(color)
         return HorovodComm(self.timeout, _parent=(self, index), _members=wanted[index])
@@ -312,7 +331,50 @@ class HorovodComm:
         answers = status.ask_all({w: _state.addresses[w] for w in peers}, self.cid, _GRACE)
         missing = sorted(w for w, n in answers.items() if n is None or n < seq)
         behind = {w: n for w, n in answers.items() if n is not None and 0 <= n < seq}
+        others = [w for w in range(len(_state.addresses)) if w not in self.members]
+        if not missing and others and _state.world is not None:
+            # Each rank's one Horovod thread serves every set in turn: a rank outside this
+            # group that hangs stalls, through the sets it shares with members, this group.
+            asked = {w: _state.addresses[w] for w in others}
+            silent = sorted(w for w, n in status.ask_all(asked, _state.world.cid, _GRACE).items()
+                            if n is None)  # fmt: skip
+            if silent:
+                return CommError(
+                    f"{self.name} {what} #{seq} timed out after {timeout:g} s on rank "
+                    f"{self.world_rank}: rank(s) {', '.join(map(str, silent))} do not answer "
+                    "(outside this group, but Horovod's negotiation of the sets it shares with "
+                    "this group's ranks stalls them) (--comm-timeout)"
+                )
         return timeout_error(self.name, self.world_rank, what, seq, timeout, missing, behind)
+
+
+def _register(new: list[tuple[int, ...]]) -> None:
+    """Make Horovod process sets of ``new`` (lists of global ranks), on every rank alike."""
+    hvd = _hvd()
+    if not _state.mpi:
+        for g in new:
+            _state.sets[g] = hvd.add_process_set(list(g))
+        return
+    # Static sets: restart Horovod with every set. Nothing may be in flight across it.
+    for work in list(_state.inflight):
+        work.wait()
+    from mpi4py import MPI
+
+    world = tuple(range(hvd.size()))
+    groups = [g for g in _state.sets if g != world] + list(new)
+    hvd.shutdown()  # collective: every rank is in this split; MPI stays initialised
+    sets = [hvd.ProcessSet(list(g)) for g in groups]
+    hvd.init(comm=MPI.COMM_WORLD, process_sets=sets)
+    _run_shutdown_first()
+    _state.sets = {world: hvd.global_process_set}
+    _state.sets.update(zip(groups, sets, strict=True))
+
+
+def _run_shutdown_first() -> None:
+    """(Re-)register :func:`shutdown` with atexit after ``hvd.init``, which registers
+    ``hvd.shutdown``: handlers run last-in first-out, so ours (the final barrier) runs first."""
+    atexit.unregister(shutdown)
+    atexit.register(shutdown)
 
 
 def _count(cid: int) -> int:
@@ -344,8 +406,10 @@ def shutdown() -> None:
 
     Horovod tears down every rank's pending operations as soon as one rank shuts down, so no
     rank may leave while a peer still has a collective in flight. Skipped after a failed or
-    timed-out collective (the ranks are out of step: a barrier could only time out). Safe to
-    call more than once; registered with ``atexit`` when Horovod starts.
+    timed-out collective (the ranks are out of step: a barrier could only time out); after a
+    timeout, the rank lingers ``_GRACE`` s first, so that peers waiting on the same collective
+    reach their own deadlines (and name the missing ranks) before Horovod fails their waits.
+    Safe to call more than once; registered with ``atexit`` when Horovod starts.
     """
     with _state.lock:
         if _state.down or _state.world is None:
@@ -354,6 +418,8 @@ def shutdown() -> None:
         try:
             if not _state.failed and not any(c.broken for c in _state.comms.values()):
                 world.barrier()
+            elif _state.timed_out:
+                time.sleep(_GRACE)
         except CommError as e:
             print(f"hpc-asgd: warning: {e}", file=sys.stderr, flush=True)
         finally:

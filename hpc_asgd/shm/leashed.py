@@ -148,6 +148,3 @@ class Leashed:
 
     def publish(self) -> None:
         self.snapshot(self.params)
-
-    def version(self) -> int:
-        return self._latest().load() >> 8
