@@ -6,6 +6,8 @@ Contenders, per (ranks, buffer size), all measured in one invocation of this scr
   raw-mpi4py           ``COMM_WORLD.Iallreduce(IN_PLACE, arr, SUM).Wait(); arr /= size``
                        on a numpy view of the same buffer
   ours-gloo            the same round as ours-mpi through the hpc_asgd gloo engine
+  ours-horovod         the same round through the hpc_asgd Horovod engine (allreduce_async_ +
+                       poll; skipped with a note when Horovod is not installed)
   torch-averager       ``PeriodicModelAverager(period=1, warmup_steps=0).average_parameters``
                        on a real ResNet (gloo process group); it flattens by copying each round
   ours-mpi-blocking    ``comm.allreduce_(flat); flat.div_(size)``: the blocking round the
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -57,6 +60,7 @@ DISTRIBUTED = (
     "ours-mpi-blocking",
     "raw-mpi4py-blocking",
     "ours-gloo",
+    "ours-horovod",
     "torch-averager",
 )
 CONTENDERS = (*DISTRIBUTED, "copy-floor")
@@ -112,6 +116,8 @@ def worker(args: argparse.Namespace) -> int:
         if {"ours-gloo", "torch-averager"} & set(wanted)
         else None
     )
+    # Horovod (scripts/install_horovod.sh): its background thread runs only while it has work.
+    comm_hvd = make_comm("horovod", launch, timeout=60.0) if "ours-horovod" in wanted else None
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
@@ -141,6 +147,10 @@ def worker(args: argparse.Namespace) -> int:
             world.Allreduce(MPI.IN_PLACE, arr, op=MPI.SUM)
             arr /= size
 
+        def ours_horovod(flat=flat):
+            comm_hvd.iallreduce_(flat).wait()
+            flat.div_(size)
+
         def ours_gloo(flat=flat):
             comm_gloo.iallreduce_(flat).wait()
             flat.div_(size)
@@ -151,6 +161,7 @@ def worker(args: argparse.Namespace) -> int:
             "ours-mpi-blocking": ours_blocking,
             "raw-mpi4py-blocking": raw_blocking,
             "ours-gloo": ours_gloo,
+            "ours-horovod": ours_horovod,
         }
         model = None
         if "torch-averager" in wanted:
@@ -311,6 +322,8 @@ GOALS = (
     ("ours-mpi-blocking", "raw-mpi4py-blocking"),
     ("ours-gloo", "torch-averager"),
     ("ours-mpi", "torch-averager"),
+    ("ours-horovod", "ours-mpi"),
+    ("ours-horovod", "ours-gloo"),
 )
 
 
@@ -440,6 +453,9 @@ def driver(args: argparse.Namespace, argv: list[str]) -> int:
     started = time.monotonic()
     command = shlex.join(["python", "benchmarks/allreduce.py", *argv])
     print(f"allreduce benchmark: {command}", flush=True)
+    if "ours-horovod" in args.contenders and importlib.util.find_spec("horovod") is None:
+        print("  ours-horovod skipped: Horovod is not installed (scripts/install_horovod.sh)")
+        args.contenders = [c for c in args.contenders if c != "ours-horovod"]
     floor = {}
     if "copy-floor" in args.contenders:
         for size_name in args.sizes:
