@@ -12,12 +12,14 @@ from ``--data-dir``, else scikit-learn's digits upscaled to 28x28 and written as
 number of epochs, and evaluates every ``--eval-every`` epochs. From the outputs:
 
 - the loss curve: ``metrics.jsonl``'s ``train_loss`` (the mean minibatch loss of the steps
-  since the previous evaluation) against the training clock. The training clock of a row is
+  since the previous evaluation; a row whose interval saw no step reports 0.0 and is left
+  out) against the training clock. The training clock of a row is
   ``train_s * step / total_steps`` (``train_s`` from ``summary.json``: from the moment every
   worker is ready to the last step, with evaluations not counted at W = 1 and overlapping
   the workers at W > 1), so worker start-up is left out alike for every W;
-- time to target: the first crossing of ``--target`` by that curve, interpolated linearly
-  between two evaluations (``null`` if never reached);
+- time to target: the first crossing of ``--target`` by that curve smoothed over ``--smooth``
+  evaluations (a trailing mean), interpolated linearly between two evaluations (``null`` if
+  never reached);
 - final loss (the last interval's mean training loss), final test loss and accuracy, and
   the spread of the training loss over the last quarter of the run (stability);
 - the staleness distribution (updates by other workers between a worker's read and its
@@ -41,7 +43,6 @@ import os
 import shlex
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,11 +54,20 @@ for p in (ROOT, HERE):  # run from a checkout without installing; shm_scaling's 
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from shm_scaling import load_average, versions, write_mnist_like  # noqa: E402
+from shm_scaling import (  # noqa: E402
+    add_guard_args,
+    disturbance,
+    disturbance_line,
+    guarded,
+    load_average,
+    run_child,
+    versions,
+    write_mnist_like,
+)
 
 RULES = ("hogwild", "locked", "leashed")
 # Per model: epochs and the target training loss (digits-28 defaults; see the README).
-DEFAULTS = {"mlp": {"epochs": 6.0, "target": 0.15}, "cnn": {"epochs": 1.5, "target": 0.3}}
+DEFAULTS = {"mlp": {"epochs": 6.0, "target": 0.15}, "cnn": {"epochs": 2.0, "target": 0.45}}
 
 
 def run_cmd(args, model: str, workers: int, rule: str, data_dir: str, out: Path) -> list[str]:
@@ -116,11 +126,24 @@ def hist_mean(hist: list[int], offset: int = 0) -> float | None:
     return sum((i + offset) * c for i, c in enumerate(hist)) / n if n else None
 
 
-def analyse_run(summary: dict, rows: list[dict], target: float, batch: int) -> dict:
+def smooth(curve: list[tuple], n: int) -> list[tuple[float, float]]:
+    """``(t, loss)`` with loss the trailing mean of the last ``n`` evaluations' losses."""
+    out = []
+    for i, c in enumerate(curve):
+        window = [x[1] for x in curve[max(0, i - n + 1) : i + 1]]
+        out.append((c[0], sum(window) / len(window)))
+    return out
+
+
+def analyse_run(
+    summary: dict, rows: list[dict], target: float, batch: int, smooth_n: int = 1
+) -> dict:
     total = summary["steps_per_rank"]
     train_s = summary["train_s"]
     curve = []
     for r in rows:
+        if r["train_loss"] == 0.0:  # no step finished since the previous evaluation (W > 1)
+            continue
         step = r["samples"] / batch
         curve.append((round(train_s * step / total, 4), r["train_loss"], r["test_loss"]))
     losses = [c[1] for c in curve]
@@ -132,7 +155,7 @@ def analyse_run(summary: dict, rows: list[dict], target: float, batch: int) -> d
         "samples_per_s": summary["samples_per_s"],
         "steps": total,
         "worker_steps": w["steps"][0],
-        "t_target_s": crossing([(c[0], c[1]) for c in curve], target),
+        "t_target_s": crossing(smooth(curve, smooth_n), target),
         "final_train_loss": losses[-1],
         "min_train_loss": min(losses),
         "tail_loss_std": statistics.pstdev(tail) if len(tail) > 1 else 0.0,
@@ -159,21 +182,17 @@ def analyse_run(summary: dict, rows: list[dict], target: float, batch: int) -> d
 def run_one(args, model: str, workers: int, rule: str, data_dir: str, tmp: Path) -> dict:
     out = tmp / f"{model}-{workers}-{rule}"
     cmd = run_cmd(args, model, workers, rule, data_dir, out)
-    t0 = time.monotonic()
-    try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, cwd=ROOT, timeout=args.run_timeout, check=False
-        )
-    except subprocess.TimeoutExpired:
-        sys.exit(f"leashed_repro.py: {shlex.join(cmd)} ran past {args.run_timeout} s")
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-        sys.exit(f"leashed_repro.py: {shlex.join(cmd)} failed (rc {proc.returncode})")
-    summary = json.loads((out / "summary.json").read_text())
-    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln]
-    res = analyse_run(summary, rows, args.target[model], args.batch_size)
-    res["run_s"] = round(time.monotonic() - t0, 2)
-    return res
+
+    def once() -> dict:
+        t0 = time.monotonic()
+        run_child(cmd, args.run_timeout)
+        summary = json.loads((out / "summary.json").read_text())
+        rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln]
+        res = analyse_run(summary, rows, args.target[model], args.batch_size, args.smooth)
+        res["run_s"] = round(time.monotonic() - t0, 2)
+        return res
+
+    return guarded(once, args, f"{model} W={workers} {rule}")
 
 
 def median_or_none(values: list) -> float | None:
@@ -258,8 +277,11 @@ def markdown(report: dict) -> str:
         f"{a['seed']}; epochs {a['epochs']}; evaluation every {a['eval_every']} epochs; "
         f"repeats {a['repeats']} (medians). Targets (training loss): {a['target']}.",
         "",
-        "Time to target is on the training clock (worker start-up excluded; see the README). "
-        "'-' = not reached. Tail spread: standard deviation of the interval training loss "
+        disturbance_line(report),
+        "",
+        f"Time to target: the first crossing of the target by the trailing mean of "
+        f"{a['smooth']} evaluations, on the training clock (worker start-up excluded; see the "
+        "README); '-' = not reached. Tail spread: standard deviation of the interval training loss "
         "over the last quarter of the evaluations.",
         "",
         "| model | W | rule | samples/s | train s | time to target s | final train loss | "
@@ -316,6 +338,8 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
+    """Per model two rows: loss vs training time, one panel per W (rules in colour); then the
+    staleness histograms at the largest W, mean staleness vs W, and Leashed-SGD's CAS tries."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -324,33 +348,39 @@ def plot(report: dict, path: Path) -> None:
     a = report["args"]
     models = list(report["results"])
     colors = {"hogwild": "tab:orange", "locked": "tab:blue", "leashed": "tab:green"}
-    styles = ["-", "--", "-.", ":"]
-    fig, axes = plt.subplots(len(models), 3, figsize=(16, 4.2 * len(models)), squeeze=False)
+    ncols = max(3, *(len(by_w) for by_w in report["results"].values()))
+    fig, axes = plt.subplots(
+        2 * len(models), ncols, figsize=(4.2 * ncols, 3.6 * 2 * len(models)), squeeze=False
+    )
     for i, model in enumerate(models):
         by_w = report["results"][model]
         ws = list(by_w)
-        ax = axes[i][0]
+        top, bottom = axes[2 * i], axes[2 * i + 1]
         for j, w in enumerate(ws):
+            ax = top[j]
             for rule in a["rules"]:
                 if rule not in by_w[w]:
                     continue
-                curve = by_w[w][rule]["repeats"][0]["curve"]
+                curve = smooth(by_w[w][rule]["repeats"][0]["curve"], a["smooth"])
                 ax.plot(
                     [c[0] for c in curve],
                     [c[1] for c in curve],
-                    styles[j % len(styles)],
                     color=colors.get(rule),
-                    label=f"{rule} W={w}",
-                    lw=1.2,
+                    label=rule,
+                    lw=1.3,
+                    marker=".",
+                    ms=3,
                 )
-        ax.axhline(a["target"][model], color="grey", lw=0.8, ls=":")
-        ax.set_yscale("log")
-        ax.set_xlabel("training time (s)")
-        ax.set_ylabel("training loss (interval mean)")
-        ax.set_title(f"{model}: loss vs time (target {a['target'][model]})")
-        ax.legend(fontsize=7, ncol=2)
+            ax.axhline(a["target"][model], color="grey", lw=0.8, ls=":")
+            ax.set_yscale("log")
+            ax.set_xlabel("training time (s)")
+            ax.set_ylabel("training loss")
+            ax.set_title(f"{model}, W={w}")
+            ax.legend(fontsize=8)
+        for ax in top[len(ws) :]:
+            ax.axis("off")
         big = ws[-1]
-        ax = axes[i][1]
+        ax = bottom[0]
         width = 0.8 / max(1, len(a["rules"]))
         for k, rule in enumerate(a["rules"]):
             if rule not in by_w[big]:
@@ -364,11 +394,22 @@ def plot(report: dict, path: Path) -> None:
                 color=colors.get(rule),
                 label=rule,
             )
-        ax.set_xlabel("staleness (updates in between; last bin: >= 15)")
+        ax.set_xlabel("staleness (updates in between; last bin >= 15)")
         ax.set_ylabel("fraction of steps")
         ax.set_title(f"{model}: staleness at W={big}")
         ax.legend(fontsize=8)
-        ax = axes[i][2]
+        ax = bottom[1]
+        for rule in a["rules"]:
+            pts = [(int(w), by_w[w][rule]["staleness_mean"]) for w in ws if rule in by_w[w]]
+            ax.plot(
+                [p[0] for p in pts], [p[1] for p in pts], "o-", color=colors.get(rule), label=rule
+            )
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("W")
+        ax.set_ylabel("mean staleness (>= 15 as 15)")
+        ax.set_title(f"{model}: mean staleness vs W")
+        ax.legend(fontsize=8)
+        ax = bottom[2]
         lw = [w for w in ws if "leashed" in by_w[w] and int(w) > 1]
         width = 0.8 / max(1, len(lw))
         for k, w in enumerate(lw):
@@ -381,14 +422,19 @@ def plot(report: dict, path: Path) -> None:
                 label=f"W={w}",
             )
         ax.set_yscale("log")
-        ax.set_xlabel("CAS tries per applied step (last bin: >= 16)")
+        ax.set_xlabel("CAS tries per step (last bin >= 16)")
         ax.set_ylabel("fraction of steps")
         ax.set_title(f"{model}: Leashed-SGD CAS tries")
         if lw:
             ax.legend(fontsize=8)
-    fig.suptitle(f"Leashed-SGD reproduction on {report['hostname']} ({report['nproc']} cores)")
+        for ax in bottom[3:]:
+            ax.axis("off")
+    fig.suptitle(
+        f"Leashed-SGD reproduction on {report['hostname']} ({report['nproc']} cores); loss: "
+        f"trailing mean of {a['smooth']} evaluations; dotted: target"
+    )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -444,6 +490,7 @@ def driver(args: argparse.Namespace, argv: list[str]) -> int:
         "data": data_note,
         "results": results,
         "comparisons": comparisons(results),
+        "disturbance": disturbance(raw),
         "plot": str(out_dir / "leashed_repro.png"),
         "wall_s": round(time.monotonic() - started, 1),
     }
@@ -459,7 +506,7 @@ def driver(args: argparse.Namespace, argv: list[str]) -> int:
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", choices=list(DEFAULTS), default=list(DEFAULTS))
-    p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES))
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument(
@@ -477,6 +524,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--persistence", type=int, default=0, help="Leashed-SGD B; 0 = unbounded")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=float, default=0.1, help="epochs between evaluations")
+    p.add_argument(
+        "--smooth",
+        type=int,
+        default=3,
+        help="time to target: first crossing of the trailing mean of this many evaluations",
+    )
     for model, d in DEFAULTS.items():
         p.add_argument(f"--epochs-{model}", type=float, default=d["epochs"])
         p.add_argument(
@@ -488,6 +541,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores/W)")
     p.add_argument("--out", default="benchmarks/results", help="relative to the repository")
     p.add_argument("--run-timeout", type=float, default=600.0)
+    add_guard_args(p)
     args = p.parse_args(argv)
     if args.repeats < 1 or min(args.workers) < 1:
         p.error("--repeats and --workers must be positive")
