@@ -79,6 +79,7 @@ class TensorSplit:
         self.labels = labels.to(torch.int64).contiguous()  # int64 (N,)
         self.scale = scale  # maps the stored values onto [0, 1]
         self.mean, self.std = normaliser(mean, std)
+        self.gain, self.shift = scale / self.std, -self.mean / self.std  # (1, C, 1, 1)
         self.augment = augment
 
     def __len__(self) -> int:
@@ -88,9 +89,10 @@ class TensorSplit:
         self, idx: torch.Tensor, *, train: bool, gen: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         idx = as_index(idx)
-        x = self.images[idx].to(torch.float32).mul_(self.scale)  # (B, C, H, W) in [0, 1]
+        x = self.images[idx].to(torch.float32)  # (B, C, H, W), stored range
         if train and self.augment is not None:
-            # Augment before normalising so that padding is black, as in torchvision.
-            x = self.augment(x, gen)
-        x = (x - self.mean) / self.std
+            # Augment in [0, 1] before normalising so that padding is black, as in torchvision.
+            x = (self.augment(x.mul_(self.scale), gen) - self.mean) / self.std
+        else:  # one fused pass: x * (scale / std) - mean / std (a hot path for small models)
+            x = torch.addcmul(self.shift, x, self.gain)
         return x, self.labels[idx]

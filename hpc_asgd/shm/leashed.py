@@ -72,17 +72,18 @@ class Leashed:
 
     def _release(self, slot: int) -> None:
         if self._readers(slot).fetch_dec() == 1 and self._state(slot).load() == RETIRED:
-            self._state(slot).cmpxchg_strong(expected=RETIRED, desired=FREE)
+            self._state(slot).cas(RETIRED, FREE)
 
     def _retire(self, slot: int) -> None:
         self._state(slot).store(RETIRED)
         if self._readers(slot).load() == 0:
-            self._state(slot).cmpxchg_strong(expected=RETIRED, desired=FREE)
+            self._state(slot).cas(RETIRED, FREE)
 
     def _claim(self) -> int:
         while True:
             for slot in range(self.slots):
-                if self._state(slot).cmpxchg_strong(expected=FREE, desired=OWNED).success:
+                state = self._state(slot)
+                if state.load() == FREE and state.cas(FREE, OWNED):  # load first: cheap
                     return slot
             time.sleep(0)  # every slot busy: only possible beyond the sized-for concurrency
 
@@ -111,7 +112,7 @@ class Leashed:
             # LIVE before the CAS: once published, a later writer may retire it at any time.
             self._state(mine).store(LIVE)
             desired = (((word >> 8) + 1) << 8) | mine
-            if self._latest().cmpxchg_strong(expected=word, desired=desired).success:
+            if self._latest().cas(word, desired):
                 self._retire(word & _SLOT)
                 self.mine = None
                 return True, tries, word >> 8

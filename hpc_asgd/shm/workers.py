@@ -51,7 +51,7 @@ def claim(ctl: AtomicArray, total: int) -> int | None:
             time.sleep(nap)
             nap = min(1e-3, nap * 2 or 2e-5)
             continue
-        if ctl[NEXT].cmpxchg_strong(expected=s, desired=s + 1).success:
+        if ctl[NEXT].cas(s, s + 1):
             return s
 
 

@@ -81,3 +81,33 @@ def test_hogwild_tears_are_measured() -> None:
     lost = applied - float(params.min())
     print(f"hogwild: {torn} torn reads of {applied}, up to {lost:g} updates lost per element")
     assert 0 <= lost <= applied
+
+
+def _count(index: int, cells, rounds: int) -> None:
+    for _ in range(rounds):
+        cells[0].fetch_inc()  # a plain counter
+        while True:  # and one built from compare-and-swap, the way claim() takes steps
+            v = cells[1].load()
+            if cells[1].cas(v, v + 1):
+                break
+
+
+def test_atomic_words_lose_no_increment_across_processes() -> None:
+    """Word semantics (the direct patomic calls), then 2 processes x 20,000 increments each
+    of a fetch-add counter and of a CAS-loop counter: both end at exactly 40,000."""
+    from hpc_asgd.shm.base import AtomicArray
+
+    cells = AtomicArray(2)
+    w = cells[0]
+    assert (w.load(), w.fetch_inc(), w.fetch_dec(), w.load()) == (0, 0, 1, 0)
+    assert not w.cas(5, 7) and w.load() == 0
+    assert w.cas(0, -(1 << 40)) and int(cells.t[0]) == -(1 << 40)
+    w.store(0)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_count, args=(i, cells, 20_000)) for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0, p.exitcode
+    assert cells.t.tolist() == [40_000, 40_000]
