@@ -35,12 +35,9 @@ import datetime
 import importlib.util
 import json
 import os
-import platform
 import shlex
-import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,6 +45,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
+
+from _common import mpi_env, mpirun_exe, run_tree, versions  # noqa: E402
 
 # name -> (model, input shape, classes, parameters); the buffer is the model's parameter count.
 SIZES = {
@@ -246,26 +245,6 @@ def copy_floor(n: int, repeats: int, fixed_iters: int, target_s: float, threads:
     return {"iters": iters, "per_rank_s": [reps], "torch_threads": threads}
 
 
-def mpirun_exe(given: str | None) -> str:
-    for cand in (given, Path(sys.executable).parent / "mpirun", shutil.which("mpirun")):
-        if cand and Path(cand).exists():
-            return str(cand)
-    sys.exit("allreduce.py: mpirun not found (pass --mpirun PATH)")
-
-
-def mpi_env() -> dict[str, str]:
-    env = dict(os.environ)
-    if hasattr(os, "geteuid") and os.geteuid() == 0:  # Open MPI refuses root without these
-        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):  # rendezvous over MPI
-        env.pop(k, None)
-    return env
-
-
 def launch_job(args: argparse.Namespace, ranks: int) -> tuple[dict, list[str]]:
     cmd = [
         mpirun_exe(args.mpirun),
@@ -289,18 +268,9 @@ def launch_job(args: argparse.Namespace, ranks: int) -> tuple[dict, list[str]]:
         str(args.target_s),
     ]
     t0 = time.monotonic()
-    try:
-        proc = subprocess.run(
-            cmd,
-            capture_output=True,
-            text=True,
-            env=mpi_env(),
-            cwd=ROOT,
-            timeout=args.job_timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as e:
-        sys.exit(f"allreduce.py: {shlex.join(cmd)} ran past --job-timeout {e.timeout} s")
+    proc = run_tree(cmd, args.job_timeout, mpi_env())
+    if proc is None:
+        sys.exit(f"allreduce.py: {shlex.join(cmd)} ran past --job-timeout {args.job_timeout} s")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
     if proc.returncode != 0 or len(lines) != 1:
         sys.stderr.write(proc.stdout + proc.stderr)
@@ -344,35 +314,6 @@ def ratios(row: dict[str, dict]) -> dict[str, dict[str, float]]:
                 r["paired"] = statistics.median(per)
             out[f"{num} / {den}"] = r
     return out
-
-
-def versions() -> dict[str, str]:
-    import mpi4py
-    import numpy
-    import torch
-
-    code = "from hpc_asgd.comm.mpi import library_version as v; print(v())"
-    try:
-        mpi_lib = subprocess.run(
-            [sys.executable, "-c", code],
-            capture_output=True,
-            text=True,
-            env=mpi_env(),
-            cwd=ROOT,
-            timeout=60,
-            check=True,
-        ).stdout.strip()
-    except (subprocess.SubprocessError, OSError) as e:
-        mpi_lib = f"unknown ({e})"
-    mpi_lib = mpi_lib.replace("\x00", "").strip()  # library_version() keeps the C string's NUL
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "mpi4py": mpi4py.__version__,
-        "numpy": numpy.__version__,
-        "mpi_library": mpi_lib,
-        "platform": platform.platform(),
-    }
 
 
 def markdown(report: dict) -> str:
@@ -491,7 +432,7 @@ def driver(args: argparse.Namespace, argv: list[str]) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "hostname": socket.gethostname(),
         "nproc": os.cpu_count(),
-        "versions": versions(),
+        "versions": versions(mpi=True),
         "sizes": {k: v[3] for k, v in SIZES.items() if k in args.sizes},
         "jobs": jobs,
         "results": results,

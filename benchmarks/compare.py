@@ -74,14 +74,11 @@ import datetime
 import json
 import math
 import os
-import platform
-import resource
 import shlex
 import shutil
 import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -90,6 +87,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
+
+from _common import Foreign, cores, mpi_env, mpirun_exe, run_tree, versions, wait_idle  # noqa: E402
 
 OURS = ("sync", "local-sgd", "local-async", "lasgd", "hier-avg", "hier-avg-nb")
 BASELINES = ("none", "none-spawn", "single")
@@ -101,10 +100,6 @@ PEER_MARK = "COMPARE_PEER_JSON "
 
 
 # ---- shared helpers ------------------------------------------------------------------------
-def cores() -> int:
-    return len(os.sched_getaffinity(0))
-
-
 def eval_steps(total: int, spe: int, eval_every: float) -> list[int]:
     """The node steps after which to evaluate: as ``hpc_asgd.train.run`` chooses them."""
     every = max(1, round(eval_every * spe))
@@ -116,35 +111,6 @@ def time_to(rows: list[dict], target: float) -> float | None:
         if row["test_acc"] >= target:
             return row["time_s"]
     return None
-
-
-def cpu_busy_s() -> float:
-    """Seconds of CPU time the whole machine has spent busy (all cores, /proc/stat)."""
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    except OSError:
-        return 0.0
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def children_cpu_s() -> float:
-    """CPU seconds of this process's finished (waited-for) descendants."""
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
-
-
-def wait_quiet(limit_s: float, max_others: float) -> float:
-    """Wait (up to ``limit_s``) until other processes use at most ``max_others`` cores over
-    one second; returns the last reading."""
-    deadline = time.monotonic() + limit_s
-    while True:
-        b0 = cpu_busy_s()
-        time.sleep(1.0)
-        busy = cpu_busy_s() - b0
-        if busy <= max_others or time.monotonic() >= deadline:
-            return busy
-        time.sleep(4.0)
 
 
 def median(values: list) -> float | None:
@@ -371,26 +337,6 @@ def peer_rank(name: str, opts: dict) -> int:
 
 
 # ---- driver ---------------------------------------------------------------------------------
-def mpirun_exe(given: str | None) -> str:
-    for cand in (given, Path(sys.executable).parent / "mpirun", shutil.which("mpirun")):
-        if cand and Path(cand).exists():
-            return str(cand)
-    sys.exit("compare.py: mpirun not found (pass --mpirun PATH)")
-
-
-def mpi_env() -> dict[str, str]:
-    env = dict(os.environ)
-    if hasattr(os, "geteuid") and os.geteuid() == 0:  # Open MPI refuses root without these
-        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "HPC_ASGD_FAULT"):
-        env.pop(k, None)
-    return env
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -425,7 +371,7 @@ def common_flags(args: argparse.Namespace) -> list[str]:
 def launch(args: argparse.Namespace, name: str, slow: bool, tmp: Path) -> dict:
     """One mpirun job of one contender; returns its figures (or an ``error``)."""
     if args.wait_quiet > 0:
-        wait_quiet(args.wait_quiet, args.max_others)
+        wait_idle(args.wait_quiet, args.max_others)
     ranks = 1 if name == "single" else RANKS
     mpirun = [mpirun_exe(args.mpirun), "-n", str(ranks), "--oversubscribe", "--bind-to", "none"]
     script = [sys.executable, str(Path(__file__).resolve())]
@@ -455,33 +401,17 @@ def launch(args: argparse.Namespace, name: str, slow: bool, tmp: Path) -> dict:
             train += ["--slow-rank", str(SLOW_RANK), "--slow-factor", str(SLOW_FACTOR)]
         cmd = [*mpirun, *script, "--ours-rank", str(out_dir), "--", *train]
     load = os.getloadavg()[0]
-    busy0, mine0 = cpu_busy_s(), children_cpu_s()
+    foreign = Foreign()
     t0 = time.monotonic()
-    # A session of its own: on a timeout the whole tree (mpirun, ranks, workers) is killed.
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=args.run_timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+    proc = run_tree(cmd, args.run_timeout, env)  # its own session: killed whole on a timeout
+    if proc is None:
         return {"error": f"ran past --run-timeout {args.run_timeout} s", "command": cmd}
-    except BaseException:  # Ctrl-C or SIGTERM of the driver: take the job down too
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
+    stdout, stderr = proc.stdout, proc.stderr
     job_s = time.monotonic() - t0
-    others = (cpu_busy_s() - busy0) - (children_cpu_s() - mine0)  # CPU s not of this job
     res: dict = {
         "job_s": round(job_s, 2),
         "load_before": load,
-        "others_cores": round(max(0.0, others) / job_s, 3),
+        "others_cores": round(foreign.cores(), 3),
     }
     if proc.returncode != 0:
         tail = (stdout + stderr)[-2000:]
@@ -534,43 +464,6 @@ def read_ours(out_dir: Path, ranks: int) -> dict:
             res["train_s_per_rank"] = [r["train_s"] for r in recs]
             res["setup_s"] = recs[0]["t_train0"] - recs[0]["t_run"]
     return res
-
-
-def versions() -> dict[str, str]:
-    import mpi4py
-    import numpy
-    import torch
-
-    code = "from hpc_asgd.comm.mpi import library_version as v; print(v())"
-    try:
-        mpi_lib = subprocess.run(
-            [sys.executable, "-c", code],
-            capture_output=True,
-            text=True,
-            env=mpi_env(),
-            cwd=ROOT,
-            timeout=60,
-            check=True,
-        ).stdout
-    except (subprocess.SubprocessError, OSError) as e:
-        mpi_lib = f"unknown ({e})"
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "mpi4py": mpi4py.__version__,
-        "numpy": numpy.__version__,
-        "mpi_library": mpi_lib.replace("\x00", "").strip(),
-        "platform": platform.platform(),
-        "cpu": cpu,
-    }
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -859,7 +752,7 @@ def driver(args: argparse.Namespace, argv: list[str]) -> int:
         "hostname": socket.gethostname(),
         "nproc": os.cpu_count(),
         "threads_per_rank": max(1, cores() // RANKS),
-        "versions": versions(),
+        "versions": versions(mpi=True),
         "input_shape": list(data.input_shape),
         "steps_per_rank": max(1, math.ceil(args.epochs * spe)),
         "contenders": list(args.contenders),

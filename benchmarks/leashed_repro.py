@@ -54,14 +54,13 @@ for p in (ROOT, HERE):  # run from a checkout without installing; shm_scaling's 
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
+from _common import load_average, versions  # noqa: E402
 from shm_scaling import (  # noqa: E402
     add_guard_args,
     disturbance,
     disturbance_line,
     guarded,
-    load_average,
     run_child,
-    versions,
     write_mnist_like,
 )
 
@@ -147,7 +146,8 @@ def analyse_run(
         step = r["samples"] / batch
         curve.append((round(train_s * step / total, 4), r["train_loss"], r["test_loss"]))
     losses = [c[1] for c in curve]
-    tail = losses[len(losses) - max(2, len(losses) // 4) :]
+    finite = [x for x in losses if math.isfinite(x)]  # a diverged run ends in inf / nan
+    tail = [x for x in losses[len(losses) - max(2, len(losses) // 4) :] if math.isfinite(x)]
     w = summary["workers"]
     out = {
         "train_s": train_s,
@@ -156,10 +156,10 @@ def analyse_run(
         "steps": total,
         "worker_steps": w["steps"][0],
         "t_target_s": crossing(smooth(curve, smooth_n), target),
-        "final_train_loss": losses[-1],
-        "min_train_loss": min(losses),
-        "tail_loss_std": statistics.pstdev(tail) if len(tail) > 1 else 0.0,
-        "diverged": any(not math.isfinite(x) for x in losses) or losses[-1] > losses[0],
+        "final_train_loss": losses[-1] if math.isfinite(losses[-1]) else None,
+        "min_train_loss": min(finite) if finite else None,
+        "tail_loss_std": statistics.pstdev(tail) if len(tail) > 1 else None,
+        "diverged": len(finite) < len(losses) or losses[-1] > losses[0],
         "final_test_loss": summary["final_test_loss"],
         "final_test_acc": summary["final_test_acc"],
         "applied": w["applied"],
@@ -235,6 +235,17 @@ def combine(reps: list[dict]) -> dict:
     return out
 
 
+def strict_json(v):
+    """``v`` with every inf / nan (a diverged run's losses) as None: standard JSON."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: strict_json(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [strict_json(x) for x in v]
+    return v
+
+
 def fmt(v, spec: str = ".2f", none: str = "-") -> str:
     return none if v is None else format(v, spec)
 
@@ -255,7 +266,7 @@ def comparisons(results: dict) -> dict:
                 if o and o["t_target_s"] and le["t_target_s"]:
                     c[f"{other}/leashed time to target"] = o["t_target_s"] / le["t_target_s"]
             ho = row.get("hogwild")
-            if ho and le["tail_loss_std"]:
+            if ho and ho["tail_loss_std"] is not None and le["tail_loss_std"]:
                 c["hogwild/leashed tail spread"] = ho["tail_loss_std"] / le["tail_loss_std"]
             out[model][w] = c
     return out
@@ -468,7 +479,8 @@ def driver(args: argparse.Namespace, argv: list[str]) -> int:
                             f"  repeat {rep + 1}/{args.repeats} {model} W={w} {rule}: "
                             f"{res['samples_per_s']:.0f} samples/s, target "
                             f"{fmt(res['t_target_s'], '.2f', 'not reached')} s, final loss "
-                            f"{res['final_train_loss']:.3f} (run {res['run_s']} s)",
+                            f"{fmt(res['final_train_loss'], '.3f', 'diverged')} "
+                            f"(run {res['run_s']} s)",
                             flush=True,
                         )
     results = {
@@ -495,7 +507,8 @@ def driver(args: argparse.Namespace, argv: list[str]) -> int:
         "wall_s": round(time.monotonic() - started, 1),
     }
     plot(report, out_dir / "leashed_repro.png")
-    (out_dir / "leashed_repro.json").write_text(json.dumps(report, indent=2) + "\n")
+    text = json.dumps(strict_json(report), indent=2, allow_nan=False)
+    (out_dir / "leashed_repro.json").write_text(text + "\n")
     md = markdown(report)
     (out_dir / "leashed_repro.md").write_text(md)
     print(md)

@@ -43,13 +43,10 @@ import datetime
 import json
 import math
 import os
-import platform
-import resource
 import shlex
 import socket
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -59,6 +56,16 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
+from _common import (  # noqa: E402
+    Foreign,
+    cores,
+    die_with_parent,
+    load_average,
+    run_tree,
+    versions,
+    wait_idle,
+)
+
 RULES = ("hogwild", "leashed", "locked", "partitioned")
 CONTENDERS = (*RULES, "peer")
 DEFAULT_CONTENDERS = ("hogwild", "leashed", "peer")
@@ -67,10 +74,6 @@ MODELS = {"mlp": ("mnist", 3000), "cnn": ("mnist", 200), "resnet20": ("synthetic
 MARK = "SHM_SCALING_JSON "  # prefix of the peer's result line on stdout
 GOALS_SPEEDUP = {"cnn": 1.9, "mlp": 1.75}  # W=2 vs W=1, stated by the issue
 PEER_REFERENCE = {"cnn": 1.92, "mlp": 1.57}  # the issue author's peer-style W=2 speedups
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0))
 
 
 def threads_for(workers: int) -> int:
@@ -136,6 +139,7 @@ def _peer_proc(rank, model, x, y, batches, threads, lr, momentum, barrier, times
     import torch
     import torch.nn.functional as F
 
+    die_with_parent()  # never outlive the peer run (the driver kills that on a timeout)
     torch.set_num_threads(threads)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     model.train()
@@ -317,11 +321,8 @@ def peer_cmd(args, model: str, workers: int, case: dict) -> list[str]:
 
 
 def run_child(cmd: list[str], timeout: float, env: dict | None = None) -> str:
-    try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout, env=env, check=False
-        )
-    except subprocess.TimeoutExpired:
+    proc = run_tree(cmd, timeout, env)  # a process group: killed whole on a timeout
+    if proc is None:
         sys.exit(f"{Path(sys.argv[0]).name}: {shlex.join(cmd)} ran past {timeout} s")
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
@@ -330,39 +331,6 @@ def run_child(cmd: list[str], timeout: float, env: dict | None = None) -> str:
 
 
 # ---- other jobs on a shared machine ------------------------------------------------------------
-def machine_busy_s() -> float:
-    """CPU seconds the whole machine has been busy (every process, every core): /proc/stat."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return math.nan
-    user, nice, system, _idle, _iowait, irq, softirq, steal = v
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_s() -> float:
-    """CPU seconds of this process and of its waited-for descendants (the runs)."""
-    me, kids = (
-        resource.getrusage(resource.RUSAGE_SELF),
-        resource.getrusage(resource.RUSAGE_CHILDREN),
-    )
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-def wait_idle(max_wait_s: float, threshold: float) -> float:
-    """Wait (at most ``max_wait_s``) until the machine's busy cores over 0.5 s fall below
-    ``threshold``; returns the last reading."""
-    deadline = time.monotonic() + max_wait_s
-    while True:
-        b0, c0, t0 = machine_busy_s(), own_cpu_s(), time.monotonic()
-        time.sleep(0.5)
-        dt = time.monotonic() - t0
-        busy = max(0.0, (machine_busy_s() - b0) - (own_cpu_s() - c0)) / dt
-        if not busy >= threshold or time.monotonic() > deadline:  # NaN: no /proc/stat
-            return busy
-
-
 def guarded(run, args, label: str) -> dict:
     """``run()`` -> result dict, measured while other jobs on the machine stay below
     ``--max-foreign`` cores on average (CPU time of the whole machine minus this process
@@ -372,10 +340,9 @@ def guarded(run, args, label: str) -> dict:
     best = None
     for attempt in range(1, args.retries + 2):
         wait_idle(args.idle_wait, args.max_foreign)
-        b0, c0, t0 = machine_busy_s(), own_cpu_s(), time.monotonic()
+        probe = Foreign()
         res = run()
-        dt = time.monotonic() - t0
-        foreign = max(0.0, (machine_busy_s() - b0) - (own_cpu_s() - c0)) / dt
+        foreign = probe.cores()
         res["foreign_cores"] = round(foreign, 3) if math.isfinite(foreign) else None
         res["kept_attempt"] = attempt
         if best is None or foreign < best["foreign_cores"]:
@@ -511,28 +478,6 @@ def disturbance_line(report: dict) -> str:
         f"retried because they exceeded {a['max_foreign']} cores (up to {a['retries']} "
         "retries, the least disturbed attempt kept)."
     )
-
-
-def versions() -> dict[str, str]:
-    import numpy
-    import torch
-
-    import hpc_asgd
-
-    return {
-        "hpc_asgd": hpc_asgd.__version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "platform": platform.platform(),
-    }
-
-
-def load_average() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
 
 
 def markdown(report: dict) -> str:

@@ -83,8 +83,10 @@ class Stepper:
         loss = F.cross_entropy(self.flat.module(x), y)
         self.flat.zero_grad()
         loss.backward()
+        t_hook = time.perf_counter()
         if self.grads_hook is not None:
             self.grads_hook(s + 1)
+        t_hook = time.perf_counter() - t_hook
         d = self.opt.direction(p, self.flat.grad, block)
         res = self.rule.apply(d, self.sched(s / self.spe), block)
         row = self.stats
@@ -94,8 +96,8 @@ class Stepper:
         row[LOSS_SUM] += loss.detach().item()
         row[STALE0 + bin_of(res.staleness)] += 1
         row[TRIES0 + bin_of(res.tries - 1)] += 1
-        if self.slow > 1:  # sleep in proportion to the measured step time
-            time.sleep((self.slow - 1) * (time.perf_counter() - t0))
+        if self.slow > 1:  # sleep in proportion to the step's own work, not its comm wait
+            time.sleep((self.slow - 1) * (time.perf_counter() - t0 - t_hook))
 
 
 def slow_factor(cfg: Config, rank: int) -> float:

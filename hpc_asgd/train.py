@@ -72,10 +72,16 @@ def _threads_per_rank(launch: Launch) -> int:
 
 
 def evaluate(
-    model: torch.nn.Module, data: Dataset, comm: Comm, device: torch.device, extra: torch.Tensor
+    model: torch.nn.Module,
+    data: Dataset,
+    comm: Comm,
+    device: torch.device,
+    extra: torch.Tensor,
+    local_done: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Test loss and accuracy over the whole test set, each rank taking a disjoint shard with
-    its own model; one allreduce sums ``[correct, loss_sum, count, *extra]``."""
+    its own model; one allreduce sums ``[correct, loss_sum, count, *extra]``. ``local_done`` is
+    called between this rank's own pass and the allreduce (the workers resume there)."""
     sampler = ShardSampler(
         len(data.test), comm.rank, comm.size, EVAL_BATCH, seed=0, shuffle=False, drop_last=False
     )
@@ -91,6 +97,8 @@ def evaluate(
             acc[1] += F.cross_entropy(out, y, reduction="sum").item()
             acc[2] += y.numel()
     model.train(was_training)
+    if local_done is not None:
+        local_done()
     stats = torch.cat([acc, extra.to(torch.float64)])
     comm.allreduce_(stats)
     return stats
@@ -191,7 +199,7 @@ class _Run:
     total: int  # node steps
     spe: int  # node steps per epoch
     evals: list[int]  # node steps after which to evaluate; the last is ``total``
-    evaluate_at: Callable[[int, torch.nn.Module], None]
+    evaluate_at: Callable[..., None]  # (step, model, local_done=None)
     device: torch.device
     rank_threads: int
     progress: metrics.Progress
@@ -268,9 +276,9 @@ def run(cfg: Config, launch: Launch, comm: Comm | None = None) -> dict:
         seen.copy_(resumed["seen"])
         sync.rounds = resumed["rounds"]
 
-    def evaluate_at(step: int, eval_model: torch.nn.Module) -> None:
+    def evaluate_at(step: int, eval_model: torch.nn.Module, local_done=None) -> None:
         now = torch.stack([stats[:, LOSS_SUM].sum(), stats[:, STEPS].sum()])
-        st = evaluate(eval_model, data, comm, device, now - seen)
+        st = evaluate(eval_model, data, comm, device, now - seen, local_done)
         seen.copy_(now)
         row = {
             "epoch": round(step / spe, 4),
@@ -411,8 +419,10 @@ def _train_workers(job: _Run, ctx) -> float:
     pending = [e for e in job.evals if e > start]
     ck_at = job.ck.next_event(start)
 
-    def limit() -> int:  # workers pause at blocking rounds and checkpoint checks
-        return min(x for x in (stop, ck_at, total) if x is not None)
+    def limit() -> int:  # workers pause at blocking rounds, checkpoint checks, evaluations
+        return min(x for x in (stop, ck_at, pending[0] if pending else None) if x is not None)
+
+    paused_s = 0.0  # workers held for this rank's own evaluation pass: not training time
 
     pool = WorkerPool(spec, w.workers, ctx)
     pool.start()
@@ -442,11 +452,22 @@ def _train_workers(job: _Run, ctx) -> float:
                     pool.join()
                     sync.drain(total)  # wait for the other ranks' non-blocking rounds
                     sync.finish()  # publishes the rule's latest version, then averages
+                # The workers are held at the evaluation step: the model evaluated is the one
+                # after exactly ``event`` node steps. They resume once this rank's own pass is
+                # done; the allreduce of the results (other ranks may be behind) overlaps them.
+                t_eval = time.perf_counter()
                 rule.snapshot(eval_flat.params)
                 eval_flat.data[flat.n_params :].copy_(flat.data[flat.n_params :])
-                job.evaluate_at(pending.pop(0), eval_flat.module)
-                if not pending:  # evaluations overlap the workers' training: not subtracted
-                    return train_before + train_end - t0
+                pending.pop(0)
+
+                def resume(t_eval: float = t_eval) -> None:
+                    nonlocal paused_s
+                    paused_s += time.perf_counter() - t_eval
+                    ctl[LIMIT].store(limit())
+
+                job.evaluate_at(event, eval_flat.module, resume if pending else None)
+                if not pending:
+                    return train_before + train_end - t0 - paused_s
             if event == ck_at:  # workers are held: the shared model is still
                 save, halt = job.ck.at(event)
                 if save and event < total:

@@ -142,7 +142,7 @@ class Word:
         self._ctx.__exit__(None, None, None)
 
 
-_SEQ_CST = 5  # atomics.MemoryOrder.SEQ_CST
+_SEQ_CST = atomics.MemoryOrder.SEQ_CST.value
 
 
 class AtomicArray:
