@@ -72,16 +72,11 @@ def _threads_per_rank(launch: Launch) -> int:
 
 
 def evaluate(
-    model: torch.nn.Module,
-    data: Dataset,
-    comm: Comm,
-    device: torch.device,
-    extra: torch.Tensor,
-    local_done: Callable[[], None] | None = None,
+    model: torch.nn.Module, data: Dataset, comm: Comm, device: torch.device, extra: torch.Tensor
 ) -> torch.Tensor:
     """Test loss and accuracy over the whole test set, each rank taking a disjoint shard with
-    its own model; one allreduce sums ``[correct, loss_sum, count, *extra]``. ``local_done`` is
-    called between this rank's own pass and the allreduce (the workers resume there)."""
+    its own model: ``[correct, loss_sum, count, *extra]`` of this rank's shard, to be summed
+    over the ranks by one allreduce (the caller's, blocking or not)."""
     sampler = ShardSampler(
         len(data.test), comm.rank, comm.size, EVAL_BATCH, seed=0, shuffle=False, drop_last=False
     )
@@ -97,11 +92,7 @@ def evaluate(
             acc[1] += F.cross_entropy(out, y, reduction="sum").item()
             acc[2] += y.numel()
     model.train(was_training)
-    if local_done is not None:
-        local_done()
-    stats = torch.cat([acc, extra.to(torch.float64)])
-    comm.allreduce_(stats)
-    return stats
+    return torch.cat([acc, extra.to(torch.float64)])
 
 
 class StoppedError(Exception):
@@ -199,7 +190,8 @@ class _Run:
     total: int  # node steps
     spe: int  # node steps per epoch
     evals: list[int]  # node steps after which to evaluate; the last is ``total``
-    evaluate_at: Callable[..., None]  # (step, model, local_done=None)
+    # (step, model, nonblocking=False) -> None, or complete(wait) -> bool when non-blocking
+    evaluate_at: Callable[..., Callable[[bool], bool] | None]
     device: torch.device
     rank_threads: int
     progress: metrics.Progress
@@ -276,22 +268,45 @@ def run(cfg: Config, launch: Launch, comm: Comm | None = None) -> dict:
         seen.copy_(resumed["seen"])
         sync.rounds = resumed["rounds"]
 
-    def evaluate_at(step: int, eval_model: torch.nn.Module, local_done=None) -> None:
+    def evaluate_at(step: int, eval_model: torch.nn.Module, nonblocking: bool = False):
+        """Evaluate this rank's shard now; sum over the ranks and record the row. With
+        ``nonblocking`` the sum is an iallreduce and a ``complete(wait) -> bool`` is returned
+        (the row is recorded when it completes): a rank ahead of the others never waits for
+        them to reach the evaluation. Rows complete in the order they were posted."""
         now = torch.stack([stats[:, LOSS_SUM].sum(), stats[:, STEPS].sum()])
-        st = evaluate(eval_model, data, comm, device, now - seen, local_done)
+        st = evaluate(eval_model, data, comm, device, now - seen)  # (5,) float64
         seen.copy_(now)
-        row = {
-            "epoch": round(step / spe, 4),
-            "time_s": round(time.perf_counter() - t_start, 3),
-            "samples": step * d.batch_size * comm.size,
-            "train_loss": float(st[3] / max(float(st[4]), 1.0)),
-            "test_acc": float(st[0] / st[2]),
-            "test_loss": float(st[1] / st[2]),
-        }
-        rows.append(row)
-        progress.epoch(row)
-        if comm.rank == 0 and out:
-            metrics.write_jsonl(out / "metrics.jsonl", rows)
+        at = round(time.perf_counter() - t_start, 3)  # the time of this rank's evaluation
+
+        def record() -> None:
+            row = {
+                "epoch": round(step / spe, 4),
+                "time_s": at,
+                "samples": step * d.batch_size * comm.size,
+                "train_loss": float(st[3] / max(float(st[4]), 1.0)),
+                "test_acc": float(st[0] / st[2]),
+                "test_loss": float(st[1] / st[2]),
+            }
+            rows.append(row)
+            progress.epoch(row)
+            if comm.rank == 0 and out:
+                metrics.write_jsonl(out / "metrics.jsonl", rows)
+
+        if not nonblocking:
+            comm.allreduce_(st)
+            record()
+            return None
+        work = comm.iallreduce_(st)
+
+        def complete(wait: bool) -> bool:
+            if wait:
+                work.wait()
+            elif not work.test():
+                return False
+            record()
+            return True
+
+        return complete
 
     job = _Run(
         cfg,
@@ -345,11 +360,14 @@ def _train_in_process(job: _Run) -> float:
     while stop is not None and stop <= start:  # replay the schedule of rounds up to ``start``
         stop = sync.next_stop(stop, stop / spe)
     pending = [e for e in job.evals if e > start]
+    evals: list = []  # evaluations whose sum over the ranks is in flight, oldest first
     t_seg = time.perf_counter()
     flat.module.train()
     for s in range(start, job.total):
         inject(job.launch.fault, comm.rank, s)
         stepper.step(s)
+        while evals and evals[0](False):
+            evals.pop(0)
         if s + 1 == stop:
             sync.step_done(stop, stop / spe)
             stop = sync.next_stop(stop, stop / spe)
@@ -365,10 +383,16 @@ def _train_in_process(job: _Run) -> float:
             if s + 1 == job.total:
                 sync.drain(job.total)  # wait for the other ranks' non-blocking rounds
                 sync.finish()  # the final exact average comes before the final evaluation
-            job.evaluate_at(pending.pop(0), flat.module)
+                while evals:
+                    evals.pop(0)(True)
+                job.evaluate_at(pending.pop(0), flat.module)
+            else:  # no waiting for the other ranks to get there: the sum completes later
+                evals.append(job.evaluate_at(pending.pop(0), flat.module, nonblocking=True))
             t_seg = time.perf_counter()
         save, halt = job.ck.at(s + 1)
         if save and s + 1 < job.total:
+            while evals:  # their rows belong in the checkpoint
+                evals.pop(0)(True)
             sync.quiesce(s + 1)
             extra = {
                 "momentum": stepper.opt.buf,
@@ -423,6 +447,11 @@ def _train_workers(job: _Run, ctx) -> float:
         return min(x for x in (stop, ck_at, pending[0] if pending else None) if x is not None)
 
     paused_s = 0.0  # workers held for this rank's own evaluation pass: not training time
+    evals: list = []  # evaluations whose sum over the ranks is in flight, oldest first
+
+    def complete_evals(wait: bool) -> None:
+        while evals and evals[0](wait):
+            evals.pop(0)
 
     pool = WorkerPool(spec, w.workers, ctx)
     pool.start()
@@ -438,6 +467,7 @@ def _train_workers(job: _Run, ctx) -> float:
                 last_check = time.monotonic()
             event = min(x for x in (stop, ck_at, pending[0]) if x is not None)
             done = ctl[DONE].load()
+            complete_evals(wait=False)
             if sync.overlaps:  # this process is the averager: rounds overlap the workers
                 sync.poll(done, done / spe)
             if done < event:
@@ -454,23 +484,21 @@ def _train_workers(job: _Run, ctx) -> float:
                     sync.finish()  # publishes the rule's latest version, then averages
                 # The workers are held at the evaluation step: the model evaluated is the one
                 # after exactly ``event`` node steps. They resume once this rank's own pass is
-                # done; the allreduce of the results (other ranks may be behind) overlaps them.
+                # done; the sum over the ranks (others may be behind) completes in the background.
                 t_eval = time.perf_counter()
                 rule.snapshot(eval_flat.params)
                 eval_flat.data[flat.n_params :].copy_(flat.data[flat.n_params :])
                 pending.pop(0)
-
-                def resume(t_eval: float = t_eval) -> None:
-                    nonlocal paused_s
-                    paused_s += time.perf_counter() - t_eval
-                    ctl[LIMIT].store(limit())
-
-                job.evaluate_at(event, eval_flat.module, resume if pending else None)
-                if not pending:
+                if not pending:  # the final evaluation: every earlier one completes first
+                    complete_evals(wait=True)
+                    job.evaluate_at(event, eval_flat.module)
                     return train_before + train_end - t0 - paused_s
+                evals.append(job.evaluate_at(event, eval_flat.module, nonblocking=True))
+                paused_s += time.perf_counter() - t_eval
             if event == ck_at:  # workers are held: the shared model is still
                 save, halt = job.ck.at(event)
                 if save and event < total:
+                    complete_evals(wait=True)  # their rows belong in the checkpoint
                     sync.quiesce(event)
                     now = train_before + time.perf_counter() - t0
                     job.ck.save(event, job.state(event, now), job.launch.fault)
