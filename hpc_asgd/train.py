@@ -360,14 +360,13 @@ def _train_in_process(job: _Run) -> float:
     while stop is not None and stop <= start:  # replay the schedule of rounds up to ``start``
         stop = sync.next_stop(stop, stop / spe)
     pending = [e for e in job.evals if e > start]
-    evals: list = []  # evaluations whose sum over the ranks is in flight, oldest first
+    evals = _InFlight()
     t_seg = time.perf_counter()
     flat.module.train()
     for s in range(start, job.total):
         inject(job.launch.fault, comm.rank, s)
         stepper.step(s)
-        while evals and evals[0](False):
-            evals.pop(0)
+        evals.complete(wait=False)
         if s + 1 == stop:
             sync.step_done(stop, stop / spe)
             stop = sync.next_stop(stop, stop / spe)
@@ -383,16 +382,14 @@ def _train_in_process(job: _Run) -> float:
             if s + 1 == job.total:
                 sync.drain(job.total)  # wait for the other ranks' non-blocking rounds
                 sync.finish()  # the final exact average comes before the final evaluation
-                while evals:
-                    evals.pop(0)(True)
+                evals.complete(wait=True)
                 job.evaluate_at(pending.pop(0), flat.module)
             else:  # no waiting for the other ranks to get there: the sum completes later
-                evals.append(job.evaluate_at(pending.pop(0), flat.module, nonblocking=True))
+                evals.add(job.evaluate_at(pending.pop(0), flat.module, nonblocking=True))
             t_seg = time.perf_counter()
         save, halt = job.ck.at(s + 1)
         if save and s + 1 < job.total:
-            while evals:  # their rows belong in the checkpoint
-                evals.pop(0)(True)
+            evals.complete(wait=True)  # their rows belong in the checkpoint
             sync.quiesce(s + 1)
             extra = {
                 "momentum": stepper.opt.buf,
@@ -447,11 +444,7 @@ def _train_workers(job: _Run, ctx) -> float:
         return min(x for x in (stop, ck_at, pending[0] if pending else None) if x is not None)
 
     paused_s = 0.0  # workers held for this rank's own evaluation pass: not training time
-    evals: list = []  # evaluations whose sum over the ranks is in flight, oldest first
-
-    def complete_evals(wait: bool) -> None:
-        while evals and evals[0](wait):
-            evals.pop(0)
+    evals = _InFlight()
 
     pool = WorkerPool(spec, w.workers, ctx)
     pool.start()
@@ -467,7 +460,7 @@ def _train_workers(job: _Run, ctx) -> float:
                 last_check = time.monotonic()
             event = min(x for x in (stop, ck_at, pending[0]) if x is not None)
             done = ctl[DONE].load()
-            complete_evals(wait=False)
+            evals.complete(wait=False)
             if sync.overlaps:  # this process is the averager: rounds overlap the workers
                 sync.poll(done, done / spe)
             if done < event:
@@ -490,15 +483,15 @@ def _train_workers(job: _Run, ctx) -> float:
                 eval_flat.data[flat.n_params :].copy_(flat.data[flat.n_params :])
                 pending.pop(0)
                 if not pending:  # the final evaluation: every earlier one completes first
-                    complete_evals(wait=True)
+                    evals.complete(wait=True)
                     job.evaluate_at(event, eval_flat.module)
                     return train_before + train_end - t0 - paused_s
-                evals.append(job.evaluate_at(event, eval_flat.module, nonblocking=True))
+                evals.add(job.evaluate_at(event, eval_flat.module, nonblocking=True))
                 paused_s += time.perf_counter() - t_eval
             if event == ck_at:  # workers are held: the shared model is still
                 save, halt = job.ck.at(event)
                 if save and event < total:
-                    complete_evals(wait=True)  # their rows belong in the checkpoint
+                    evals.complete(wait=True)  # their rows belong in the checkpoint
                     sync.quiesce(event)
                     now = train_before + time.perf_counter() - t0
                     job.ck.save(event, job.state(event, now), job.launch.fault)
@@ -509,6 +502,22 @@ def _train_workers(job: _Run, ctx) -> float:
     finally:
         pool.stop()
         ctl.close()
+
+
+class _InFlight:
+    """Evaluations whose sum over the ranks is in flight (``evaluate_at(..., nonblocking=True)``
+    handles), completed and recorded in the order they were posted, the same on every rank."""
+
+    def __init__(self) -> None:
+        self.handles: list[Callable[[bool], bool]] = []
+
+    def add(self, complete: Callable[[bool], bool]) -> None:
+        self.handles.append(complete)
+
+    def complete(self, wait: bool) -> None:
+        """Record those that finished (``wait``: all of them, blocking)."""
+        while self.handles and self.handles[0](wait):
+            self.handles.pop(0)
 
 
 class _Pace:
