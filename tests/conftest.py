@@ -74,7 +74,9 @@ class Result:
 
     @property
     def text(self) -> str:
-        return self.out + self.err
+        # prterun (Open MPI 5) ends some of its help messages (MPI_ABORT's) with a NUL byte,
+        # which then prefixes the next line a rank prints: seen in CI, 2 of 15 runs here.
+        return (self.out + self.err).replace("\0", "")
 
     def error_lines(self) -> list[str]:
         return [ln for ln in self.text.splitlines() if ln.startswith("hpc-asgd: error")]

@@ -136,7 +136,9 @@ class Job:
 
     @property
     def text(self) -> str:
-        return self.output.read_text(errors="replace") if self.output.exists() else ""
+        # NULs: prterun ends some help messages with one (see tests/conftest.py Result.text)
+        text = self.output.read_text(errors="replace") if self.output.exists() else ""
+        return text.replace("\0", "")
 
     @property
     def state(self) -> str:
