@@ -14,6 +14,9 @@ each rank), evaluation schedule and core budget (2 ranks, ``cores // 2`` torch t
     lasgd         --algo lasgd --period K (asynchronous allreduce of the model, in process)
     hier-avg      --algo hier-avg --group-size 1 --local-period K1 --global-period K/K1
     hier-avg-nb   the same with --hier-mode nonblocking
+    local-async-keep, lasgd-keep
+                  the same with --keep-training: a rank that has taken its steps keeps
+                  training while the other finishes (the job's samples count every step)
     none          --algo none (no averaging, in process): an upper bound
     none-spawn    --algo none --spawn-workers: the same process layout as local-async (W = 1
                   spawned worker), the reference of the "<= 5 % loss" goal
@@ -91,9 +94,11 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 from _common import Foreign, cores, mpi_env, mpirun_exe, run_tree, versions, wait_idle  # noqa: E402
 
 OURS = ("sync", "local-sgd", "local-async", "lasgd", "hier-avg", "hier-avg-nb")
+KEEPING = ("local-async-keep", "lasgd-keep")  # not run unless named in --contenders
 BASELINES = ("none", "none-spawn", "single")
 PEERS = ("torch-ddp", "torch-postlocal", "torch-hier")
 CONTENDERS = (*OURS, *BASELINES, *PEERS)
+CHOICES = (*CONTENDERS, *KEEPING)
 RANKS = 2
 SLOW_RANK, SLOW_FACTOR = 1, 2.0
 PEER_MARK = "COMPARE_PEER_JSON "
@@ -357,6 +362,8 @@ def ours_flags(name: str, args: argparse.Namespace) -> list[str]:
         "none": ["--algo", "none"],
         "none-spawn": ["--algo", "none", "--spawn-workers"],
         "single": ["--algo", "none"],
+        "local-async-keep": ["--algo", "local-async", "--period", k, "--keep-training"],
+        "lasgd-keep": ["--algo", "lasgd", "--period", k, "--keep-training"],
     }[name]
 
 
@@ -430,9 +437,13 @@ def launch(args: argparse.Namespace, name: str, slow: bool, tmp: Path) -> dict:
     train = res.get("train_s_per_rank")
     job_train = res["samples_processed"] / res["samples_per_s"]
     res["job_train_s"] = job_train
-    per_rank = res["samples_processed"] / ranks
+    # each rank's own samples: the same for all, unless --keep-training gave some extra steps
+    extra = res.get("extra_steps") or [0] * ranks
+    per_rank = [(res["steps_per_rank"] + x) * args.batch_size for x in extra]
     res["aggregate_samples_per_s"] = (
-        sum(per_rank / t for t in train) if train and all(t > 0 for t in train) else None
+        sum(n / t for n, t in zip(per_rank, train, strict=True))
+        if train and all(t > 0 for t in train)
+        else None
     )
     res["wait_share"] = [w / job_train for w in res["comm_wait_s"]]
     res["command"] = shlex.join(cmd)
@@ -446,6 +457,7 @@ def read_ours(out_dir: Path, ranks: int) -> dict:
     probes = [out_dir / f"probe-{r}.json" for r in range(ranks)]
     res = {
         "steps_per_rank": summary["steps_per_rank"],
+        "extra_steps": summary.get("extra_steps"),
         "samples_processed": summary["samples_processed"],
         "samples_per_s": summary["samples_per_s"],
         "comm_wait_s": summary["comm_wait_s"],
@@ -516,7 +528,7 @@ def goals(report: dict) -> list[dict]:
         return raw.get(f"{name}|{'slow' if slow else 'even'}", [])
 
     out = []
-    for algo in ("local-async", "lasgd"):
+    for algo in ("local-async", "lasgd", *KEEPING):
         r = ratio(get(algo, True, "samples_per_s"), get("sync", True, "samples_per_s"))
         agg = ratio(
             get(algo, True, "aggregate_samples_per_s"), get("sync", True, "aggregate_samples_per_s")
@@ -529,6 +541,7 @@ def goals(report: dict) -> list[dict]:
                 "threshold": 1.45,
                 "met": r is not None and r >= 1.45,
                 "note": f"aggregate (sum of per-rank rates) ratio: {fmt(agg, '.2f')}",
+                "needs": (algo, "sync"),
             }
         )
     r = ratio(get("local-async", False, "samples_per_s"), get("none-spawn", False, "samples_per_s"))
@@ -544,6 +557,7 @@ def goals(report: dict) -> list[dict]:
             "threshold": 0.95,
             "met": r is not None and r >= 0.95,
             "note": f"against none in the rank's own process: {fmt(r_ip, '.3f')}",
+            "needs": ("local-async", "none-spawn"),
         }
     )
     r = ratio(get("local-async", False, "samples_per_s"), get("torch-ddp", False, "samples_per_s"))
@@ -555,6 +569,7 @@ def goals(report: dict) -> list[dict]:
             "threshold": 2.5,
             "met": r is not None and r >= 2.5,
             "note": "",
+            "needs": ("local-async", "torch-ddp"),
         }
     )
     r = ratio(
@@ -574,9 +589,12 @@ def goals(report: dict) -> list[dict]:
             "threshold": 0.5,
             "met": r is not None and r <= 0.5,
             "note": f"training time only (set-up excluded): {fmt(r_train, '.2f')}",
+            "needs": ("local-async", "torch-ddp"),
         }
     )
-    return out
+    # a goal whose contenders were not asked for (--contenders) is left out, not "missed"
+    ran = set(report["contenders"])
+    return [g for g in out if ran.issuperset(g.pop("needs"))]
 
 
 def fmt(v, spec: str = ".0f") -> str:
@@ -588,6 +606,8 @@ WHAT = {
     "local-sgd": "`--algo local-sgd --period K` (blocking)",
     "local-async": "`--algo local-async --period K` (W=1 spawned worker)",
     "lasgd": "`--algo lasgd --period K`",
+    "local-async-keep": "local-async as above, `--keep-training`",
+    "lasgd-keep": "lasgd as above, `--keep-training`",
     "hier-avg": "`--algo hier-avg --group-size 1 --local-period K1 --global-period K/K1`",
     "hier-avg-nb": "hier-avg as above, `--hier-mode nonblocking`",
     "none": "`--algo none` (no averaging, in process)",
@@ -766,17 +786,17 @@ def driver(args: argparse.Namespace, argv: list[str]) -> int:
     report["goals"] = goals(report)
     out_dir = ROOT / args.out  # an absolute --out stays as given
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "compare.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / f"{args.stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     md = markdown(report)
-    (out_dir / "compare.md").write_text(md)
+    (out_dir / f"{args.stem}.md").write_text(md)
     print(md)
-    print(f"wrote {out_dir / 'compare.json'} and {out_dir / 'compare.md'}")
+    print(f"wrote {out_dir / args.stem}.json and .md")
     return 0
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
+    p.add_argument("--contenders", nargs="+", choices=CHOICES, default=list(CONTENDERS))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--epochs", type=float, default=16.0, help="passes over each rank's shard")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 repeat of 3 epochs")
@@ -813,6 +833,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="repeat a noisy run up to N times, keep the quietest",
     )
     p.add_argument("--out", default="benchmarks/results", help="relative to the repository")
+    p.add_argument("--stem", default="compare", help="output files <out>/<stem>.json and .md")
     p.add_argument("--mpirun", default=None, help="mpirun to use (default: the venv's, or PATH)")
     p.add_argument("--run-timeout", type=float, default=300.0, help="seconds per mpirun job")
     args = p.parse_args(argv)

@@ -73,6 +73,11 @@ class SyncConfig:
     hier_mode: str = _f(
         "blocking", "hier-avg: blocking (the paper) | nonblocking (delta correction)"
     )
+    keep_training: bool = _f(
+        False,
+        "non-blocking algorithms: a rank that has taken its steps keeps training (extra "
+        "steps, averaged in by the rounds) until the slowest rank has taken its own",
+    )
 
 
 @dataclass
@@ -268,6 +273,20 @@ class Config:
                     f"group_size: {size} does not divide the world size {world_size}"
                     + ("" if s.group_size else " (the default is the ranks of one node)")
                 )
+        if s.keep_training and not (
+            s.algo in ("local-async", "lasgd")
+            or (s.algo == "hier-avg" and s.hier_mode == "nonblocking")
+        ):
+            raise ConfigError(
+                "keep_training: only the non-blocking algorithms (local-async, lasgd, hier-avg "
+                f"--hier-mode nonblocking) let a rank train on while others finish; not {s.algo!r}"
+                + (" (blocking)" if s.algo == "hier-avg" else "")
+            )
+        if s.keep_training and o.lr_schedule == "cosine":
+            raise ConfigError(
+                "keep_training: the cosine schedule ends at lr 0, so the steps past --epochs "
+                "would not move the model; use a constant or step schedule"
+            )
         if r.slow_rank >= world_size:
             raise ConfigError(f"slow_rank: {r.slow_rank} is not a rank of a {world_size}-rank job")
         if r.check_every <= 0:

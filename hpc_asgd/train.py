@@ -9,7 +9,9 @@ Two process layouts run the same step (``step.Stepper``):
   averaging rounds at node-step boundaries (workers pause at ``limit``).
 Every rank runs the same number of node steps and the same sequence of collectives (averaging
 rounds at fixed node steps, evaluations at fixed node steps, in step order), so the ranks agree
-on every collective by construction.
+on every collective by construction. With ``--keep-training`` (non-blocking synchronisers) a
+rank that has taken its steps goes on with extra ones, unevaluated, until every rank has
+taken its own; the final average and evaluation follow as usual.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from hpc_asgd.shm.workers import (
     LIMIT,
     NCTL,
     NEXT,
+    STOP,
     WorkerPool,
     WorkerSpec,
     augment_seed,
@@ -62,6 +65,7 @@ from hpc_asgd.step import (
 from hpc_asgd.sync import Synchronizer, make_synchronizer
 
 EVAL_BATCH = 512
+KEEP_GOING = 1 << 62  # the workers' step bound with --keep-training: their STOP ends them
 
 
 def _threads_per_rank(launch: Launch) -> int:
@@ -199,6 +203,7 @@ class _Run:
     rows: list[dict]
     seen: torch.Tensor  # (loss_sum, steps) at the last evaluation
     resumed: dict | None  # the checkpoint this run resumes from
+    extra: int = 0  # --keep-training: node steps taken past ``total`` while slower ranks finished
 
     def state(self, step: int, train_s: float, extra: dict | None = None) -> dict:
         """What a checkpoint holds (tensors and plain containers: ``weights_only``-safe)."""
@@ -279,10 +284,11 @@ def run(cfg: Config, launch: Launch, comm: Comm | None = None) -> dict:
         at = round(time.perf_counter() - t_start, 3)  # the time of this rank's evaluation
 
         def record() -> None:
+            before = rows[-1]["samples"] if rows else 0
             row = {
                 "epoch": round(step / spe, 4),
                 "time_s": at,
-                "samples": step * d.batch_size * comm.size,
+                "samples": before + round(float(st[4])) * d.batch_size,  # steps taken, all ranks
                 "train_loss": float(st[3] / max(float(st[4]), 1.0)),
                 "test_acc": float(st[0] / st[2]),
                 "test_loss": float(st[1] / st[2]),
@@ -376,6 +382,8 @@ def _train_in_process(job: _Run) -> float:
             sync.wait_s += time.perf_counter() - t_poll
         job.progress.step(s + 1)
         if s + 1 == pending[0]:
+            if s + 1 == job.total and job.cfg.sync.keep_training:
+                job.extra = _keep_training(job, stepper, evals)
             train_s += time.perf_counter() - t_seg
             job.rule.publish()  # evaluate the latest parameters, in the flat buffer
             flat.bind_params(flat.params)
@@ -404,6 +412,20 @@ def _train_in_process(job: _Run) -> float:
     return train_s
 
 
+def _keep_training(job: _Run, stepper: Stepper, evals: _InFlight) -> int:
+    """In process, after the last scheduled step: extra steps while slower ranks finish."""
+    sync, x = job.sync, job.total
+    while True:
+        t_poll = time.perf_counter()
+        settled = sync.settle(x)
+        sync.wait_s += time.perf_counter() - t_poll
+        if settled:
+            return x - job.total
+        stepper.step(x)
+        evals.complete(wait=False)
+        x += 1
+
+
 def _train_workers(job: _Run, ctx) -> float:
     """W spawned workers take node steps; this process supervises, averages and evaluates,
     handling events (blocking rounds, evaluations) in node-step order on every rank."""
@@ -422,7 +444,7 @@ def _train_workers(job: _Run, ctx) -> float:
         rule,
         ctl,
         job.stats,
-        total,
+        KEEP_GOING if cfg.sync.keep_training else total,
         threads,
         str(job.device),
         ctx.SimpleQueue(),
@@ -450,6 +472,10 @@ def _train_workers(job: _Run, ctx) -> float:
     pool.start()
     try:
         pool.wait_ready()
+        # The ranks start training together: spawning takes seconds, differently on each rank,
+        # and a rank that started early would run its first steps (or, with --keep-training,
+        # extra ones) alone.
+        job.comm.barrier()
         t0 = train_end = time.perf_counter()  # training time starts when all may step
         ctl[LIMIT].store(limit())
         last_check = 0.0
@@ -470,9 +496,19 @@ def _train_workers(job: _Run, ctx) -> float:
                 sync.step_done(stop, stop / spe)
                 stop = sync.next_stop(stop, stop / spe)
             if event == pending[0]:
+                if event == total and cfg.sync.keep_training:  # extra steps, past the limit
+                    ctl[LIMIT].store(KEEP_GOING)
+                    while not sync.settle(ctl[DONE].load()):
+                        evals.complete(wait=False)
+                        if time.monotonic() - last_check > 0.05:
+                            pool.check()
+                            last_check = time.monotonic()
+                        time.sleep(pace.cap)
+                    ctl[STOP].store(1)  # workers end the step they are in, then exit
                 if event == total:  # every step is done; the workers' exit is not training
                     train_end = time.perf_counter()
                     pool.join()
+                    job.extra = ctl[DONE].load() - total
                     sync.drain(total)  # wait for the other ranks' non-blocking rounds
                     sync.finish()  # publishes the rule's latest version, then averages
                 # The workers are held at the evaluation step: the model evaluated is the one
@@ -550,10 +586,11 @@ def _summarise(job: _Run, rows: list[dict], train_s: float, t_start: float, out:
     digest = bytes.fromhex(flat.checksum())
     sums = comm.allgather(torch.frombuffer(bytearray(digest), dtype=torch.uint8))
     waits = comm.allgather(
-        torch.tensor([sync.wait_s, train_s, sync.inflight_s], dtype=torch.float64)
+        torch.tensor([sync.wait_s, train_s, sync.inflight_s, job.extra], dtype=torch.float64)
     )
     all_stats = comm.allgather(job.stats)  # (ranks, W, NSTATS)
-    samples = total * d.batch_size * comm.size
+    extra = [round(float(x)) for x in waits[:, 3]]
+    samples = (total * comm.size + sum(extra)) * d.batch_size
     train_s_max = float(waits[:, 1].max())
     summary = {
         "algo": s.algo,
@@ -565,6 +602,7 @@ def _summarise(job: _Run, rows: list[dict], train_s: float, t_start: float, out:
         "model": cfg.model.model,
         "epochs": cfg.run.epochs,
         "steps_per_rank": total,
+        "extra_steps": extra,  # per rank, --keep-training: steps past total while others finished
         "samples_processed": samples,
         "wall_s": round(time.perf_counter() - t_start, 3),
         "train_s": round(train_s_max, 3),

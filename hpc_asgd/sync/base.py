@@ -10,6 +10,8 @@ in node-step order and identically on every rank:
     step_done(stop, epoch)        at that node step; with workers, they are paused there
     poll(step, epoch)             often, never blocking: drive non-blocking rounds (overlaps)
     drain(step)                   after this rank's last step: finish the non-blocking rounds
+    settle(step)                  (--keep-training) instead of drain, while this rank takes
+                                  extra steps: one non-blocking look; True once all finished
     finish()                      once, after the last step: final exact average (consensus)
 """
 
@@ -45,6 +47,8 @@ class Synchronizer(Protocol):
     def poll(self, step: int, epoch: float) -> None: ...
 
     def drain(self, step: int) -> None: ...
+
+    def settle(self, step: int) -> bool: ...
 
     def finish(self) -> None: ...
 
@@ -95,6 +99,12 @@ class Averaging:
 
     def drain(self, step: int) -> None:
         return None
+
+    def settle(self, step: int) -> bool:
+        """This rank has taken its scheduled steps and takes extra ones (now at node step
+        ``step``) while it still owes rounds to slower ranks: one non-blocking look at them.
+        True once every rank has finished; :meth:`drain` then returns at once."""
+        return True
 
     def quiesce(self, step: int) -> None:
         """Complete every round in flight, on every rank (before a checkpoint)."""

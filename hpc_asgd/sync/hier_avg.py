@@ -16,7 +16,7 @@ from hpc_asgd.comm import Comm
 from hpc_asgd.flat import FlatModel
 from hpc_asgd.shm.base import UpdateRule
 from hpc_asgd.sync.base import Averaging
-from hpc_asgd.sync.rounds import AsyncRound, drain_all
+from hpc_asgd.sync.rounds import AsyncRound, drain_all, settle_all
 
 
 def make_group(comm: Comm, group_size: int) -> Comm:
@@ -77,6 +77,13 @@ class HierAvg(Averaging):
             return
         self.wait_s += drain_all([self.local, self.world])
         self.rounds, self.group_rounds = self.world.rounds, self.local.rounds
+
+    def settle(self, step: int) -> bool:
+        if not self.overlaps:
+            return True
+        over = settle_all([self.local, self.world])
+        self.rounds, self.group_rounds = self.world.rounds, self.local.rounds
+        return over
 
     def quiesce(self, step: int) -> None:
         if self.overlaps:

@@ -6,7 +6,8 @@ steps go on, and when the allreduce completes the delta ``mean(x_s) - x_s`` is a
 model that moved on (``rounds.AsyncRound``). At most one round is in flight, so a fast rank's
 next round waits (in the background) for the slow ranks to join the current one. Rounds are
 matched by order on a communicator of their own; after its last step a rank keeps joining
-rounds until every rank has finished, then the final exact average gives consensus.
+rounds until every rank has finished (with ``--keep-training`` it keeps training meanwhile),
+then the final exact average gives consensus.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from hpc_asgd.comm import Comm
 from hpc_asgd.flat import FlatModel
 from hpc_asgd.shm.base import UpdateRule
 from hpc_asgd.sync.base import Averaging
-from hpc_asgd.sync.rounds import AsyncRound
+from hpc_asgd.sync.rounds import AsyncRound, settle_all
 
 
 class LASGD(Averaging):
@@ -46,6 +47,11 @@ class LASGD(Averaging):
     def drain(self, step: int) -> None:
         self.wait_s += self.round.drain()
         self.rounds = self.round.rounds
+
+    def settle(self, step: int) -> bool:
+        over = settle_all([self.round])
+        self.rounds = self.round.rounds
+        return over
 
     def quiesce(self, step: int) -> None:
         self.drain(step)

@@ -10,6 +10,8 @@ every rank, having seen the same maximum, snapshots ``x_s``, allreduces it while
 keep updating, then applies ``x += mean(x_s) - x_s`` in place (no concurrent update is lost).
 Agreement rounds run back to back on a communicator of their own; when one shows that no rank
 is still training, the averagers stop together, and the final exact average gives consensus.
+With ``--keep-training`` a rank that has finished keeps training (its step count, still
+reported, may trigger more rounds) until that agreement.
 """
 
 from __future__ import annotations
@@ -75,12 +77,12 @@ class LocalAsync(Averaging):
             return
         self.agree = None
         top, anyone_training = int(self.agree_buf[0]), bool(self.agree_buf[1])
-        if top >= self.next:  # every rank saw the same maximum: all average now
+        if not anyone_training:  # a round due now would only precede the final exact average
+            self.over = True  # (and ranks that keep training would keep making rounds due)
+        elif top >= self.next:  # every rank saw the same maximum: all average now
             while self.next <= top:
                 self.next += self._k(self.next)
             r.start(finished=False)
-        elif not anyone_training:
-            self.over = True
 
     def drain(self, step: int) -> None:
         """This rank has finished: keep agreeing (and averaging) until every rank has."""
@@ -92,6 +94,10 @@ class LocalAsync(Averaging):
             elif self.agree is not None:
                 self.agree.wait()
         self.wait_s += time.perf_counter() - t0
+
+    def settle(self, step: int) -> bool:
+        self.poll(step, 0.0, finished=True)
+        return self.over
 
     def quiesce(self, step: int) -> None:
         self.drain(step)

@@ -36,6 +36,7 @@ class AsyncRound:
         self.posted_at = 0.0
         self.rounds = 0
         self.inflight_s = 0.0  # wall time rounds spent in flight (training went on meanwhile)
+        self.closed = False  # a round saw every rank finished: the stream has ended
 
     @property
     def busy(self) -> bool:
@@ -55,9 +56,9 @@ class AsyncRound:
         """Drive progress; True when the round completed (call :meth:`apply` then)."""
         return self.work is not None and self.work.test()
 
-    def wait(self) -> None:
+    def wait(self, timeout: float | None = None) -> None:
         assert self.work is not None
-        self.work.wait()
+        self.work.wait(timeout)
 
     def apply(self) -> bool:
         """Add ``mean(x_s) - x_s`` to the live model; True if every rank had finished."""
@@ -66,6 +67,7 @@ class AsyncRound:
         self.rounds += 1
         size = self.comm.size
         all_finished = round(float(self.buf[-1])) == size
+        self.closed = all_finished
         self.buf.div_(size).sub_(self.snap)  # delta = mean - x_s
         p = self.flat.n_params
         self.rule.add_(self.buf[:p])
@@ -78,22 +80,38 @@ class AsyncRound:
         return drain_all([self])
 
 
+def settle_all(rounds: list[AsyncRound]) -> bool:
+    """One non-blocking pass over round streams of a rank that has finished its steps: post a
+    round flagged "finished" where none is in flight, apply those that completed. True once
+    every stream has seen all ranks finished (the rank may keep training meanwhile: a round's
+    delta is added to the model that moved on)."""
+    for r in rounds:
+        if r.closed:
+            continue
+        if not r.busy:
+            r.start(finished=True)
+        elif r.test():
+            r.apply()
+    return all(r.closed for r in rounds)
+
+
 def drain_all(rounds: list[AsyncRound]) -> float:
     """Drain several round streams (on different communicators) TOGETHER: progress is driven
     on all of them at once, because a peer may be blocked on another stream's round that
-    needs us (waiting for one stream after the other can deadlock). Returns seconds waited."""
+    needs us (waiting for one stream after the other can deadlock). The streams are open
+    again afterwards (a checkpoint drains mid-run). Returns seconds waited."""
     t0 = time.perf_counter()
-    left = list(rounds)
     poll = Poller(max(r.comm.timeout for r in rounds))
-    while left:
-        for r in list(left):
-            if not r.busy:
-                r.start(finished=True)
-            elif r.test():
-                if r.apply():
-                    left.remove(r)
-                poll = Poller(r.comm.timeout)  # progress: a fresh deadline
-        if left and poll.expired():
-            left[0].work.wait(0.0)  # raises the engine's error naming the missing ranks
+    done = sum(r.rounds for r in rounds)
+    while not settle_all(rounds):
+        if sum(r.rounds for r in rounds) > done:  # progress: a fresh deadline
+            done = sum(r.rounds for r in rounds)
+            poll = Poller(max(r.comm.timeout for r in rounds))
+        elif poll.expired():
+            for r in rounds:  # the engine's error names the missing ranks
+                if r.busy:
+                    r.wait(0.0)
         poll.idle()
+    for r in rounds:
+        r.closed = False
     return time.perf_counter() - t0

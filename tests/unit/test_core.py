@@ -94,6 +94,14 @@ def test_config_validation_messages() -> None:
         ({"algo": "hier-avg"}, 4, None),  # default group: one node (local_size=4 below)
         ({"slow_rank": 5}, 2, "slow_rank: 5 is not a rank"),
         ({"comm": "carrier-pigeon"}, 1, "comm: unknown value"),
+        ({"algo": "sync", "keep_training": True}, 2, "keep_training: only the non-blocking"),
+        ({"algo": "hier-avg", "keep_training": True}, 2, r"not 'hier-avg' \(blocking\)"),
+        (
+            {"algo": "lasgd", "keep_training": True, "lr_schedule": "cosine"},
+            2,
+            "keep_training: the cosine schedule ends at lr 0",
+        ),
+        ({"algo": "lasgd", "keep_training": True, "lr_schedule": "step"}, 2, None),
     ]
     for values, world, message in cases:
         cfg = Config.from_flat(values)

@@ -8,7 +8,7 @@ from torch import nn
 from hpc_asgd.comm.local import DoneWork
 from hpc_asgd.flat import FlatModel
 from hpc_asgd.shm import Hogwild
-from hpc_asgd.sync import HierAvg, LocalSGD, NoSync, SyncSGD
+from hpc_asgd.sync import LASGD, HierAvg, LocalSGD, NoSync, SyncSGD
 
 
 class FakeComm:
@@ -92,3 +92,33 @@ def test_final_average_then_broadcast_for_consensus() -> None:
     comm.calls.clear()
     NoSync(comm, flat, rule).finish()
     assert comm.calls == []  # no consensus promised, nothing averaged
+
+
+def test_lasgd_settle_rounds_until_every_rank_finished_then_reopens() -> None:
+    """--keep-training: a finished rank's rounds (flag 1) complete while its peer still trains
+    (flag 0): settle stays False and each round's delta reaches the live model; the first round
+    whose flags sum to the world size ends the stream, and the next drain re-opens it."""
+
+    class Peer(FakeComm):
+        finished = 0.0
+
+        def split(self, color, key):
+            return self
+
+        def iallreduce_(self, t, op="sum"):
+            t[:-1].add_(self.peer_value)
+            t[-1] += self.finished  # the peer's "finished" flag
+            return DoneWork()
+
+    (flat, rule), comm = _flat(), Peer(2, peer_value=3.0)
+    s = LASGD(comm, flat, rule, period=4)
+    flat.data.fill_(1.0)
+    assert not s.settle(100)  # posts a round flagged finished (the fake completes it at once)
+    assert not s.settle(101)  # applies it: the peer still trains
+    assert torch.all(flat.data == 2.0) and s.rounds == 1  # x += mean(1, 3) - 1
+    comm.finished = 1.0
+    assert not s.settle(102)  # the next round, posted
+    assert s.settle(103) and s.rounds == 2  # every rank finished: over
+    assert s.settle(104)  # and it stays over: no more rounds posted
+    s.drain(104)
+    assert s.rounds == 2 and not s.round.closed  # drained at once, the stream is open again
