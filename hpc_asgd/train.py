@@ -478,12 +478,9 @@ def _train_workers(job: _Run, ctx) -> float:
         job.comm.barrier()
         t0 = train_end = time.perf_counter()  # training time starts when all may step
         ctl[LIMIT].store(limit())
-        last_check = 0.0
         pace = _Pace(cap=1e-3 if sync.overlaps else 2e-2)
         while True:
-            if time.monotonic() - last_check > 0.05:
-                pool.check()
-                last_check = time.monotonic()
+            pool.poll()
             event = min(x for x in (stop, ck_at, pending[0]) if x is not None)
             done = ctl[DONE].load()
             evals.complete(wait=False)
@@ -500,9 +497,7 @@ def _train_workers(job: _Run, ctx) -> float:
                     ctl[LIMIT].store(KEEP_GOING)
                     while not sync.settle(ctl[DONE].load()):
                         evals.complete(wait=False)
-                        if time.monotonic() - last_check > 0.05:
-                            pool.check()
-                            last_check = time.monotonic()
+                        pool.poll()
                         time.sleep(pace.cap)
                     ctl[STOP].store(1)  # workers end the step they are in, then exit
                 if event == total:  # every step is done; the workers' exit is not training

@@ -142,6 +142,7 @@ class WorkerPool:
     def __init__(self, spec: WorkerSpec, workers: int, ctx):
         self.spec, self.n, self.ctx = spec, workers, ctx
         self.procs: list = []
+        self.checked = 0.0  # monotonic time of the last check by :meth:`poll`
 
     def start(self) -> None:
         # USR1 (SLURM's preemption warning) is for the rank's main process; workers inherit
@@ -167,6 +168,12 @@ class WorkerPool:
             else:
                 what = f"exited with code {code}" + (f": {message}" if message else "")
             raise WorkerError(f"rank {self.spec.rank} worker {i} (pid {p.pid}) {what}")
+
+    def poll(self, every: float = 0.05) -> None:
+        """:meth:`check`, at most once per ``every`` seconds (the supervisor's loop is hot)."""
+        if time.monotonic() - self.checked > every:
+            self.check()
+            self.checked = time.monotonic()
 
     def _message(self, index: int) -> str:
         found = ""

@@ -87,8 +87,7 @@ class LocalAsync(Averaging):
     def drain(self, step: int) -> None:
         """This rank has finished: keep agreeing (and averaging) until every rank has."""
         t0 = time.perf_counter()
-        while not self.over:
-            self.poll(step, 0.0, finished=True)
+        while not self.settle(step):
             if self.round.busy:
                 self.round.wait()
             elif self.agree is not None:
