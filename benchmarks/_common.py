@@ -1,5 +1,6 @@
 """What every benchmark script needs: the machine's cores and foreign load, child jobs run as
-a process group (killed whole on a timeout or Ctrl-C), mpirun and its environment, versions.
+a process group (killed whole on a timeout or Ctrl-C), mpirun and its environment, versions,
+bandwidth caps on the links of ``scripts/slurm_local.sh``'s emulated nodes.
 
 Each benchmark is run as ``python benchmarks/NAME.py`` from a checkout; this file sits next to
 it on ``sys.path`` (``benchmarks/`` is the script's own folder).
@@ -7,8 +8,10 @@ it on ``sys.path`` (``benchmarks/`` is the script's own folder).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import re
 import resource
 import shutil
 import signal
@@ -143,6 +146,40 @@ def mpi_env() -> dict[str, str]:
     for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "HPC_ASGD_FAULT"):
         env.pop(k, None)
     return env
+
+
+# ---- emulated nodes (scripts/slurm_local.sh start --nodes N) ----------------------------------
+def rate_bits(rate: str) -> float:
+    """tc's rate in bit/s: ``100mbit`` -> 1e8 (bit units only; tc's ``bps`` means bytes)."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kmg]?)bit", rate.lower())
+    if not m:
+        raise ValueError(f"rate {rate!r}: expected a number and kbit, mbit, gbit or bit")
+    return float(m[1]) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m[2]]
+
+
+def link_tc(node: str, *tc: str) -> list[str]:
+    """``tc`` on NODE's link: [0] the host side hv-NODE (traffic to the node), [1] the node's
+    own eth0 (traffic from it), entered by its network namespace (root only)."""
+    host = ["tc", "qdisc", tc[0], "dev", f"hv-{node}", "root", *tc[1:]]
+    inside = ["nsenter", f"--net=/run/netns/{node}", *host[:4], "eth0", *host[5:]]
+    return [host, inside]
+
+
+@contextlib.contextmanager
+def capped_links(nodes: list[str], rate: str):
+    """Cap each node's link at ``rate`` both ways (tbf) for the ``with`` block; every qdisc put
+    on is taken off on the way out, after an error or Ctrl-C too."""
+    added: list[list[str]] = []
+    try:
+        for node in nodes:
+            tbf = ("tbf", "rate", rate, "burst", "128kb", "latency", "50ms")
+            for add, rm in zip(link_tc(node, "replace", *tbf), link_tc(node, "del"), strict=True):
+                added.append(rm)
+                subprocess.run(add, check=True, capture_output=True, text=True)
+        yield
+    finally:
+        for rm in reversed(added):
+            subprocess.run(rm, check=False, capture_output=True)
 
 
 def versions(mpi: bool = False) -> dict[str, str]:

@@ -66,6 +66,16 @@ unchanged after wrapping ``hpc_asgd.train.run``, ``_train_in_process``, ``_train
 and ``WorkerPool.wait_ready`` with timers (each rank's own training time and set-up, which
 summary.json does not break down per rank). If these names move, those columns are empty.
 
+Slow links (``--nodes N``, the issue "Many nodes on one machine"): N emulated nodes of
+``scripts/slurm_local.sh start --nodes N`` (network namespaces on one bridge, sharing this
+machine's cores) x 1 rank, placed one per node by ``mpirun --hostfile`` (the nodes) ``--map-by
+node`` with the launch agent ``scripts/node_agent.sh``; ``cores // N`` torch threads per rank.
+Instead of the straggler, each contender runs once per ``--links`` setting: uncapped, the last
+node's link capped at ``--cap`` (tc tbf, both ways), every link capped; hier-avg in groups of
+``--group-size`` nodes (default N / 2). The capped / uncapped samples/s ratios test the
+hypothesis: non-blocking averaging keeps >= 0.8 of its uncapped rate, sync falls below 0.5.
+Root only (tc, nsenter); run files live under /var/tmp, since each node has its own /tmp.
+
 Outputs: ``<out>/compare.json`` (every run's raw numbers, medians, goals, commands, versions,
 host, load averages) and ``<out>/compare.md`` (tables).
 """
@@ -82,6 +92,7 @@ import shutil
 import signal
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -91,7 +102,18 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from _common import Foreign, cores, mpi_env, mpirun_exe, run_tree, versions, wait_idle  # noqa: E402
+from _common import (  # noqa: E402
+    Foreign,
+    capped_links,
+    cores,
+    link_tc,
+    mpi_env,
+    mpirun_exe,
+    rate_bits,
+    run_tree,
+    versions,
+    wait_idle,
+)
 
 OURS = ("sync", "local-sgd", "local-async", "lasgd", "hier-avg", "hier-avg-nb")
 KEEPING = ("local-async-keep", "lasgd-keep")  # not run unless named in --contenders
@@ -102,6 +124,10 @@ CHOICES = (*CONTENDERS, *KEEPING)
 RANKS = 2
 SLOW_RANK, SLOW_FACTOR = 1, 2.0
 PEER_MARK = "COMPARE_PEER_JSON "
+VARIANT = {False: "even", True: "slow"}  # a run's key: contender|variant
+LINKS = ("uncapped", "one-capped", "all-capped")  # --nodes: the link settings
+NODE_CONTENDERS = ("sync", "local-sgd", "local-async", "lasgd", "hier-avg", "torch-ddp")
+NONBLOCKING = ("local-async", "lasgd", "hier-avg-nb", *KEEPING)
 
 
 # ---- shared helpers ------------------------------------------------------------------------
@@ -195,7 +221,7 @@ def peer_rank(name: str, opts: dict) -> int:
     rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
     world = int(os.environ["OMPI_COMM_WORLD_SIZE"])
     local = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", world))
-    torch.set_num_threads(max(1, cores() // local))  # the budget hpc_asgd gives each rank
+    torch.set_num_threads(opts["threads"] or max(1, cores() // local))  # as hpc_asgd's ranks
     dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world)
     t_start = time.perf_counter()  # as hpc_asgd.train.run's clock: the engine is up
 
@@ -242,9 +268,10 @@ def peer_rank(name: str, opts: dict) -> int:
             avg = averagers.PeriodicModelAverager(period=k, warmup_steps=0)
             avg.average_parameters = timed_call(avg.average_parameters)
             opt = PostLocalSGDOptimizer(optim=sgd, averager=avg)
-        else:  # torch-hier: groups of 1 rank every K1 steps, everyone every K steps
+        else:  # torch-hier: groups of S ranks every K1 steps, everyone every K steps
             averager = HierarchicalModelAverager(
-                period_group_size_dict=OrderedDict([(k1, 1), (k, world)]), warmup_steps=0
+                period_group_size_dict=OrderedDict([(k1, opts["group_size"]), (k, world)]),
+                warmup_steps=0,
             )
             averager.average_parameters = timed_call(averager.average_parameters)
             opt = sgd
@@ -316,6 +343,8 @@ def peer_rank(name: str, opts: dict) -> int:
     mine = torch.tensor([train_s, comm_s[0], t_train0 - t_start], dtype=torch.float64)
     every = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(every, mine)
+    hosts = [None] * world
+    dist.all_gather_object(hosts, socket.gethostname())
     if rank == 0:
         per_rank = [t.tolist() for t in every]
         train = [r[0] for r in per_rank]
@@ -331,6 +360,7 @@ def peer_rank(name: str, opts: dict) -> int:
             "final_test_acc": rows[-1]["test_acc"],
             "rows": rows,
             "torch_threads": torch.get_num_threads(),
+            "hosts": hosts,
         }
         print(PEER_MARK + json.dumps(out), flush=True)
     # The all_gather was the last collective. Leave without destructors: torch 2.13 can
@@ -350,7 +380,7 @@ def free_port() -> int:
 
 def ours_flags(name: str, args: argparse.Namespace) -> list[str]:
     k, k1 = str(args.period), str(args.local_period)
-    hier = ["--algo", "hier-avg", "--group-size", "1", "--local-period", k1]
+    hier = ["--algo", "hier-avg", "--group-size", str(args.group_size), "--local-period", k1]
     hier += ["--global-period", str(args.period // args.local_period)]
     return {
         "sync": ["--algo", "sync"],
@@ -375,12 +405,19 @@ def common_flags(args: argparse.Namespace) -> list[str]:
     return out + (["--data-dir", args.data_dir] if args.data_dir else [])
 
 
-def launch(args: argparse.Namespace, name: str, slow: bool, tmp: Path) -> dict:
+def launch(args: argparse.Namespace, name: str, variant: str, tmp: Path) -> dict:
     """One mpirun job of one contender; returns its figures (or an ``error``)."""
     if args.wait_quiet > 0:
         wait_idle(args.wait_quiet, args.max_others)
-    ranks = 1 if name == "single" else RANKS
-    mpirun = [mpirun_exe(args.mpirun), "-n", str(ranks), "--oversubscribe", "--bind-to", "none"]
+    slow = variant == "slow"
+    ranks = 1 if name == "single" else args.nodes or RANKS
+    mpirun = [mpirun_exe(args.mpirun), "-n", str(ranks), "--bind-to", "none"]
+    threads = max(1, cores() // args.nodes) if args.nodes else 0  # 0: hpc_asgd's default
+    if args.nodes:  # one rank per emulated node, started in it by the launch agent
+        mpirun += ["--hostfile", str(tmp / "hosts"), "--map-by", "node", "--prtemca"]
+        mpirun += ["plm_ssh_agent", str(ROOT / "scripts" / "node_agent.sh")]
+    else:
+        mpirun.append("--oversubscribe")
     script = [sys.executable, str(Path(__file__).resolve())]
     env = mpi_env()
     out_dir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=tmp))
@@ -397,13 +434,17 @@ def launch(args: argparse.Namespace, name: str, slow: bool, tmp: Path) -> dict:
             "seed": 0,
             "period": args.period,
             "local_period": args.local_period,
+            "group_size": args.group_size,
+            "threads": threads,
             "slow_rank": SLOW_RANK if slow else -1,
             "slow_factor": SLOW_FACTOR if slow else 1.0,
         }
         cmd = [*mpirun, *script, "--peer", name, "--peer-opts", json.dumps(opts)]
-        env["MASTER_ADDR"], env["MASTER_PORT"] = "127.0.0.1", str(free_port())
+        master = (tmp / "hosts").read_text().split()[0] if args.nodes else "127.0.0.1"
+        env["MASTER_ADDR"], env["MASTER_PORT"] = master, str(free_port())
     else:
         train = ["train", *common_flags(args), *ours_flags(name, args), "--out", str(out_dir)]
+        train += ["--threads-per-worker", str(threads)] if threads else []
         if slow:
             train += ["--slow-rank", str(SLOW_RANK), "--slow-factor", str(SLOW_FACTOR)]
         cmd = [*mpirun, *script, "--ours-rank", str(out_dir), "--", *train]
@@ -429,7 +470,12 @@ def launch(args: argparse.Namespace, name: str, slow: bool, tmp: Path) -> dict:
             return {**res, "error": "no result line: " + stdout[-2000:], "command": cmd}
         res.update(json.loads(lines[0][len(PEER_MARK) :]))
     else:
-        res.update(read_ours(out_dir, ranks))
+        try:  # a node taken down under the job (slurm_local.sh stop) can leave no summary
+            res.update(read_ours(out_dir, ranks))
+        except (OSError, ValueError, KeyError) as e:
+            return {**res, "error": f"no summary: {e!r}", "command": cmd}
+    if args.nodes and len(set(res.get("hosts") or [])) != ranks:
+        return {**res, "error": f"ranks not one per node: {res.get('hosts')}", "command": cmd}
     res["time_to_target_s"] = time_to(res["rows"], args.target)
     tta = res["time_to_target_s"]
     setup = res.get("setup_s")
@@ -468,6 +514,7 @@ def read_ours(out_dir: Path, ranks: int) -> dict:
         "comm": summary.get("comm"),
         "wall_s": summary["wall_s"],
         "final_test_acc": summary["final_test_acc"],
+        "hosts": summary.get("hosts"),
         "rows": rows,
     }
     if all(p.exists() for p in probes):
@@ -515,19 +562,38 @@ def paired(runs_a: list[dict], runs_b: list[dict], key: str) -> float | None:
     return statistics.median(ratios) if ratios else None
 
 
+def ratio(a, b) -> float | None:
+    return a / b if a is not None and b else None
+
+
 def goals(report: dict) -> list[dict]:
     res, raw = report["results"], report["runs"]
 
-    def get(name: str, slow: bool, key: str):
-        return res.get(f"{name}|{'slow' if slow else 'even'}", {}).get(key)
+    def get(name: str, slow: bool | str, key: str):
+        return res.get(f"{name}|{VARIANT.get(slow, slow)}", {}).get(key)
 
-    def ratio(a, b):
-        return a / b if a is not None and b else None
-
-    def runs(name: str, slow: bool) -> list[dict]:
-        return raw.get(f"{name}|{'slow' if slow else 'even'}", [])
+    def runs(name: str, slow: bool | str) -> list[dict]:
+        return raw.get(f"{name}|{VARIANT.get(slow, slow)}", [])
 
     out = []
+    for link in (v for v, _ in report["variants"] if report["args"]["nodes"] and v in LINKS[1:]):
+        for algo in (*NONBLOCKING, "sync"):
+            r = ratio(get(algo, link, "samples_per_s"), get(algo, "uncapped", "samples_per_s"))
+            out.append(
+                {
+                    "goal": f"{link}: {algo} keeps "
+                    + ("< 0.5" if algo == "sync" else ">= 0.8")
+                    + " of its uncapped samples/s",
+                    "value": r,
+                    "paired": paired(runs(algo, link), runs(algo, "uncapped"), "samples_per_s"),
+                    "threshold": 0.5 if algo == "sync" else 0.8,
+                    "met": r is not None and (r < 0.5 if algo == "sync" else r >= 0.8),
+                    "note": "",
+                    "needs": (algo,),
+                }
+            )
+    if report["args"]["nodes"]:  # the 2-rank goals below compare runs these jobs do not have
+        return [g for g in out if set(report["contenders"]).issuperset(g.pop("needs"))]
     for algo in ("local-async", "lasgd", *KEEPING):
         r = ratio(get(algo, True, "samples_per_s"), get("sync", True, "samples_per_s"))
         agg = ratio(
@@ -608,22 +674,30 @@ WHAT = {
     "lasgd": "`--algo lasgd --period K`",
     "local-async-keep": "local-async as above, `--keep-training`",
     "lasgd-keep": "lasgd as above, `--keep-training`",
-    "hier-avg": "`--algo hier-avg --group-size 1 --local-period K1 --global-period K/K1`",
+    "hier-avg": "`--algo hier-avg --group-size S --local-period K1 --global-period K/K1`",
     "hier-avg-nb": "hier-avg as above, `--hier-mode nonblocking`",
     "none": "`--algo none` (no averaging, in process)",
     "none-spawn": "`--algo none --spawn-workers` (W=1 spawned worker)",
     "single": "one process alone (`mpirun -n 1`, every core's thread), `--algo none`",
     "torch-ddp": "DDP + SGD (Gloo)",
     "torch-postlocal": "DDP + post-local hook + PostLocalSGDOptimizer(PeriodicModelAverager K)",
-    "torch-hier": "DDP + post-local hook + HierarchicalModelAverager {K1: 1, K: 2}",
+    "torch-hier": "DDP + post-local hook + HierarchicalModelAverager {K1: S, K: ranks}",
 }
 
 
 def markdown(report: dict) -> str:
-    a, v = report["args"], report["versions"]
+    a, v, n = report["args"], report["versions"], report["ranks"]
+    where = f"{n} ranks under `mpirun --oversubscribe --bind-to none`, "
+    if a["nodes"]:
+        where = (
+            f"{n} emulated nodes x 1 rank (`scripts/slurm_local.sh start --nodes {n}`: network "
+            "namespaces on one bridge, sharing this machine's cores; `mpirun --hostfile` of the "
+            "nodes `--map-by node`, launch agent `scripts/node_agent.sh`; ranks ran on "
+            f"{', '.join(report['hosts'])}), "
+        )
     lines = [
         "# Compare: hpc_asgd synchronisers against torch DDP / post-local SGD / hierarchical "
-        "averaging",
+        "averaging" + (f", {n} nodes with capped links" if a["nodes"] else ""),
         "",
         f"Command: `{report['command']}`",
         "",
@@ -634,26 +708,54 @@ def markdown(report: dict) -> str:
         f"median before each run {fmt(report['load_median_runs'], '.2f')}. "
         f"Wall time {report['wall_s']:.0f} s.",
         "",
-        f"{RANKS} ranks under `mpirun --oversubscribe --bind-to none`, "
-        f"{report['threads_per_rank']} torch thread(s) per rank (cores // ranks; local-async's "
+        where
+        + f"{report['threads_per_rank']} torch thread(s) per rank (cores // ranks; local-async's "
         "worker gets the rank's thread, its main process averages). "
         f"Model `{a['model']}` on `{a['dataset']}` {report['input_shape']}, "
         f"batch {a['batch_size']} per rank, SGD lr {a['lr']} momentum {a['momentum']}, "
         f"{a['epochs']} epochs "
         f"({report['steps_per_rank']} steps per rank), evaluation every {a['eval_every']} epoch, "
-        f"K = {a['period']}, K1 = {a['local_period']}. Medians of {a['repeats']} repeats, "
-        "[min-max] below each where useful.",
+        f"K = {a['period']}, K1 = {a['local_period']}, S = {a['group_size']}. Medians of "
+        f"{a['repeats']} repeats, [min-max] below each where useful.",
         "",
     ]
+    if a["nodes"]:  # the links, and why this cap
+        best = max(
+            (r["samples_per_s"] or 0 for k, r in report["results"].items() if "|uncapped" in k),
+            default=0,
+        )  # the fastest uncapped contender's step: about the computation alone
+        step_ms = a["batch_size"] * n / best * 1e3 if best else None
+        wire_ms = report["ring_bytes"] * 8e3 / rate_bits(a["cap"])
+        lines += [
+            f"Links: `tc qdisc replace dev hv-NODE root tbf rate {a['cap']} burst 128kb "
+            "latency 50ms` on the host's side and the same on the node's `eth0` (both "
+            "directions), put on before each run and taken off after it; one-capped caps "
+            f"{report['node_names'][-1]}, all-capped every node. Why {a['cap']}: one averaging "
+            "round (and one step of sync) allreduces the flat buffer of "
+            f"{report['round_bytes'] / 4:.0f} floats ({report['round_bytes'] / 1e6:.2f} MB); a "
+            "ring allreduce sends 2(N-1)/N of it each way per rank, "
+            f"{report['ring_bytes'] / 1e6:.2f} MB: at least {wire_ms:.0f} ms on the wire at "
+            f"{a['cap']}, against {fmt(step_ms, '.1f')} ms per step of the fastest uncapped "
+            "contender (about the computation alone). Sync waits for a round every step, so "
+            "at this cap it is communication-bound, while the periodic averagers have K steps "
+            f"({fmt(step_ms and step_ms * a['period'], '.0f')} ms) to hide one round (at "
+            f"1gbit: {report['ring_bytes'] * 8e-6:.0f} ms). Model "
+            f"`{a['model']}` on `{a['dataset']}`, not resnet20: a ResNet-20 step is far slower "
+            f"on {report['nproc']} cores shared by {n} ranks, too slow for every (contender, "
+            "link, repeat); its 0.27 M parameters would also leave more computation per byte "
+            "averaged.",
+            "",
+        ]
+    share = " / ".join(f"r{i}" for i in range(n))
     cols = (
         "| contender | samples/s | aggregate samples/s | wall to "
         f"{a['target']} (s) | train to {a['target']} (s) | set-up (s) | final acc | "
-        "wait share r0 / r1 | rounds | others' CPU (cores) |"
+        f"wait share {share} | rounds | others' CPU (cores) |"
     )
-    for slow, title in ((False, "No straggler"), (True, "Rank 1 slowed 2x")):
+    for variant, title in report["variants"]:
         lines += [f"## {title}", "", cols, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name in report["contenders"]:
-            s = report["results"].get(f"{name}|{'slow' if slow else 'even'}")
+            s = report["results"].get(f"{name}|{variant}")
             if s is None:
                 continue
             rng = s["samples_per_s_range"]
@@ -671,8 +773,25 @@ def markdown(report: dict) -> str:
                 + (f" {s['runs_failed']} run(s) failed" if s["runs_failed"] else "")
             )
         lines.append("")
+    links = [x for x, _ in report["variants"]] if a["nodes"] else []
+    head = [f"samples/s {x}" for x in links] + [f"{x} / uncapped" for x in links[1:]]
+    head += [f"to {a['target']} {x} (s)" for x in links]
     lines += [
-        "## Goals",
+        "## Capped / uncapped (ratios of medians)",
+        "",
+        "| contender | " + " | ".join(head) + " |",
+        "|---|" + "---:|" * len(head),
+    ] * bool(links)
+    for name in report["contenders"] if links else []:
+        r = [report["results"].get(f"{name}|{x}", {}) for x in links]
+        cells = [fmt(x.get("samples_per_s")) for x in r]
+        cells += [
+            fmt(ratio(x.get("samples_per_s"), r[0].get("samples_per_s")), ".2f") for x in r[1:]
+        ]
+        cells += [fmt(x.get("time_to_target_s"), ".2f") for x in r]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [""] * bool(links) + [
+        "## Goals" + (" (the issue's hypothesis, tested)" if a["nodes"] else ""),
         "",
         "| goal | measured (ratio of medians) | paired | met |",
         "|---|---:|---:|---|",
@@ -708,7 +827,8 @@ def markdown(report: dict) -> str:
 
 def driver(args: argparse.Namespace, argv: list[str]) -> int:
     started = time.monotonic()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # through the jobs' cleanup
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # through the jobs' (and links') cleanup
+        signal.signal(sig, lambda *_: sys.exit(143))
     command = shlex.join(["python", "benchmarks/compare.py", *argv])
     print(f"compare benchmark: {command}", flush=True)
     load_before = os.getloadavg()
@@ -719,20 +839,53 @@ def driver(args: argparse.Namespace, argv: list[str]) -> int:
             flush=True,
         )
     from hpc_asgd.data import ShardSampler, load_dataset
+    from hpc_asgd.models import build_model
 
     data = load_dataset(args.dataset, args.data_dir)
-    spe = ShardSampler(len(data.train), 0, RANKS, args.batch_size, 0).steps_per_epoch
-    pairs = [(n, False) for n in args.contenders]
-    if not args.no_straggler:
-        pairs += [(n, True) for n in args.contenders if n not in BASELINES]
-    runs: dict[str, list[dict]] = {f"{n}|{'slow' if s else 'even'}": [] for n, s in pairs}
-    tmp = Path(tempfile.mkdtemp(prefix="hpc_asgd_compare_"))
+    ranks = args.nodes or RANKS
+    spe = ShardSampler(len(data.train), 0, ranks, args.batch_size, 0).steps_per_epoch
+    variants = [("even", "No straggler")] + [("slow", "Rank 1 slowed 2x")] * (not args.no_straggler)
+    nodes: list[str] = []
+    if args.nodes:  # the first N emulated nodes; rank r runs on nodes[r]
+        found = run_tree(["bash", "scripts/slurm_local.sh", "hostfile"], 60)
+        nodes = [ln.split()[0] for ln in found.stdout.splitlines()][: args.nodes] if found else []
+        if len(nodes) < args.nodes:
+            sys.exit(
+                f"compare.py: {args.nodes} emulated nodes needed, found {nodes}: run "
+                f"scripts/slurm_local.sh start --nodes {args.nodes} (as root)"
+            )
+        shown = [run_tree(c, 10) for x in nodes for c in link_tc(x, "show")]
+        if any(r is None or "tbf" in r.stdout for r in shown):  # left by a killed run
+            sys.exit(
+                'compare.py: a tbf is on a node\'s link already, "uncapped" would be capped '
+                "(tc qdisc del dev hv-NODE root, and on its eth0):\n"
+                + "".join(r.stdout for r in shown if r)
+            )
+        titles = {"uncapped": "Uncapped links", "all-capped": f"Every link capped at {args.cap}"}
+        titles["one-capped"] = f"{nodes[-1]}'s link capped at {args.cap}"
+        variants = [(x, titles[x]) for x in args.links]
+    capped = {"one-capped": nodes[-1:], "all-capped": nodes}
+    pairs = [
+        (n, x) for x, _ in variants for n in args.contenders if x != "slow" or n not in BASELINES
+    ]
+    runs: dict[str, list[dict]] = {f"{n}|{x}": [] for n, x in pairs}
+    # each node has its own /tmp: the run folders of --nodes live where every node sees them
+    tmp = Path(tempfile.mkdtemp(prefix="hpc_asgd_compare_", dir="/var/tmp" if nodes else None))
+    (tmp / "hosts").write_text("".join(f"{x} slots=1\n" for x in nodes))
+
+    def launch_on(name: str, variant: str) -> dict:  # with the variant's links capped
+        try:
+            with capped_links(capped.get(variant, []), args.cap):
+                return launch(args, name, variant, tmp)
+        except subprocess.CalledProcessError as e:  # a link gone: the cluster was restarted
+            return {"error": f"{shlex.join(e.cmd)}: {e.stderr.strip()}"}
+
     try:
         for rep in range(args.repeats):
             k = (rep * 3) % len(pairs)
-            for name, slow in pairs[k:] + pairs[:k]:
-                key = f"{name}|{'slow' if slow else 'even'}"
-                res = launch(args, name, slow, tmp)
+            for name, variant in pairs[k:] + pairs[:k]:
+                key = f"{name}|{variant}"
+                res = launch_on(name, variant)
                 tries = 1
                 # A run during which other work took CPU is repeated (--retry-noisy times);
                 # the quietest attempt counts.
@@ -745,7 +898,7 @@ def driver(args: argparse.Namespace, argv: list[str]) -> int:
                         f"  [{rep}] {key}: others used {res['others_cores']:.2f} cores, again",
                         flush=True,
                     )
-                    again = launch(args, name, slow, tmp)
+                    again = launch_on(name, variant)
                     tries += 1
                     if "error" not in again and again["others_cores"] < res["others_cores"]:
                         res = again
@@ -764,6 +917,10 @@ def driver(args: argparse.Namespace, argv: list[str]) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     loads = [r["load_before"] for rs in runs.values() for r in rs if "load_before" in r]
+    model = build_model(args.model, data.input_shape, data.num_classes)
+    floats = sum(
+        t.numel() for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()
+    )
     report = {
         "benchmark": "compare",
         "command": command,
@@ -771,7 +928,13 @@ def driver(args: argparse.Namespace, argv: list[str]) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "hostname": socket.gethostname(),
         "nproc": os.cpu_count(),
-        "threads_per_rank": max(1, cores() // RANKS),
+        "ranks": ranks,
+        "node_names": nodes,
+        "hosts": sorted({h for rs in runs.values() for r in rs for h in r.get("hosts") or []}),
+        "variants": variants,
+        "round_bytes": 4 * floats,  # float32, the flat buffer every averaging round reduces
+        "ring_bytes": 4 * floats * 2 * (ranks - 1) / ranks,  # each way per rank, ring
+        "threads_per_rank": max(1, cores() // ranks),
         "versions": versions(mpi=True),
         "input_shape": list(data.input_shape),
         "steps_per_rank": max(1, math.ceil(args.epochs * spe)),
@@ -796,7 +959,33 @@ def driver(args: argparse.Namespace, argv: list[str]) -> int:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--contenders", nargs="+", choices=CHOICES, default=list(CONTENDERS))
+    p.add_argument(
+        "--contenders",
+        nargs="+",
+        choices=CHOICES,
+        default=None,
+        help="default: all but the -keep ones; with --nodes: " + " ".join(NODE_CONTENDERS),
+    )
+    p.add_argument(
+        "--nodes",
+        type=int,
+        default=0,
+        help="N > 1: one rank on each of N emulated nodes (scripts/slurm_local.sh start --nodes "
+        "N), each contender once per --links setting instead of the straggler (root only)",
+    )
+    p.add_argument("--links", nargs="+", choices=LINKS, default=list(LINKS), help="with --nodes")
+    p.add_argument(
+        "--cap",
+        default="100mbit",
+        help="tc rate of a capped link (with --nodes); the default makes sync "
+        "communication-bound with cnn (see the Markdown)",
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=0,
+        help="S: ranks per hier-avg group (torch-hier's first level); 0: 1, with --nodes N / 2",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--epochs", type=float, default=16.0, help="passes over each rank's shard")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 repeat of 3 epochs")
@@ -843,6 +1032,17 @@ def parse(argv: list[str]) -> argparse.Namespace:
         p.error("--repeats >= 1 and --epochs > 0")
     if args.period % args.local_period:
         p.error("--local-period must divide --period")
+    args.contenders = args.contenders or list(NODE_CONTENDERS if args.nodes else CONTENDERS)
+    args.links = sorted(set(args.links), key=LINKS.index)  # uncapped first: the ratios' base
+    args.group_size = args.group_size or max(1, args.nodes // 2)
+    if args.nodes == 1 or (args.nodes and args.links[0] != "uncapped"):
+        p.error("--nodes N needs N > 1 and the uncapped links among --links")
+    if (args.nodes or RANKS) % args.group_size:
+        p.error("--group-size must divide the number of ranks")
+    try:
+        rate_bits(args.cap)
+    except ValueError as e:
+        p.error(f"--cap: {e}")
     return args
 
 

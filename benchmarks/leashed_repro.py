@@ -138,7 +138,7 @@ def analyse_run(
     summary: dict, rows: list[dict], target: float, batch: int, smooth_n: int = 1
 ) -> dict:
     total = summary["steps_per_rank"]
-    train_s = summary["train_s"]
+    train_s = max(summary["train_s"])  # per rank; these runs have one
     curve = []
     for r in rows:
         if r["train_loss"] == 0.0:  # no step finished since the previous evaluation (W > 1)

@@ -1,7 +1,7 @@
 """``hpc-asgd train | info``: a thin entry point over ``config``, ``env`` and ``train``.
 
-Errors end the job with one readable line (``hpc-asgd: error on rank R: ...``) and a non-zero
-exit: configuration errors on every rank before any collective (exit 2, printed by rank 0);
+Errors end the job with one readable line (``hpc-asgd: error on rank R/N (HOST): ...``) and a
+non-zero exit: configuration errors on every rank before any collective (exit 2, printed by rank 0);
 anything later aborts every rank through the engine (exit 1), as ``python -m mpi4py`` does.
 """
 
@@ -108,7 +108,7 @@ def cmd_train(args: argparse.Namespace, launch: env.Launch) -> int:
             print(f"hpc-asgd: {e}", file=sys.stderr, flush=True)
         return Preempted.EXIT_CODE
     except (Exception, KeyboardInterrupt) as e:
-        print(error_line(launch.rank, launch.size, e), file=sys.stderr, flush=True)
+        print(error_line(launch.rank, launch.size, e, launch.hostname), file=sys.stderr, flush=True)
         if os.environ.get("HPC_ASGD_TRACEBACK"):
             import traceback
 

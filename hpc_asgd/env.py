@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,9 @@ class Launch:
     master_port: int | None
     slurm_job_id: str | None
     fault: Fault | None
+    # OMP_NUM_THREADS when set: the intra-op threads the user (or the SLURM template, from
+    # --cpus-per-task) gave each rank; None: the rank takes a fair share of its cores
+    threads: int | None = None
 
     @property
     def under_mpi(self) -> bool:
@@ -70,6 +73,11 @@ def _first_slurm_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0]
 
 
+def short_host(name: str) -> str:
+    """``node2.cluster.local`` -> ``node2``: how summaries and error lines name a node."""
+    return name.split(".", maxsplit=1)[0]
+
+
 def _parse_fault(spec: str | None) -> Fault | None:
     if not spec:
         return None
@@ -82,7 +90,11 @@ def _parse_fault(spec: str | None) -> Fault | None:
 def detect(env: dict[str, str] | None = None) -> Launch:
     """Read the launcher's variables. Precedence: Open MPI, PMIx/PMI, torchrun, SLURM, single."""
     env = dict(os.environ if env is None else env)
-    host = socket.gethostname().split(".")[0]
+    return replace(_detect(env), threads=_int(env, "OMP_NUM_THREADS") or None)
+
+
+def _detect(env: dict[str, str]) -> Launch:
+    host = short_host(socket.gethostname())
     job = env.get("SLURM_JOB_ID")
     fault = _parse_fault(env.get("HPC_ASGD_FAULT"))
     port = _int(env, "MASTER_PORT")

@@ -19,10 +19,11 @@ class CommError(HpcAsgdError):
     """A collective failed or passed its deadline; the message names the missing ranks."""
 
 
-def error_line(rank: int, size: int, err: BaseException) -> str:
-    """The one line a failing rank prints."""
+def error_line(rank: int, size: int, err: BaseException, host: str | None = None) -> str:
+    """The one line a failing rank prints; it names the host too, since nodes fail."""
     what = str(err) if isinstance(err, HpcAsgdError) else f"{type(err).__name__}: {err}"
-    return f"hpc-asgd: error on rank {rank}/{size}: {what}"
+    where = f" ({host})" if host else ""
+    return f"hpc-asgd: error on rank {rank}/{size}{where}: {what}"
 
 
 class Preempted(HpcAsgdError):

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from hpc_asgd import checkpoint, metrics
 from hpc_asgd.comm import Comm, make_comm
+from hpc_asgd.comm.base import gather_hosts
 from hpc_asgd.config import Config
 from hpc_asgd.data import Dataset, ShardSampler, load_dataset
 from hpc_asgd.env import Fault, Launch, is_tty
@@ -62,14 +63,17 @@ from hpc_asgd.step import (
     inject,
     slow_factor,
 )
-from hpc_asgd.sync import Synchronizer, make_synchronizer
+from hpc_asgd.sync import HierAvg, Synchronizer, make_synchronizer
 
 EVAL_BATCH = 512
 KEEP_GOING = 1 << 62  # the workers' step bound with --keep-training: their STOP ends them
 
 
 def _threads_per_rank(launch: Launch) -> int:
-    """Cores this rank may use: its affinity mask if the launcher bound it, else a fair share."""
+    """Cores this rank may use: OMP_NUM_THREADS when set, its affinity mask if the launcher
+    bound it, else a fair share of the node's cores among its ranks."""
+    if launch.threads:
+        return launch.threads
     mask = len(os.sched_getaffinity(0))
     bound = mask < (os.cpu_count() or mask)
     return max(1, mask if bound else mask // max(1, launch.local_size))
@@ -175,7 +179,12 @@ class Checkpointer:
         if not r.resume:
             return None
         folder = checkpoint.resolve(r.resume, self.root)
-        return None if folder is None else checkpoint.load(folder, self.comm.rank, self.comm.size)
+        if folder is None:
+            return None
+        state = checkpoint.load(folder, self.comm.rank, self.comm.size)
+        if self.comm.rank == 0:  # the log of a requeued job says where it went on from
+            print(f"hpc-asgd: resuming from node step {state['step']} ({folder})", flush=True)
+        return state
 
 
 @dataclass
@@ -204,6 +213,8 @@ class _Run:
     seen: torch.Tensor  # (loss_sum, steps) at the last evaluation
     resumed: dict | None  # the checkpoint this run resumes from
     extra: int = 0  # --keep-training: node steps taken past ``total`` while slower ranks finished
+    t_start: float = 0.0  # perf_counter() when ``run`` began
+    setup_s: float = 0.0  # from ``t_start`` to this rank's first training step (this session)
 
     def state(self, step: int, train_s: float, extra: dict | None = None) -> dict:
         """What a checkpoint holds (tensors and plain containers: ``weights_only``-safe)."""
@@ -335,6 +346,7 @@ def run(cfg: Config, launch: Launch, comm: Comm | None = None) -> dict:
         rows,
         seen,
         resumed,
+        t_start=t_start,
     )
     old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     old_usr1 = signal.signal(signal.SIGUSR1, ck.on_usr1)
@@ -368,6 +380,7 @@ def _train_in_process(job: _Run) -> float:
     pending = [e for e in job.evals if e > start]
     evals = _InFlight()
     t_seg = time.perf_counter()
+    job.setup_s = t_seg - job.t_start
     flat.module.train()
     for s in range(start, job.total):
         inject(job.launch.fault, comm.rank, s)
@@ -477,6 +490,7 @@ def _train_workers(job: _Run, ctx) -> float:
         # extra ones) alone.
         job.comm.barrier()
         t0 = train_end = time.perf_counter()  # training time starts when all may step
+        job.setup_s = t0 - job.t_start
         ctl[LIMIT].store(limit())
         pace = _Pace(cap=1e-3 if sync.overlaps else 2e-2)
         while True:
@@ -580,9 +594,10 @@ def _summarise(job: _Run, rows: list[dict], train_s: float, t_start: float, out:
     d, s = cfg.data, cfg.sync
     digest = bytes.fromhex(flat.checksum())
     sums = comm.allgather(torch.frombuffer(bytearray(digest), dtype=torch.uint8))
-    waits = comm.allgather(
-        torch.tensor([sync.wait_s, train_s, sync.inflight_s, job.extra], dtype=torch.float64)
-    )
+    mine = [sync.wait_s, train_s, sync.inflight_s, job.extra, job.setup_s]
+    waits = comm.allgather(torch.tensor(mine, dtype=torch.float64))
+    hosts = gather_hosts(comm, job.launch.hostname)
+    groups = sync.groups() if isinstance(sync, HierAvg) else None  # collective: every rank
     all_stats = comm.allgather(job.stats)  # (ranks, W, NSTATS)
     extra = [round(float(x)) for x in waits[:, 3]]
     samples = (total * comm.size + sum(extra)) * d.batch_size
@@ -600,7 +615,11 @@ def _summarise(job: _Run, rows: list[dict], train_s: float, t_start: float, out:
         "extra_steps": extra,  # per rank, --keep-training: steps past total while others finished
         "samples_processed": samples,
         "wall_s": round(time.perf_counter() - t_start, 3),
-        "train_s": round(train_s_max, 3),
+        "hosts": hosts,  # per rank: where it ran
+        # per rank: start-up (``run`` to the first training step: data, model, workers) and
+        # training time (first step to last, without evaluation passes); samples_per_s uses the max
+        "setup_s": [round(float(x), 3) for x in waits[:, 4]],
+        "train_s": [round(float(x), 3) for x in waits[:, 1]],
         "samples_per_s": round(samples / train_s_max, 1) if train_s_max > 0 else None,
         "final_test_acc": rows[-1]["test_acc"],
         "final_test_loss": rows[-1]["test_loss"],
@@ -618,6 +637,8 @@ def _summarise(job: _Run, rows: list[dict], train_s: float, t_start: float, out:
         "versions": metrics.versions(comm.name),
         "config": cfg.to_dict(),
     }
+    if groups is not None:
+        summary["groups"] = groups  # hier-avg: the world ranks each group averaged among
     if comm.rank == 0 and out:
         metrics.save_model(out / "model.pt", flat.module, cfg.to_dict())
         metrics.write_json(out / "summary.json", summary)

@@ -17,9 +17,10 @@ export PATH="$PWD/$VENV/bin:$PATH"
 # Open MPI refuses to run as root without these (CI and containers run as root).
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 
-# As root (CI, containers): shellcheck for the shell-script lint test, and a real single-node
-# SLURM cluster for tests/slurm (Debian packages, installed when missing). Elsewhere those
-# tests skip, saying why.
+# As root (CI, containers): shellcheck for the shell-script lint test, and a real SLURM cluster
+# of 4 emulated nodes (network namespaces on a private bridge, a slurmd each) for tests/slurm
+# and tests/cluster (Debian packages, installed when missing). Elsewhere those tests skip,
+# saying why.
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
   if ! command -v shellcheck >/dev/null; then
     echo "[test] installing shellcheck"
@@ -27,8 +28,8 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
       && DEBIAN_FRONTEND=noninteractive apt-get -q -y install shellcheck; } </dev/null >/dev/null 2>&1 \
       || echo "[test] shellcheck could not be installed: its test will skip"
   fi
-  echo "[test] local SLURM cluster"
-  bash scripts/slurm_local.sh start </dev/null \
+  echo "[test] local SLURM cluster of 4 emulated nodes"
+  bash scripts/slurm_local.sh start --nodes 4 </dev/null \
     || echo "[test] scripts/slurm_local.sh start failed: tests/slurm will report why"
 fi
 

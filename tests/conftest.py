@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -13,8 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from hpc_asgd.env import short_host
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+HOST = short_host(socket.gethostname())  # how error lines and summaries name every test rank's host
 
 
 def mpirun_exe() -> str | None:
@@ -132,3 +136,19 @@ def train(n: int, *flags: str, timeout: float = 120, env: dict[str, str] | None 
 
 def summary(out_dir: Path) -> dict:
     return json.loads((out_dir / "summary.json").read_text())
+
+
+SHARED_TMP = Path("/var/tmp") / f"hpc_asgd-tests-{os.getuid()}"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Test folders where every node of the emulated cluster sees them (tests/cluster,
+    tests/slurm): each node has a /tmp of its own, as real nodes do, so pytest's default base
+    under /tmp would be invisible to the ranks. One folder per session; the 3 newest are kept."""
+    if config.option.basetemp is not None or hasattr(config, "workerinput"):
+        return
+    SHARED_TMP.mkdir(parents=True, exist_ok=True)
+    old = sorted(SHARED_TMP.iterdir(), key=lambda p: p.stat().st_mtime)
+    for stale in old[:-3]:
+        shutil.rmtree(stale, ignore_errors=True)
+    config.option.basetemp = str(SHARED_TMP / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")

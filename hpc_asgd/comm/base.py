@@ -25,8 +25,10 @@ class Work(Protocol):
         """Drive progress once; True when complete (the buffer then holds the result)."""
         ...
 
-    def wait(self, timeout: float | None = None) -> None:
-        """Block until complete; after ``timeout`` s raise CommError naming missing ranks."""
+    def wait(self, timeout: float | None = None, waited: float = 0.0) -> None:
+        """Block until complete; after ``timeout`` s raise CommError naming missing ranks.
+        ``waited``: seconds already spent on it elsewhere (polled with ``test``); they count
+        toward the deadline, so a wait past it reports the whole ``timeout``, not 0 s."""
         ...
 
 
@@ -37,6 +39,7 @@ class Comm(Protocol):
     name: str  # engine: "mpi" | "gloo" | "nccl" | "horovod" | "local"
     rank: int
     size: int
+    world_ranks: list[int]  # the job-wide rank of each member, in this communicator's order
     timeout: float  # default deadline of every wait, seconds
 
     def allreduce_(self, t: torch.Tensor, op: str = "sum") -> None: ...
@@ -56,7 +59,7 @@ class Comm(Protocol):
         ...
 
     def split_node(self) -> Comm:
-        """The ranks that share this node's memory (MPI_COMM_TYPE_SHARED)."""
+        """The ranks on this rank's host (by host name: see :func:`split_by_host`)."""
         ...
 
     def abort(self, code: int = 1) -> None:
@@ -88,6 +91,33 @@ class Poller:
         self.nap = min(1e-3, self.nap * 2 or 2e-5)
 
 
+HOST_BYTES = 64  # a host name's share of a gathered record (longer names are cut)
+
+
+def gather_hosts(comm: Comm, host: str) -> list[str]:
+    """Every rank's ``host``, in rank order: one allgather of a fixed-size byte record, which
+    every engine carries (names longer than ``HOST_BYTES`` bytes are cut)."""
+    record = host.encode()[:HOST_BYTES].ljust(HOST_BYTES, b"\0")
+    table = comm.allgather(torch.frombuffer(bytearray(record), dtype=torch.uint8))
+    return [bytes(row.tolist()).rstrip(b"\0").decode(errors="replace") for row in table]
+
+
+def split_by_host(comm: Comm, host: str) -> Comm:
+    """The ranks whose ``host`` is this rank's, ordered by rank; nodes are numbered in the
+    order their first rank appears. By name rather than by shared memory
+    (MPI_COMM_TYPE_SHARED): emulated nodes (network namespaces with host names of their own on
+    one kernel) share memory but are separate nodes to the job. Collective."""
+    first: dict[str, int] = {}
+    colors = [first.setdefault(h, len(first)) for h in gather_hosts(comm, host)]
+    return comm.split(colors[comm.rank], comm.rank)
+
+
+def name_ranks(ranks: list[int], hosts: dict[int, str] | None = None) -> str:
+    """``1 (node2), 3``: ranks, each with its host where the engine knows it."""
+    hosts = hosts or {}
+    return ", ".join(f"{r} ({hosts[r]})" if hosts.get(r) else str(r) for r in ranks)
+
+
 def timeout_error(
     comm_name: str,
     rank: int,
@@ -96,17 +126,36 @@ def timeout_error(
     timeout: float,
     missing: list[int] | None,
     elsewhere: dict[int, int] | None = None,
+    hosts: dict[int, str] | None = None,
 ) -> CommError:
-    """One readable line: which collective, how long, and who did not arrive."""
+    """One readable line: which collective, how long, and who did not arrive (with the host
+    of each, from ``hosts``, by world rank, where the engine knows it: nodes fail, not ranks)."""
     msg = f"{comm_name} {what} #{seq} timed out after {timeout:g} s on rank {rank}"
     if missing:
-        msg += f": rank(s) {', '.join(map(str, missing))} did not arrive"
+        msg += f": rank(s) {name_ranks(missing, hosts)} did not arrive"
     elif missing is not None:
         msg += ": every peer answered; the collective itself is stuck"
     if elsewhere:
         where = ", ".join(f"rank {r} at #{s}" for r, s in sorted(elsewhere.items()))
         msg += f" (out of step: {where})"
     return CommError(msg + " (--comm-timeout)")
+
+
+def failure_error(
+    comm_name: str,
+    rank: int,
+    what: str,
+    seq: int,
+    missing: list[int],
+    hosts: dict[int, str] | None,
+    cause: str,
+) -> CommError:
+    """One readable line for a collective that the engine ended with an error before any
+    deadline: a peer's process died or its node went away (the connection broke)."""
+    msg = f"{comm_name} {what} #{seq} failed on rank {rank}"
+    if missing:
+        msg += f": rank(s) {name_ranks(missing, hosts)} did not answer"
+    return CommError(f"{msg} ({' '.join(cause.split())})")
 
 
 def check_op(op: str) -> str:

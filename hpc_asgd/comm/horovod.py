@@ -53,7 +53,8 @@ import zlib
 import torch
 
 from hpc_asgd.comm import status
-from hpc_asgd.comm.base import Poller, check_op, timeout_error
+from hpc_asgd.comm.base import Comm, Poller, check_op, name_ranks, split_by_host, timeout_error
+from hpc_asgd.env import short_host
 from hpc_asgd.errors import CommError, ConfigError
 
 _INSTALL_HINT = "run scripts/install_horovod.sh"
@@ -116,11 +117,11 @@ class HorovodWork:
             self._finish()
         return self.done
 
-    def wait(self, timeout: float | None = None) -> None:
+    def wait(self, timeout: float | None = None, waited: float = 0.0) -> None:
         timeout = self.comm.timeout if timeout is None else timeout
         # Horovod progresses on its own background thread: poll with backoff, so that idle
         # ranks leave the cores to the ranks (and Horovod threads) that work.
-        poll = Poller(timeout)
+        poll = Poller(max(0.0, timeout - waited))
         while not self.test():
             if poll.expired():
                 self.comm.broken = True  # Horovod cannot withdraw the operation
@@ -301,12 +302,8 @@ class HorovodComm:
         index = sorted(groups).index(color)
         return HorovodComm(self.timeout, _parent=(self, index), _members=wanted[index])
 
-    def split_node(self) -> HorovodComm:
-        host = socket.gethostname().encode()[:64].ljust(64, b"\0")
-        hosts = self.allgather(torch.frombuffer(bytearray(host), dtype=torch.uint8))
-        first: dict[bytes, int] = {}
-        colors = [first.setdefault(bytes(h.tolist()), len(first)) for h in hosts]
-        return self.split(colors[self.rank], self.rank)
+    def split_node(self) -> Comm:
+        return split_by_host(self, socket.gethostname())
 
     def abort(self, code: int = 1) -> None:
         sys.stdout.flush()
@@ -331,6 +328,7 @@ class HorovodComm:
         answers = status.ask_all({w: _state.addresses[w] for w in peers}, self.cid, _GRACE)
         missing = sorted(w for w, n in answers.items() if n is None or n < seq)
         behind = {w: n for w, n in answers.items() if n is not None and 0 <= n < seq}
+        hosts = {w: short_host(host) for w, (host, _) in enumerate(_state.addresses)}
         others = [w for w in range(len(_state.addresses)) if w not in self.members]
         if not missing and others and _state.world is not None:
             # Each rank's one Horovod thread serves every set in turn: a rank outside this
@@ -341,11 +339,11 @@ class HorovodComm:
             if silent:
                 return CommError(
                     f"{self.name} {what} #{seq} timed out after {timeout:g} s on rank "
-                    f"{self.world_rank}: rank(s) {', '.join(map(str, silent))} do not answer "
+                    f"{self.world_rank}: rank(s) {name_ranks(silent, hosts)} do not answer "
                     "(outside this group, but Horovod's negotiation of the sets it shares with "
                     "this group's ranks stalls them) (--comm-timeout)"
                 )
-        return timeout_error(self.name, self.world_rank, what, seq, timeout, missing, behind)
+        return timeout_error(self.name, self.world_rank, what, seq, timeout, missing, behind, hosts)
 
 
 def _register(new: list[tuple[int, ...]]) -> None:

@@ -15,7 +15,7 @@ class DoneWork:
     def test(self) -> bool:
         return True
 
-    def wait(self, timeout: float | None = None) -> None:
+    def wait(self, timeout: float | None = None, waited: float = 0.0) -> None:
         return None
 
 
@@ -26,6 +26,7 @@ class LocalComm:
 
     def __init__(self, timeout: float = 300.0):
         self.timeout = timeout
+        self.world_ranks = [0]
 
     def allreduce_(self, t: torch.Tensor, op: str = "sum") -> None:
         check_op(op)

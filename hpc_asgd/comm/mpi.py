@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import socket
 import sys
 import threading
 import time
@@ -22,8 +23,16 @@ import numpy as np
 import torch
 
 from hpc_asgd.comm import status
-from hpc_asgd.comm.base import Poller, check_op, timeout_error
-from hpc_asgd.errors import error_line
+from hpc_asgd.comm.base import (
+    Comm,
+    Poller,
+    check_op,
+    failure_error,
+    split_by_host,
+    timeout_error,
+)
+from hpc_asgd.env import short_host
+from hpc_asgd.errors import CommError, error_line
 
 _WATCH_EVERY = 0.05  # s between the watchdog's looks at blocked collectives
 _GRACE = 2.0  # s peers get to answer "where are you?"
@@ -82,7 +91,9 @@ class _Process:
                     what, seq, _, timeout = blocked
                     err = comm.diagnose(what, seq, timeout)
                     rank = comm.world_ranks[comm.rank]
-                    print(error_line(rank, len(self.addresses), err), file=sys.stderr, flush=True)
+                    host = short_host(self.addresses[rank][0])
+                    line = error_line(rank, len(self.addresses), err, host)
+                    print(line, file=sys.stderr, flush=True)
                     if self.threaded:
                         _mpi().COMM_WORLD.Abort(1)
                     os._exit(1)  # the launcher ends the other ranks on a non-zero exit
@@ -106,16 +117,20 @@ class MpiWork:
         self.done = False
 
     def test(self) -> bool:
-        if not self.done and self.req.Test():
+        try:
+            done = self.done or self.req.Test()
+        except _mpi().Exception as e:  # a peer failed (an MPI that reports it: ULFM, MPICH)
+            raise self.comm.failure(self.what, self.seq, e) from None
+        if done and not self.done:
             self.done = True
             if self.staged is not None:
                 host, dev = self.staged
                 dev.copy_(host)
         return self.done
 
-    def wait(self, timeout: float | None = None) -> None:
+    def wait(self, timeout: float | None = None, waited: float = 0.0) -> None:
         timeout = self.comm.timeout if timeout is None else timeout
-        poll = Poller(timeout)
+        poll = Poller(max(0.0, timeout - waited))
         while not self.test():  # every Test() also drives MPI's progress
             if poll.expired():
                 raise self.comm.diagnose(self.what, self.seq, timeout)
@@ -166,6 +181,8 @@ class MpiComm:
         self.blocked = (what, self.seq, time.monotonic() + self.timeout, self.timeout)
         try:
             blocking(buf)
+        except _mpi().Exception as e:
+            raise self.failure(what, self.seq, e) from None
         finally:
             self.blocked = None
         if staged is not None:
@@ -200,11 +217,8 @@ class MpiComm:
         sub.Free()
         return out
 
-    def split_node(self) -> MpiComm:
-        sub = self.c.Split_type(_mpi().COMM_TYPE_SHARED, key=self.rank)
-        out = MpiComm(sub, self.timeout, self._world_ranks_of(sub))
-        sub.Free()
-        return out
+    def split_node(self) -> Comm:
+        return split_by_host(self, socket.gethostname())
 
     def _world_ranks_of(self, sub) -> list[int]:
         local = sub.Get_group().Translate_ranks(list(range(sub.Get_size())), self.c.Get_group())
@@ -223,9 +237,21 @@ class MpiComm:
         answers = status.ask_all({w: self.proc.addresses[w] for w in peers}, self.cid, _GRACE)
         missing = sorted(w for w, n in answers.items() if n is None or n < seq)
         behind = {w: n for w, n in answers.items() if n is not None and 0 <= n < seq}
+        hosts = {w: short_host(self.proc.addresses[w][0]) for w in missing}
         return timeout_error(
-            self.name, self.world_ranks[self.rank], what, seq, timeout, missing, behind
+            self.name, self.world_ranks[self.rank], what, seq, timeout, missing, behind, hosts
         )
+
+    def failure(self, what: str, seq: int, err) -> CommError:
+        """MPI reported an error (with Open MPI's ULFM, ``OMPI_MCA_mpi_ft_enable=1``, a dead
+        peer gives MPI_ERR_PROC_FAILED instead of aborting this process): the peers that do
+        not answer the status service are the ones that failed."""
+        peers = {self.world_ranks[r]: r for r in range(self.size) if r != self.rank}
+        answers = status.ask_all({w: self.proc.addresses[w] for w in peers}, self.cid, _GRACE)
+        dead = sorted(w for w, n in answers.items() if n is None)
+        hosts = {w: short_host(self.proc.addresses[w][0]) for w in dead}
+        cause = err.Get_error_string() if hasattr(err, "Get_error_string") else str(err)
+        return failure_error(self.name, self.world_ranks[self.rank], what, seq, dead, hosts, cause)
 
 
 def library_version() -> str:

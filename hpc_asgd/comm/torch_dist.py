@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import socket
 import sys
 import time
@@ -19,7 +20,15 @@ import time
 import torch
 import torch.distributed as dist
 
-from hpc_asgd.comm.base import Poller, check_op, timeout_error
+from hpc_asgd.comm.base import (
+    Comm,
+    Poller,
+    check_op,
+    failure_error,
+    gather_hosts,
+    split_by_host,
+    timeout_error,
+)
 from hpc_asgd.env import Launch
 from hpc_asgd.errors import CommError
 
@@ -56,25 +65,29 @@ class TorchWork:
 
     def test(self) -> bool:
         if not self.done and self.work.is_completed():
-            self.work.wait()  # surfaces an engine error, if any
+            try:
+                self.work.wait()  # surfaces an engine error, if any
+            except RuntimeError as e:  # a peer's connection broke: its process or node died
+                raise self.comm.failure(self.what, self.seq, e) from None
             if self.after is not None:
                 self.after()
             self.done = True
         return self.done
 
-    def wait(self, timeout: float | None = None) -> None:
+    def wait(self, timeout: float | None = None, waited: float = 0.0) -> None:
         timeout = self.comm.timeout if timeout is None else timeout
+        left = max(0.0, timeout - waited)
         if self.comm.name == "gloo":
             # Gloo progresses on its own threads: block in C++ (no polling that would steal
             # the cores from them), first briefly, then, having marked arrival, until the deadline.
-            first = min(_MARK_AFTER, timeout)
+            first = min(_MARK_AFTER, left)
             if not self._wait_for(first):
                 self.comm.mark(self.seq)
-                if not self._wait_for(timeout - first):
+                if not self._wait_for(left - first):
                     raise self.comm.diagnose(self.what, self.seq, timeout)
             self.test()
             return
-        poll = Poller(timeout)
+        poll = Poller(left)
         mark_at = time.monotonic() + _MARK_AFTER
         while not self.test():
             if mark_at and time.monotonic() > mark_at:
@@ -91,7 +104,7 @@ class TorchWork:
         except RuntimeError as e:
             if "timed out" in str(e).lower() or "timeout" in str(e).lower():
                 return False
-            raise
+            raise self.comm.failure(self.what, self.seq, e) from None
         return True
 
 
@@ -118,6 +131,7 @@ class TorchComm:
         self.timeout = timeout
         self.tag = tag
         self.seq = 0
+        self.hosts: list[str] = []  # every world rank's host (set by ``init``, shared by splits)
         self.device = (
             torch.device("cuda", torch.cuda.current_device())
             if backend == "nccl"
@@ -132,10 +146,13 @@ class TorchComm:
         # The engine's own deadline sits past ours so that ours, which names ranks, fires first.
         engine_timeout = datetime.timedelta(seconds=timeout + 60)
         store = dist.TCPStore(addr, port, launch.size, launch.rank == 0, timeout=engine_timeout)
+        store.set(f"hpc_asgd/host/{launch.rank}", launch.hostname)  # for deadline errors
         dist.init_process_group(
             backend, store=store, rank=launch.rank, world_size=launch.size, timeout=engine_timeout
         )
-        return cls(backend, store, None, None, timeout)
+        comm = cls(backend, store, None, None, timeout)
+        comm.hosts = gather_hosts(comm, launch.hostname)  # by world rank, for failure errors
+        return comm
 
     def _post(self, what: str, work, after=None) -> TorchWork:
         self.seq += 1
@@ -173,15 +190,12 @@ class TorchComm:
                 mine = TorchComm(
                     self.name, self.store, group, members, self.timeout, f"{self.tag}.{c}"
                 )
+                mine.hosts = self.hosts
         assert mine is not None
         return mine
 
-    def split_node(self) -> TorchComm:
-        host = socket.gethostname().encode()[:64].ljust(64, b"\0")
-        hosts = self.allgather(torch.frombuffer(bytearray(host), dtype=torch.uint8))
-        first = {}
-        colors = [first.setdefault(bytes(h.tolist()), len(first)) for h in hosts]
-        return self.split(colors[self.rank], self.rank)
+    def split_node(self) -> Comm:
+        return split_by_host(self, socket.gethostname())
 
     def abort(self, code: int = 1) -> None:
         # No MPI_Abort here: exiting non-zero makes mpirun, srun (--kill-on-bad-exit) or
@@ -194,9 +208,28 @@ class TorchComm:
     def mark(self, seq: int) -> None:
         self.store.set(f"hpc_asgd/{self.tag}/at/{self.world_ranks[self.rank]}", str(seq))
 
+    def failure(self, what: str, seq: int, err: Exception) -> CommError:
+        """Gloo ended a collective with an error, typically "Connection closed by peer
+        [ADDRESS]:PORT" when a peer's process or node died: name the ranks at that address."""
+        dead: list[int] = []
+        m = re.search(r"\[([0-9a-fA-F.:]+)\]:\d+", str(err))
+        if m and self.hosts:
+            for r in self.world_ranks:
+                try:
+                    ips = {a[4][0] for a in socket.getaddrinfo(self.hosts[r], None)}
+                except OSError:
+                    continue
+                if m.group(1) in ips and r != self.world_ranks[self.rank]:
+                    dead.append(r)
+        hosts = {r: self.hosts[r] for r in dead}
+        me = self.world_ranks[self.rank]
+        # "[.../gloo/transport/tcp/pair.cc:553] Connection closed by peer [...]:N. This is..."
+        cause = re.sub(r"^\[[^\]]*\]\s*", "", str(err).splitlines()[0]).split(". ")[0]
+        return failure_error(self.name, me, what, seq, dead, hosts, cause)
+
     def diagnose(self, what: str, seq: int, timeout: float) -> CommError:
         store = self.store
-        missing, behind = [], {}
+        missing, behind, hosts = [], {}, {}
         for r in self.world_ranks:
             if r == self.world_ranks[self.rank]:
                 continue
@@ -206,6 +239,9 @@ class TorchComm:
                 missing.append(r)
                 if at:
                     behind[r] = at
+                host = f"hpc_asgd/host/{r}"
+                if store.check([host]):
+                    hosts[r] = store.get(host).decode(errors="replace")
         return timeout_error(
-            self.name, self.world_ranks[self.rank], what, seq, timeout, missing, behind
+            self.name, self.world_ranks[self.rank], what, seq, timeout, missing, behind, hosts
         )

@@ -1,9 +1,10 @@
 """``--algo hier-avg``: hierarchical averaging (Zhou & Cong, arXiv 1903.05133).
 
-Ranks form groups of S consecutive ranks (``--group-size``; default: the ranks of one node),
-i.e. groups ``[0..S-1], [S..2S-1], ...``. Every K1 local steps each group averages its models
-on its sub-communicator; every K1*K2 steps all ranks average instead. S = 1 is K-AVG with
-K = K1*K2; K1 = K2 = 1 is synchronous averaging every step.
+Ranks form groups of S consecutive ranks (``--group-size``), i.e. groups ``[0..S-1],
+[S..2S-1], ...``; by default, the ranks of one node (by host name). Every K1 local steps each
+group averages its models on its sub-communicator; every K1*K2 steps all ranks average instead.
+S = 1 is K-AVG with K = K1*K2; K1 = K2 = 1 is synchronous averaging every step. The summary
+lists the groups (``groups``, world ranks).
 
 ``--hier-mode blocking`` (the paper): the rounds block the node (workers paused).
 ``--hier-mode nonblocking``: each level runs LASGD-style rounds in the background (snapshot,
@@ -11,6 +12,8 @@ allreduce while training goes on, add ``mean - snapshot``), at most one in fligh
 """
 
 from __future__ import annotations
+
+import torch
 
 from hpc_asgd.comm import Comm
 from hpc_asgd.flat import FlatModel
@@ -45,6 +48,21 @@ class HierAvg(Averaging):
             self.local = AsyncRound(group, flat, rule)
             self.world = AsyncRound(comm.split(0, comm.rank), flat, rule)
             self.next_local, self.next_world = self.k1, self.k1 * self.k2
+
+    @property
+    def members(self) -> list[int]:
+        """The world ranks of this rank's group, the ranks it averages with every K1 steps."""
+        return list(self.group.world_ranks)
+
+    def groups(self) -> list[list[int]]:
+        """Every group, as lists of world ranks ordered by their first rank (for the summary:
+        with S = 0 they are the nodes). Collective over the world: each rank gives its group's
+        first member, which names the group."""
+        first = self.comm.allgather(torch.tensor([min(self.members)], dtype=torch.int64))
+        out: dict[int, list[int]] = {}
+        for r, f in zip(self.comm.world_ranks, first[:, 0].tolist(), strict=True):
+            out.setdefault(f, []).append(r)
+        return [out[f] for f in sorted(out)]
 
     # ---- blocking (the paper) --------------------------------------------------------------
     def next_stop(self, step: int, epoch: float) -> int | None:

@@ -96,6 +96,12 @@ class LocalAsync(Averaging):
 
     def settle(self, step: int) -> bool:
         self.poll(step, 0.0, finished=True)
+        # Past a deadline (counted from the posting), the engine's error names the missing ranks.
+        waited = time.perf_counter() - self.agree_posted
+        if self.round.busy:
+            self.round.overdue()
+        elif self.agree is not None and waited > self.agree_comm.timeout:
+            self.agree.wait(waited=waited)
         return self.over
 
     def quiesce(self, step: int) -> None:

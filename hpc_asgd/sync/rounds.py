@@ -60,6 +60,14 @@ class AsyncRound:
         assert self.work is not None
         self.work.wait(timeout)
 
+    def overdue(self) -> None:
+        """Raise the engine's error naming the missing ranks if the round in flight has
+        passed the communicator's deadline, counted from its posting (a finished rank that
+        polls, or trains on, must not wait forever)."""
+        waited = time.perf_counter() - self.posted_at
+        if self.work is not None and waited > self.comm.timeout:
+            self.work.wait(waited=waited)
+
     def apply(self) -> bool:
         """Add ``mean(x_s) - x_s`` to the live model; True if every rank had finished."""
         self.work = None
@@ -92,6 +100,8 @@ def settle_all(rounds: list[AsyncRound]) -> bool:
             r.start(finished=True)
         elif r.test():
             r.apply()
+        else:
+            r.overdue()
     return all(r.closed for r in rounds)
 
 
@@ -101,16 +111,8 @@ def drain_all(rounds: list[AsyncRound]) -> float:
     needs us (waiting for one stream after the other can deadlock). The streams are open
     again afterwards (a checkpoint drains mid-run). Returns seconds waited."""
     t0 = time.perf_counter()
-    poll = Poller(max(r.comm.timeout for r in rounds))
-    done = sum(r.rounds for r in rounds)
+    poll = Poller(None)  # the deadline is each round's own (``settle_all``)
     while not settle_all(rounds):
-        if sum(r.rounds for r in rounds) > done:  # progress: a fresh deadline
-            done = sum(r.rounds for r in rounds)
-            poll = Poller(max(r.comm.timeout for r in rounds))
-        elif poll.expired():
-            for r in rounds:  # the engine's error names the missing ranks
-                if r.busy:
-                    r.wait(0.0)
         poll.idle()
     for r in rounds:
         r.closed = False

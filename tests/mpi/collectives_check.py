@@ -100,7 +100,7 @@ def check_timeout(engine: str) -> None:
         comm.iallreduce_(torch.ones(4)).wait(2.0)
     except CommError as e:
         took = time.monotonic() - t0
-        assert f"rank(s) {comm.size - 1} did not arrive" in str(e), str(e)
+        assert f"rank(s) {comm.size - 1} ({launch.hostname}) did not arrive" in str(e), str(e)
         assert took < 6, took
         print(f"NAMED rank {comm.rank}: {e}", flush=True)
         # Stay answerable while the other waiter diagnoses: a peer that has exited cannot say

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import assert_no_orphans, train
+from tests.conftest import HOST, assert_no_orphans, train
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(120)]
 
@@ -85,9 +85,8 @@ def test_rank_that_raises_aborts_the_job(engine: str) -> None:
         timeout=60,
     )
     assert res.rc != 0
-    assert "hpc-asgd: error on rank 1/2: RuntimeError: injected fault at step 10" in res.text, (
-        res.text
-    )
+    line = f"hpc-asgd: error on rank 1/2 ({HOST}): RuntimeError: injected fault at step 10"
+    assert line in res.text, res.text
     assert res.seconds < 40
     assert_no_orphans(res.sid)
 
@@ -108,6 +107,31 @@ def test_rank_that_stops_answering_is_named(engine: str) -> None:
         timeout=60,
     )
     assert res.rc != 0
-    assert "timed out after 4 s on rank 0: rank(s) 1 did not arrive" in res.text, res.text
+    assert f"timed out after 4 s on rank 0: rank(s) 1 ({HOST}) did not arrive" in res.text, res.text
+    assert res.seconds < 40, res.seconds
+    assert_no_orphans(res.sid)
+
+
+ALGOS_KEEP = {
+    "lasgd": ["--algo", "lasgd", "--period", "4"],
+    "hier-avg-nb": ["--algo", "hier-avg", "--group-size", "1", "--hier-mode", "nonblocking"],
+}
+
+
+@pytest.mark.parametrize("algo", list(ALGOS_KEEP))
+def test_keep_training_rank_names_a_peer_that_stops_answering(algo: str) -> None:
+    """--keep-training: the finished rank trains on while it waits, but not past the deadline
+    of the rounds it still owes (in process: the stopped process is the rank itself)."""
+    res = train(
+        2,
+        *ALGOS_KEEP[algo],
+        *("--epochs", "3", "--keep-training"),
+        *("--comm-timeout", "4"),
+        env={"HPC_ASGD_FAULT": "stop@1:20"},
+        timeout=60,
+    )
+    assert res.rc != 0
+    # the round's own deadline passed while rank 0 trained on; it names the silent rank
+    assert f"timed out after 4 s on rank 0: rank(s) 1 ({HOST}) did not arrive" in res.text, res.text
     assert res.seconds < 40, res.seconds
     assert_no_orphans(res.sid)

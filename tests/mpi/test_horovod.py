@@ -11,7 +11,7 @@ pytest.importorskip(
     reason="Horovod is not installed: run scripts/install_horovod.sh (builds 0.28.1 with C++17)",
 )
 
-from tests.conftest import assert_no_orphans, mpirun, summary, train
+from tests.conftest import HOST, assert_no_orphans, mpirun, summary, train
 
 pytestmark = pytest.mark.mpi
 
@@ -45,9 +45,8 @@ def test_rank_that_raises_aborts_the_job() -> None:
         2, *FAULTY, "--comm-timeout", "10", env={"HPC_ASGD_FAULT": "raise@1:10"}, timeout=60
     )
     assert res.rc != 0
-    assert "hpc-asgd: error on rank 1/2: RuntimeError: injected fault at step 10" in res.text, (
-        res.text
-    )
+    line = f"hpc-asgd: error on rank 1/2 ({HOST}): RuntimeError: injected fault at step 10"
+    assert line in res.text, res.text
     assert res.seconds < 40, res.seconds
     assert_no_orphans(res.sid)
 
@@ -57,7 +56,7 @@ def test_rank_that_stops_answering_is_named() -> None:
     res = train(2, *FAULTY, "--comm-timeout", "4", env={"HPC_ASGD_FAULT": "stop@1:10"}, timeout=60)
     assert res.rc != 0
     assert "horovod allreduce" in res.text, res.text
-    assert "timed out after 4 s on rank 0: rank(s) 1 did not arrive" in res.text, res.text
+    assert f"timed out after 4 s on rank 0: rank(s) 1 ({HOST}) did not arrive" in res.text, res.text
     assert res.seconds < 40, res.seconds
     assert_no_orphans(res.sid)
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import summary, train
+from tests.conftest import HOST, summary, train
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(180)]
 
@@ -79,9 +79,14 @@ def test_kavg_consensus_and_outputs(tmp_path, engine: str) -> None:
         "param_checksums",
         "versions",
         "config",
+        "hosts",
+        "setup_s",
+        "train_s",
     ):
         assert key in s, key
     assert s["comm"] == engine and s["world_size"] == 2 and s["algo"] == "local-sgd"
+    assert s["hosts"] == [HOST, HOST] and "groups" not in s  # groups: hier-avg only
+    assert all(len(s[k]) == 2 and min(s[k]) > 0 for k in ("setup_s", "train_s")), s
     # 1437 training digits, 2 shards of 718, 22 steps of 32 per epoch, 2 epochs
     assert s["samples_processed"] == 2 * 22 * 32 * 2
     assert s["averaging_rounds"] == 44 // 5
@@ -137,3 +142,12 @@ def test_hier_avg_group_of_one_is_kavg(tmp_path) -> None:
     b = train(2, *common, "--algo", "local-sgd", "--period", "6", "--out", str(tmp_path / "k"))
     assert a.rc == 0 and b.rc == 0, a.text + b.text
     assert summary(tmp_path / "h")["param_checksums"] == summary(tmp_path / "k")["param_checksums"]
+    assert summary(tmp_path / "h")["groups"] == [[0], [1]]
+
+
+def test_hier_avg_default_groups_are_nodes(tmp_path) -> None:
+    """No --group-size: a group is the ranks of one node, by host name (here one machine)."""
+    res = train(4, *QUICK, "--epochs", "1", "--algo", "hier-avg", "--out", str(tmp_path))
+    assert res.rc == 0, res.text
+    s = summary(tmp_path)
+    assert s["groups"] == [[0, 1, 2, 3]] and s["hosts"] == [HOST] * 4, s

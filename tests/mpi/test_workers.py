@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, assert_no_orphans, mpi_env, summary, train
+from tests.conftest import HOST, ROOT, assert_no_orphans, mpi_env, summary, train
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(200)]
 
@@ -82,7 +82,7 @@ def test_killed_worker_fails_the_job_cleanly() -> None:
         timeout=90,
     )
     assert res.rc != 0
-    assert "error on rank 1/2: rank 1 worker" in res.text, res.text
+    assert f"error on rank 1/2 ({HOST}): rank 1 worker" in res.text, res.text
     assert "was killed by signal SIGKILL" in res.text, res.text
     time.sleep(1)
     assert_no_orphans(res.sid)

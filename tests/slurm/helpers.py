@@ -1,8 +1,10 @@
 """Helpers of the SLURM tests: the local cluster, job submission with deadlines, tiny datasets.
 
-Jobs run for real on the single-node cluster of ``scripts/slurm_local.sh`` (Debian's slurmctld,
-slurmd and munge). Each job is submitted with ``sbatch --wait`` in a process of its own, so
-several can run at once; a job that outlives its deadline is cancelled and fails its test.
+Jobs run for real on the emulated cluster of ``scripts/slurm_local.sh start --nodes 4``
+(Debian's slurmctld, a slurmd per node, munge; each node a network namespace with its own
+hostname and /tmp). Each job is submitted with ``sbatch --wait`` (or run with ``srun``) in a
+process of its own, so several can run at once; a job that outlives its deadline is cancelled
+and fails its test. Test folders live under /var/tmp (tests/conftest.py), which every node sees.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import pytest
 from tests.conftest import BIN, ROOT, mpi_env
 
 SLURM_LOCAL = ROOT / "scripts" / "slurm_local.sh"
+NODE_AGENT = ROOT / "scripts" / "node_agent.sh"
+NODES = 4  # emulated nodes of the test cluster: node1 ... node4
 TEMPLATES = ROOT / "slurm"
 REQUEUE_EXIT = 85  # slurm/common.sh: "checkpointed, please requeue"
 
@@ -38,12 +42,18 @@ def run(cmd: list[str], timeout: float = 60, **kw) -> subprocess.CompletedProces
     )
 
 
-def node_state() -> str:
+def node_states() -> dict[str, str]:
+    """``{node: state}`` from sinfo (empty when the cluster does not answer)."""
     try:
-        proc = run(["sinfo", "-h", "-N", "-o", "%T"], timeout=20)
+        proc = run(["sinfo", "-h", "-N", "-o", "%N %T"], timeout=20)
     except (OSError, subprocess.TimeoutExpired):
-        return ""
-    return proc.stdout.split()[0] if proc.returncode == 0 and proc.stdout.split() else ""
+        return {}
+    return dict(ln.split()[:2] for ln in proc.stdout.splitlines() if len(ln.split()) >= 2)
+
+
+def node_state() -> str:
+    """The first node's state."""
+    return next(iter(node_states().values()), "")
 
 
 def cannot_start_reason() -> str | None:
@@ -75,7 +85,7 @@ def start_cluster() -> Cluster:
         pytest.skip(reason)
     if os.geteuid() == 0:
         # A fresh machine installs the packages first: minutes, hence the long deadline.
-        proc = run(["bash", str(SLURM_LOCAL), "start"], timeout=900)
+        proc = run(["bash", str(SLURM_LOCAL), "start", "--nodes", str(NODES)], timeout=900)
         log = proc.stdout + proc.stderr
         if proc.returncode != 0:
             pytest.fail(f"scripts/slurm_local.sh start failed ({proc.returncode}):\n{log}")
@@ -84,6 +94,8 @@ def start_cluster() -> Cluster:
     probe = [
         "srun",
         "--mpi=pmix",
+        "-N",
+        "2",
         "-n",
         "2",
         "--time=2",
@@ -106,11 +118,19 @@ def job_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     for var in list(env):  # a test run inside a job must not leak that job into its jobs
         if var.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")):
             del env[var]
+    # Open MPI 5 maps every rank onto the allocation's first node when oversubscription is
+    # switched on as a bare modifier (--oversubscribe, or this default policy of mpi_env):
+    # "slot:oversubscribe" keeps Slurm's layout, one node after the other.
+    env.pop("PRTE_MCA_rmaps_default_mapping_policy", None)
     env.update(
         # The PyPI Open MPI's PMIx does not know the munge security module that Slurm's PMIx
         # server offers first; native is offered too and silences a help message per rank.
         PMIX_MCA_psec="native",
-        MPIRUN_ARGS="--oversubscribe",
+        MPIRUN_ARGS="--map-by slot:oversubscribe",
+        # Ranks started by srun do not know that they oversubscribe the cores, and Open MPI's
+        # busy polling then starves the rank they wait for: 3x slower allreduces across the
+        # emulated nodes here (mpirun --oversubscribe turns this on by itself).
+        OMPI_MCA_mpi_yield_when_idle="1",
     )
     env.update(extra or {})
     return env
@@ -339,3 +359,51 @@ def write_fake_cli(folder: Path) -> Path:
     exe.write_text(FAKE_CLI.format(python=sys.executable))
     exe.chmod(0o755)
     return folder
+
+
+# ------------------------------------------------------------------- ranks across the nodes
+
+
+def srun(
+    nodes: int,
+    per_node: int,
+    argv: list[str],
+    log: Path,
+    *,
+    timeout: float = 240,
+    env: dict[str, str] | None = None,
+    name: str = "hpct",
+) -> Job:
+    """``srun -N nodes --ntasks-per-node per_node --mpi=pmix ARGV`` with a deadline: the ranks
+    start in the emulated nodes, one Slurm job; a job past its deadline is cancelled (and the
+    test fails). The job's output (stdout and stderr) is ``Job.text``."""
+    cmd = [
+        "srun",
+        f"--nodes={nodes}",
+        f"--ntasks-per-node={per_node}",
+        "--mpi=pmix",
+        "--kill-on-bad-exit=1",
+        "--time=10",
+        f"--job-name={name}",
+        *argv,
+    ]
+    t0 = time.monotonic()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            # one intra-op thread per rank: each emulated node believes it has all the cores
+            env=job_env({"OMP_NUM_THREADS": "1", **(env or {})}),
+            cwd=ROOT,
+            start_new_session=True,
+        )
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            run(["scancel", f"--name={name}"], timeout=30)
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"{' '.join(cmd)} ran past {timeout} s:\n{log.read_text(errors='replace')}")
+    return Job(name, rc, log, time.monotonic() - t0)

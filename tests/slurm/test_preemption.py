@@ -14,7 +14,7 @@ from tests.slurm.helpers import Cluster, Submission, job_env, run, wait_for, wri
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(420)]
 
-TWO_RANKS = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10"]
+TWO_RANKS = ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10"]
 EPOCHS = 1200  # 64 training images, 2 ranks, batch 8: 4 node steps per epoch, 4,800 in all
 
 
@@ -66,3 +66,4 @@ def test_usr1_checkpoint_requeue_resume(slurm_cluster: Cluster, tmp_path: Path) 
     b = json.loads((preempted_out / "summary.json").read_text())
     assert b["steps_per_rank"] == a["steps_per_rank"] == math.ceil(EPOCHS * 4)
     assert b["consensus"] and b["world_size"] == 2
+    assert len(set(b["hosts"])) == 2, b["hosts"]  # across two nodes, before and after the requeue

@@ -32,11 +32,11 @@ def test_sweep_as_arrays_then_gather(slurm_cluster: Cluster, tmp_path: Path) -> 
     proc = study(
         "--template",
         str(TEMPLATES / "cifar10_hier_avg.sh"),
-        "--nodes",
-        "1",
-        "--ntasks-per-node",
+        "--nodes",  # a scaling study across emulated nodes: 1 and 2 nodes x 1 rank
         "1",
         "2",
+        "--ntasks-per-node",
+        "1",
         "--cpus-per-task",
         "1",
         "--algos",
@@ -70,12 +70,12 @@ def test_sweep_as_arrays_then_gather(slurm_cluster: Cluster, tmp_path: Path) -> 
     with (root / "study.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 4, rows
-    got = sorted((r["algo"], int(r["world_size"]), r["state"]) for r in rows)
+    got = sorted((r["algo"], int(r["nodes"]), int(r["world_size"]), r["state"]) for r in rows)
     assert got == [
-        ("local-sgd", 1, "COMPLETED"),
-        ("local-sgd", 2, "COMPLETED"),
-        ("sync", 1, "COMPLETED"),
-        ("sync", 2, "COMPLETED"),
+        ("local-sgd", 1, 1, "COMPLETED"),
+        ("local-sgd", 2, 2, "COMPLETED"),
+        ("sync", 1, 1, "COMPLETED"),
+        ("sync", 2, 2, "COMPLETED"),
     ], rows
     for r in rows:
         assert float(r["samples_per_s"]) > 0 and 0 <= float(r["final_test_acc"]) <= 1, r

@@ -1,4 +1,5 @@
-"""Every sbatch template, for real: 2 ranks on the local node, tiny data in the official formats.
+"""Every sbatch template, for real, with both launchers (srun --mpi=pmix and mpirun): 2 ranks
+on 2 emulated nodes (``sbatch --nodes=2``), tiny data in the official formats.
 
 All jobs are submitted at once (``sbatch --wait`` each, in parallel) by one module fixture and
 checked by one test each: exit state, the job's log, and the run's summary.json. The templates
@@ -25,10 +26,10 @@ from tests.slurm.helpers import (
     write_mnist,
 )
 
-pytestmark = [pytest.mark.slurm, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(600)]
 
-JOB_DEADLINE = 360.0  # all jobs together, on a loaded 2-core machine
-TWO_RANKS = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10"]
+JOB_DEADLINE = 480.0  # all jobs together, on a loaded 2-core machine
+TWO_RANKS = ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10"]
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 QUICK = "--no-verify --batch-size 8 --lr 0.05 --comm-timeout 120"
 
@@ -77,7 +78,18 @@ CASES = {
         {"WORKERS": "2"},
         {"update": "leashed", "workers_per_rank": 2, "model": "cnn"},
     ),
+    "cifar100_lasgd-srun": Case("cifar100_lasgd.sh", "srun", "", "lasgd", {"MODEL": "mlp"}),
+    "cifar10_local_async-srun": Case(
+        "cifar10_local_async.sh", "srun", "", "local-async", {"MODEL": "mlp"}
+    ),
     "cifar10_hier_avg-srun": Case("cifar10_hier_avg.sh", "srun", "", "hier-avg", {"MODEL": "mlp"}),
+    "imagenet_local_async-srun": Case(
+        "imagenet_local_async.sh",
+        "srun",
+        "imagenet",
+        "local-async",
+        {"MODEL": "mlp", "EXTRA_ARGS": QUICK.replace("--batch-size 8", "--batch-size 2")},
+    ),
     # Submitted from a folder outside the checkout with no HPC_ASGD_HOME, OUT_DIR or --output:
     # common.sh is found through the job's Command, outputs land in the default places; the
     # venv is not on PATH but activated by VENV.
@@ -202,6 +214,8 @@ def test_template_trains(runs: Runs, name: str) -> None:
     assert summary_path.is_file(), job.describe()
     s = json.loads(summary_path.read_text())
     assert s["world_size"] == 2, s
+    # one rank on each of the job's two nodes
+    assert len(set(s["hosts"])) == 2 and all(h.startswith("node") for h in s["hosts"]), s
     assert s["algo"] == algo, s
     assert isinstance(s["final_test_acc"], float) and 0.0 <= s["final_test_acc"] <= 1.0, s
     assert s["samples_processed"] > 0 and s["samples_per_s"] > 0, s

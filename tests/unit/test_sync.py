@@ -85,6 +85,23 @@ def test_hier_avg_schedule() -> None:
     assert [c for c, _ in world.calls] == ["world"] * 2 and s.rounds == 2
 
 
+def test_hier_avg_lists_its_groups() -> None:
+    """The summary's ``groups``: each rank gives its group's first world rank; here the groups
+    are two nodes with interleaved ranks (as ``split_node`` makes them from host names)."""
+
+    class World(FakeComm):
+        world_ranks = (0, 1, 2, 3)
+
+        def allgather(self, t):
+            assert t.tolist() == [0]  # this rank's group starts at world rank 0
+            return torch.tensor([[0], [1], [0], [1]])  # what ranks 0..3 gave
+
+    (flat, rule), group = _flat(), FakeComm(2, tag="group")
+    group.world_ranks = [0, 2]
+    s = HierAvg(World(4), flat, rule, group, local_period=2, global_period=3)
+    assert s.members == [0, 2] and s.groups() == [[0, 2], [1, 3]]
+
+
 def test_final_average_then_broadcast_for_consensus() -> None:
     (flat, rule), comm = _flat(), FakeComm(2)
     LocalSGD(comm, flat, rule, period=3).finish()

@@ -1,0 +1,70 @@
+"""Node awareness against a fake communicator: ranks are threads of this process, each with the
+host name it is told to have (as ranks on emulated nodes are), meeting in a real allgather."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from hpc_asgd.comm.base import HOST_BYTES, gather_hosts, split_by_host, timeout_error
+from hpc_asgd.errors import CommError, error_line
+
+
+class ThreadComm:
+    """Rank ``rank`` of a world whose ranks are threads sharing ``table`` (one slot each);
+    ``split`` records its arguments instead of making a communicator."""
+
+    name = "fake"
+    timeout = 5.0
+
+    def __init__(self, rank: int, table: list, barrier: threading.Barrier):
+        self.rank, self.size, self.table, self.barrier = rank, len(table), table, barrier
+        self.world_ranks = list(range(self.size))
+
+    def allgather(self, t: torch.Tensor) -> torch.Tensor:
+        self.table[self.rank] = t.clone()
+        self.barrier.wait()  # every rank has written its slot
+        out = torch.stack(self.table)
+        self.barrier.wait()  # every rank has read them all
+        return out
+
+    def split(self, color: int, key: int) -> tuple[int, int]:
+        return color, key
+
+
+def _on_every_rank(hosts: list[str], fn):
+    """``fn(comm, host)`` on every rank at once; the results in rank order."""
+    table: list = [None] * len(hosts)
+    barrier = threading.Barrier(len(hosts), timeout=10)
+    comms = [ThreadComm(r, table, barrier) for r in range(len(hosts))]
+    with ThreadPoolExecutor(len(hosts)) as pool:
+        return list(pool.map(fn, comms, hosts))
+
+
+def test_split_node_groups_ranks_by_host_name() -> None:
+    """Two emulated nodes, ranks placed round-robin: one shared kernel, two nodes. Colors
+    number the nodes in first-seen order; key = rank keeps the ranks' order within a node."""
+    hosts = ["node1", "node2", "node1", "node2", "node3"]
+    assert _on_every_rank(hosts, gather_hosts) == [hosts] * len(hosts)
+    assert _on_every_rank(hosts, split_by_host) == [(0, 0), (1, 1), (0, 2), (1, 3), (2, 4)]
+    # one node: one group, whatever the name
+    assert _on_every_rank(["a.b.c"] * 3, split_by_host) == [(0, 0), (0, 1), (0, 2)]
+
+
+def test_gathered_host_names_are_cut_to_the_record() -> None:
+    long = "n" * (HOST_BYTES + 10)
+    assert _on_every_rank([long, "x"], gather_hosts)[0] == ["n" * HOST_BYTES, "x"]
+
+
+def test_errors_name_hosts_where_known() -> None:
+    e = timeout_error("mpi", 0, "allreduce", 7, 4.0, [1, 3], {1: 5}, {1: "node2"})
+    assert isinstance(e, CommError)
+    assert str(e) == (
+        "mpi allreduce #7 timed out after 4 s on rank 0: rank(s) 1 (node2), 3 did not arrive "
+        "(out of step: rank 1 at #5) (--comm-timeout)"
+    )
+    assert "rank(s) 1 did not arrive" in str(timeout_error("gloo", 0, "barrier", 1, 2.0, [1]))
+    assert error_line(1, 4, e, "node2").startswith("hpc-asgd: error on rank 1/4 (node2): mpi ")
+    assert error_line(1, 4, ValueError("x")) == "hpc-asgd: error on rank 1/4: ValueError: x"
