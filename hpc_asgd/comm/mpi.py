@@ -38,15 +38,30 @@ _WATCH_EVERY = 0.05  # s between the watchdog's looks at blocked collectives
 _GRACE = 2.0  # s peers get to answer "where are you?"
 
 
-def _mpi():
-    from mpi4py import MPI  # lazy: importing initialises MPI, which only rank main processes do
+_INIT_SETTLE = 0.5  # s between MPI_Init and the first message (see ``mpi_module``)
+_settled: list[bool] = []
 
+
+def mpi_module():
+    """The MPI module; importing it initialises MPI, which only rank main processes do.
+
+    Open MPI 5.0 can crash a rank still inside MPI_Init when a faster peer, already out of the
+    closing PMIx fence, sends to it (a segfault in mca_pml_ob1_recv_frag_callback_match; seen
+    here once in 26 srun jobs across emulated nodes; upstream open-mpi/ompi#11438, PR #13559).
+    Every first collective of ours follows MPI_Init at once, so a fresh Open MPI process waits
+    a moment before it, which lets the slower peers finish their MPI_Init."""
+    from mpi4py import MPI
+
+    if not _settled:
+        _settled.append(True)
+        if MPI.COMM_WORLD.Get_size() > 1 and "Open MPI v5.0" in MPI.Get_library_version():
+            time.sleep(_INIT_SETTLE)
     return MPI
 
 
 def cuda_aware() -> bool:
     """True when the MPI library says it can read CUDA device memory (MPIX_Query_cuda_support)."""
-    _mpi()
+    mpi_module()
     try:
         fn = ctypes.CDLL(None).MPIX_Query_cuda_support
     except (AttributeError, OSError):
@@ -60,7 +75,7 @@ class _Process:
     addresses (by world rank), the live communicators (by id) and the watchdog thread."""
 
     def __init__(self) -> None:
-        mpi = _mpi()
+        mpi = mpi_module()
         self.comms: weakref.WeakValueDictionary[int, MpiComm] = weakref.WeakValueDictionary()
         self.next_cid = 0
         self.server = status.StatusServer(self._count)
@@ -95,7 +110,7 @@ class _Process:
                     line = error_line(rank, len(self.addresses), err, host)
                     print(line, file=sys.stderr, flush=True)
                     if self.threaded:
-                        _mpi().COMM_WORLD.Abort(1)
+                        mpi_module().COMM_WORLD.Abort(1)
                     os._exit(1)  # the launcher ends the other ranks on a non-zero exit
 
 
@@ -119,7 +134,7 @@ class MpiWork:
     def test(self) -> bool:
         try:
             done = self.done or self.req.Test()
-        except _mpi().Exception as e:  # a peer failed (an MPI that reports it: ULFM, MPICH)
+        except mpi_module().Exception as e:  # a peer failed (an MPI that reports it: ULFM, MPICH)
             raise self.comm.failure(self.what, self.seq, e) from None
         if done and not self.done:
             self.done = True
@@ -143,7 +158,7 @@ class MpiComm:
     name = "mpi"
 
     def __init__(self, comm=None, timeout: float = 300.0, world_ranks: list[int] | None = None):
-        mpi = _mpi()
+        mpi = mpi_module()
         base = mpi.COMM_WORLD if comm is None else comm
         self.c = base.Dup()  # a context of our own: our collectives never match a user's
         self.rank, self.size = self.c.Get_rank(), self.c.Get_size()
@@ -181,7 +196,7 @@ class MpiComm:
         self.blocked = (what, self.seq, time.monotonic() + self.timeout, self.timeout)
         try:
             blocking(buf)
-        except _mpi().Exception as e:
+        except mpi_module().Exception as e:
             raise self.failure(what, self.seq, e) from None
         finally:
             self.blocked = None
@@ -191,12 +206,12 @@ class MpiComm:
     # ---- collectives ---------------------------------------------------------------------
     def iallreduce_(self, t: torch.Tensor, op: str = "sum") -> MpiWork:
         mop = self._ops[check_op(op)]
-        inplace = _mpi().IN_PLACE
+        inplace = mpi_module().IN_PLACE
         return self._post("allreduce", lambda b: self.c.Iallreduce(inplace, b, op=mop), t)
 
     def allreduce_(self, t: torch.Tensor, op: str = "sum") -> None:
         mop = self._ops[check_op(op)]
-        inplace = _mpi().IN_PLACE
+        inplace = mpi_module().IN_PLACE
         self._blocking("allreduce", lambda b: self.c.Allreduce(inplace, b, op=mop), t)
 
     def bcast_(self, t: torch.Tensor, root: int = 0) -> None:
@@ -227,7 +242,7 @@ class MpiComm:
     def abort(self, code: int = 1) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
-        _mpi().COMM_WORLD.Abort(code)
+        mpi_module().COMM_WORLD.Abort(code)
 
     # ---- deadlines -----------------------------------------------------------------------
     def diagnose(self, what: str, seq: int, timeout: float):
@@ -256,4 +271,4 @@ class MpiComm:
 
 def library_version() -> str:
     """The MPI library's own version line (for ``hpc-asgd info`` and benchmarks)."""
-    return _mpi().Get_library_version().splitlines()[0].strip().strip("\x00")
+    return mpi_module().Get_library_version().splitlines()[0].strip().strip("\x00")

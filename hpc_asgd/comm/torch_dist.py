@@ -46,8 +46,9 @@ def _rendezvous(launch: Launch) -> tuple[str, int]:
     if launch.master_addr and launch.master_port:
         return launch.master_addr, launch.master_port
     if launch.under_mpi:
-        from mpi4py import MPI
+        from hpc_asgd.comm.mpi import mpi_module
 
+        MPI = mpi_module()  # noqa: N806 (the module's usual name)
         addr = (socket.gethostname(), _free_port()) if launch.rank == 0 else None
         return MPI.COMM_WORLD.bcast(addr, root=0)
     if launch.master_addr:
