@@ -84,8 +84,28 @@ def test_bare_metal_mpirun_across_nodes_with_the_node_agent(
     hosts.write_text(proc.stdout)
     cmd = [str(BIN / "mpirun"), "--hostfile", str(hosts), "--map-by", "node", "-n", "4"]
     cmd += ["--prtemca", "plm_ssh_agent", str(NODE_AGENT), "hostname"]
-    proc = run(cmd, timeout=90, env=job_env(), cwd=ROOT)
-    assert sorted(proc.stdout.split()) == NAMES, proc.stdout + proc.stderr
+    # It takes 0.2 s; once in CI prterun hung at start-up for 90 s and passed 3 of 3 times
+    # right after: a second try, after a hang only, keeps that out of the verdict.
+    tries = []
+    for _ in range(2):
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=job_env(),
+            cwd=ROOT,
+            start_new_session=True,
+        )
+        try:
+            out, _ = proc.communicate(timeout=45)
+            break
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            tries.append(proc.communicate()[0])
+    else:
+        pytest.fail("mpirun with the node agent hung twice:\n" + "\n---\n".join(tries))
+    assert proc.returncode == 0 and sorted(out.split()) == NAMES, out
 
 
 @ROOT_ONLY
