@@ -147,12 +147,11 @@ class TorchComm:
         # The engine's own deadline sits past ours so that ours, which names ranks, fires first.
         engine_timeout = datetime.timedelta(seconds=timeout + 60)
         store = dist.TCPStore(addr, port, launch.size, launch.rank == 0, timeout=engine_timeout)
-        store.set(f"hpc_asgd/host/{launch.rank}", launch.hostname)  # for deadline errors
         dist.init_process_group(
             backend, store=store, rank=launch.rank, world_size=launch.size, timeout=engine_timeout
         )
         comm = cls(backend, store, None, None, timeout)
-        comm.hosts = gather_hosts(comm, launch.hostname)  # by world rank, for failure errors
+        comm.hosts = gather_hosts(comm, launch.hostname)  # by world rank, for error lines
         return comm
 
     def _post(self, what: str, work, after=None) -> TorchWork:
@@ -240,9 +239,8 @@ class TorchComm:
                 missing.append(r)
                 if at:
                     behind[r] = at
-                host = f"hpc_asgd/host/{r}"
-                if store.check([host]):
-                    hosts[r] = store.get(host).decode(errors="replace")
+                if self.hosts:
+                    hosts[r] = self.hosts[r]
         return timeout_error(
             self.name, self.world_ranks[self.rank], what, seq, timeout, missing, behind, hosts
         )
