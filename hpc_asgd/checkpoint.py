@@ -17,11 +17,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import torch
 
 from hpc_asgd.comm import Comm
+from hpc_asgd.config import Config
+from hpc_asgd.env import Fault
 from hpc_asgd.errors import ConfigError, DataError
 from hpc_asgd.metrics import atomic_write
 
@@ -93,3 +97,77 @@ def load(folder: Path, rank: int, world: int) -> dict:
         return torch.load(path, weights_only=True, map_location="cpu")
     except (OSError, RuntimeError, EOFError) as e:
         raise DataError(f"{path}: unreadable checkpoint ({e})") from e
+
+
+class Checkpointer:
+    """When to checkpoint, and whether to stop for a requeue.
+
+    Deterministic triggers (every N node steps, ``--stop-at-step``) need no communication.
+    A USR1 (SLURM's warning before preemption) or the minutes timer reach one rank at a
+    time, so with ``--checkpoint-dir`` the ranks meet every ``--check-every`` node steps in a
+    tiny MAX-allreduce of ``[USR1 seen, rank 0's timer expired]`` and act together.
+    """
+
+    def __init__(self, cfg: Config, comm: Comm):
+        r = cfg.run
+        self.comm, self.cfg = comm, cfg
+        self.root = Path(r.checkpoint_dir) if r.checkpoint_dir else None
+        self.every, self.check, self.stop_at = r.checkpoint_every, r.check_every, r.stop_at_step
+        self.minutes = r.checkpoint_minutes
+        self.t_last = time.monotonic()
+        self.usr1 = False
+        self.saved = 0
+
+    def on_usr1(self, signum, frame) -> None:
+        self.usr1 = True
+
+    def next_event(self, step: int) -> int | None:
+        """The next node step after ``step`` at which :meth:`at` must be called."""
+        if self.root is None:
+            return None
+        due = [self.check * (step // self.check + 1)]
+        if self.every:
+            due.append(self.every * (step // self.every + 1))
+        if self.stop_at > step:
+            due.append(self.stop_at)
+        return min(due)
+
+    def at(self, step: int) -> tuple[bool, bool]:
+        """(save a checkpoint now, then stop); collective at check steps, same on every rank."""
+        if self.root is None:
+            return False, False
+        save = bool(self.every) and step % self.every == 0
+        stop = step == self.stop_at
+        if step % self.check == 0:
+            timer = self.minutes > 0 and time.monotonic() - self.t_last > 60 * self.minutes
+            flags = torch.tensor([float(self.usr1), float(timer and self.comm.rank == 0)])
+            self.comm.allreduce_(flags, op="max")
+            stop = stop or bool(flags[0])
+            save = save or bool(flags[1])
+        return save or stop, stop
+
+    def save(self, step: int, state: dict, fault: Fault | None = None) -> Path:
+        def killed_while_writing() -> None:  # fault injection: die before the commit
+            if (
+                fault
+                and fault.kind == "ckptkill"
+                and (fault.rank, fault.step) == (self.comm.rank, step)
+            ):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        folder = save(self.root, step, self.comm, state, before_commit=killed_while_writing)
+        self.t_last = time.monotonic()
+        self.saved += 1
+        return folder
+
+    def resume(self) -> dict | None:
+        r = self.cfg.run
+        if not r.resume:
+            return None
+        folder = resolve(r.resume, self.root)
+        if folder is None:
+            return None
+        state = load(folder, self.comm.rank, self.comm.size)
+        if self.comm.rank == 0:  # the log of a requeued job says where it went on from
+            print(f"hpc-asgd: resuming from node step {state['step']} ({folder})", flush=True)
+        return state

@@ -86,6 +86,9 @@ class WorkerConfig:
     workers: int = _f(1, "W: worker processes per rank sharing one model")
     persistence: int = _f(0, "B: Leashed-SGD retries before a gradient is dropped; 0 = unbounded")
     partition_after_epochs: float = _f(1.0, "partitioned: full steps only before this epoch")
+    max_staleness: int = _f(
+        0, "hogwild / locked: drop a gradient computed more than S updates ago; 0 = never"
+    )
     threads_per_worker: int = _f(0, "intra-op threads of each worker; 0 = the rank's cores / W")
     spawn_workers: bool = _f(
         False, "run W = 1 in a worker process too (default: in the rank's own)"
@@ -107,11 +110,23 @@ class RunConfig:
     checkpoint_every: int = _f(0, "checkpoint every N node steps (0: off)")
     checkpoint_minutes: float = _f(0.0, "checkpoint every M minutes (0: off)")
     check_every: int = _f(200, "node steps between the ranks' checks for USR1 and the timer")
+    check_seconds: float = _f(
+        20.0,
+        "seconds between those checks as well, whatever the step time (SLURM warns 120 s ahead)",
+    )
     resume: str | None = _f(
         None, "'auto' (newest checkpoint in --checkpoint-dir, if any) or a folder"
     )
     stop_at_step: int = _f(
         0, "checkpoint and stop at this node step, as a preemption does (0: off)"
+    )
+    force_resume: bool = _f(
+        False, "resume from a checkpoint even if another configuration wrote it"
+    )
+    max_nonfinite: int = _f(
+        3,
+        "non-finite losses or parameters tolerated: each rolls the model back to the last good "
+        "state and halves the lr; one more aborts the job",
     )
 
 

@@ -91,21 +91,23 @@ def test_bare_metal_mpirun_across_nodes_with_the_node_agent(
         proc = subprocess.Popen(
             cmd,
             stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+            stderr=subprocess.PIPE,
             text=True,
             env=job_env(),
             cwd=ROOT,
             start_new_session=True,
         )
         try:
-            out, _ = proc.communicate(timeout=45)
+            out, err = proc.communicate(timeout=45)
             break
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
-            tries.append(proc.communicate()[0])
+            tries.append("".join(proc.communicate()))
     else:
         pytest.fail("mpirun with the node agent hung twice:\n" + "\n---\n".join(tries))
-    assert proc.returncode == 0 and sorted(out.split()) == NAMES, out
+    # stderr is kept apart: prterun may warn there (a setpgid race in its ssh launcher,
+    # EPERM once the child has exec'd; harmless) while the ranks' output is on stdout.
+    assert proc.returncode == 0 and sorted(out.split()) == NAMES, out + err
 
 
 @ROOT_ONLY
