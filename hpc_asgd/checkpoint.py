@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from hpc_asgd import signals
 from hpc_asgd.comm import Comm
 from hpc_asgd.config import Config
 from hpc_asgd.env import Fault
@@ -115,11 +116,7 @@ class Checkpointer:
         self.every, self.check, self.stop_at = r.checkpoint_every, r.check_every, r.stop_at_step
         self.minutes = r.checkpoint_minutes
         self.t_last = time.monotonic()
-        self.usr1 = False
         self.saved = 0
-
-    def on_usr1(self, signum, frame) -> None:
-        self.usr1 = True
 
     def next_event(self, step: int) -> int | None:
         """The next node step after ``step`` at which :meth:`at` must be called."""
@@ -140,7 +137,7 @@ class Checkpointer:
         stop = step == self.stop_at
         if step % self.check == 0:
             timer = self.minutes > 0 and time.monotonic() - self.t_last > 60 * self.minutes
-            flags = torch.tensor([float(self.usr1), float(timer and self.comm.rank == 0)])
+            flags = torch.tensor([float(signals.usr1_seen()), float(timer and self.comm.rank == 0)])
             self.comm.allreduce_(flags, op="max")
             stop = stop or bool(flags[0])
             save = save or bool(flags[1])

@@ -14,6 +14,7 @@ import platform
 import sys
 import time
 from dataclasses import fields
+from pathlib import Path
 
 from hpc_asgd import env
 from hpc_asgd.config import SECTIONS, Config
@@ -85,12 +86,16 @@ def _table(summary: dict) -> str:
 
 
 def cmd_train(args: argparse.Namespace, launch: env.Launch) -> int:
+    from hpc_asgd import failure, signals
+
+    signals.install()  # before torch is imported: a USR1 or TERM at start-up is not lost
     from hpc_asgd.comm import make_comm
-    from hpc_asgd.train import run
+    from hpc_asgd.train import Tracker, run
 
     try:
         cfg = config_from_args(args)
         cfg.validate(launch.size, launch.local_size)
+        cfg.check_paths()
     except ConfigError as e:
         # Every rank reaches the same verdict; rank 0 says it once. The others linger a moment
         # so that the launcher, which ends the job at the first non-zero exit, lets it speak.
@@ -99,16 +104,23 @@ def cmd_train(args: argparse.Namespace, launch: env.Launch) -> int:
         else:
             time.sleep(1.0)
         return 2
+    folders = [Path(p) for p in (cfg.run.out, cfg.run.checkpoint_dir) if p]
+    if launch.rank == 0:  # an earlier run's record; no rank can fail before the engine is up
+        failure.clear(folders)
     comm = None
+    tracker = Tracker()
+    failure.arm(launch, folders, lambda: tracker.step)
     try:
         comm = make_comm(cfg.run.comm, launch, cfg.run.comm_timeout)
-        summary = run(cfg, launch, comm)
+        summary = run(cfg, launch, comm, tracker)
     except Preempted as e:  # every rank checkpointed at the same step: no abort
         if launch.rank == 0:
             print(f"hpc-asgd: {e}", file=sys.stderr, flush=True)
         return Preempted.EXIT_CODE
     except (Exception, KeyboardInterrupt) as e:
-        print(error_line(launch.rank, launch.size, e, launch.hostname), file=sys.stderr, flush=True)
+        line = error_line(launch.rank, launch.size, e, launch.hostname)
+        print(line, file=sys.stderr, flush=True)
+        failure.report(e, line)
         if os.environ.get("HPC_ASGD_TRACEBACK"):
             import traceback
 

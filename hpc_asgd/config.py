@@ -8,6 +8,9 @@ preset files and ``summary.json["config"]`` always agree. Precedence: flag > fil
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -224,6 +227,12 @@ class Config:
         from hpc_asgd.models import MODELS
 
         d, o, s, w, r = self.data, self.optim, self.sync, self.workers, self.run
+        for sec in SECTIONS:  # inf and nan slip through every comparison below, or overflow
+            for f in fields(getattr(self, sec)):
+                value = getattr(getattr(self, sec), f.name)
+                for v in value if isinstance(value, tuple) else (value,):
+                    if isinstance(v, float) and not math.isfinite(v):
+                        raise ConfigError(f"{f.name}: must be a finite number, got {v}")
         _choice("dataset", d.dataset, DATASETS)
         _choice("model", self.model.model, MODELS)
         _choice("algo", s.algo, ALGOS)
@@ -323,6 +332,34 @@ class Config:
 
             if not torch.cuda.is_available():
                 raise ConfigError("device: 'cuda' asked for, but torch sees no CUDA GPU")
+
+    def check_paths(self) -> None:
+        """The file-system half of validation, before any engine starts: folders that must
+        exist do, and the output folders can be written (created if missing, then probed),
+        so that a run never trains for hours to fail at its first write."""
+        d, r = self.data, self.run
+        if d.data_dir and not d.download and not Path(d.data_dir).is_dir():
+            raise ConfigError(f"data_dir: no such folder {d.data_dir} (add --download?)")
+        if r.resume not in (None, "auto") and not (Path(r.resume) / "manifest.json").is_file():
+            raise ConfigError(
+                f"resume: {r.resume} is not a committed checkpoint folder (no manifest.json); "
+                "give a step-NNNNNNNNN folder or 'auto'"
+            )
+        for name, folder in (("out", r.out), ("checkpoint_dir", r.checkpoint_dir)):
+            if folder:
+                _probe_write(name, Path(folder))
+
+
+def _probe_write(name: str, folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(
+            f"{name}: cannot write to {folder} ({e.strerror or type(e).__name__})"
+        ) from None
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:

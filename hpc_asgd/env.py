@@ -18,7 +18,9 @@ class Fault:
     """Fault injection for tests: ``HPC_ASGD_FAULT=KIND@RANK:STEP``; the process (rank or
     worker) that takes node step STEP on rank RANK raises, stops (SIGSTOP) or kills itself."""
 
-    kind: str  # "raise" | "stop" | "kill" | "ckptkill" (SIGKILL while writing a checkpoint)
+    # "raise" | "stop" | "kill" | "ckptkill" (SIGKILL while writing a checkpoint) | "nan" (the
+    # step's loss is NaN, as a bad batch or an overflow makes it)
+    kind: str
     rank: int
     step: int
 
@@ -81,9 +83,10 @@ def short_host(name: str) -> str:
 def _parse_fault(spec: str | None) -> Fault | None:
     if not spec:
         return None
-    m = re.fullmatch(r"(raise|stop|kill|ckptkill)@(\d+):(\d+)", spec.strip())
+    m = re.fullmatch(r"(raise|stop|kill|ckptkill|nan)@(\d+):(\d+)", spec.strip())
     if not m:
-        raise ValueError(f"HPC_ASGD_FAULT={spec!r}: expected raise|stop|kill|ckptkill@RANK:STEP")
+        kinds = "raise|stop|kill|ckptkill|nan"
+        raise ValueError(f"HPC_ASGD_FAULT={spec!r}: expected {kinds}@RANK:STEP")
     return Fault(m.group(1), int(m.group(2)), int(m.group(3)))
 
 

@@ -15,6 +15,10 @@ class DataError(HpcAsgdError):
     """A data file is missing, corrupt or of the wrong shape; the message names the file."""
 
 
+class OutputError(HpcAsgdError):
+    """The outputs could not be written where asked; the message says where they went."""
+
+
 class CommError(HpcAsgdError):
     """A collective failed or passed its deadline; the message names the missing ranks."""
 
@@ -31,8 +35,11 @@ class Preempted(HpcAsgdError):
 
     EXIT_CODE = 85  # the SLURM templates requeue the job on this exit status
 
-    def __init__(self, step: int):
-        super().__init__(
-            f"checkpointed at node step {step}; exiting with {self.EXIT_CODE} to be requeued"
+    def __init__(self, step: int, saved: bool = True):
+        what = (
+            f"checkpointed at node step {step}"
+            if saved
+            else f"USR1 before the first step: nothing new to checkpoint (node step {step})"
         )
+        super().__init__(f"{what}; exiting with {self.EXIT_CODE} to be requeued")
         self.step = step

@@ -7,6 +7,7 @@ never takes a half-written file for a good one.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import sys
@@ -35,12 +36,29 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+def strict(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None: strict JSON (RFC 8259) has
+    no NaN or Infinity, and readers such as ``jq`` or JavaScript reject Python's bare ``NaN``."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, indent: int | None = None) -> str:
+    """Strict JSON text of ``obj`` (non-finite floats as null)."""
+    return json.dumps(strict(obj), indent=indent, allow_nan=False)
+
+
 def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+    atomic_write(path, lambda f: f.write((dumps(obj, indent=2) + "\n").encode()))
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    atomic_write(path, lambda f: f.write("".join(dumps(r) + "\n" for r in rows).encode()))
 
 
 def save_model(path: Path, module: torch.nn.Module, config: dict) -> None:
@@ -79,6 +97,7 @@ class Progress:
         self.enabled, self.tty = enabled, tty
         self.t0 = time.perf_counter()
         self.last_draw = 0.0
+        self.warned: set[str] = set()
 
     def step(self, step: int, loss: float | None = None) -> None:
         now = time.perf_counter()
@@ -94,6 +113,12 @@ class Progress:
             file=sys.stderr,
             flush=True,
         )
+
+    def warn(self, message: str) -> None:
+        """One warning line (rank 0), each distinct message once."""
+        if self.enabled and message not in self.warned:
+            self.warned.add(message)
+            print(f"hpc-asgd: warning: {message}", file=sys.stderr, flush=True)
 
     def epoch(self, row: dict) -> None:
         if not self.enabled:

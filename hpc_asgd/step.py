@@ -7,6 +7,7 @@ the LPP-SGD reference code) and the LR schedule follows the node's progress.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from hpc_asgd.config import Config
 from hpc_asgd.data import Dataset, ShardSampler
 from hpc_asgd.env import Fault
+from hpc_asgd.errors import HpcAsgdError
 from hpc_asgd.flat import FlatModel
 from hpc_asgd.optim import FlatSGD, Schedule
 from hpc_asgd.shm.base import HIST_BINS, UpdateRule, bin_of
@@ -25,7 +27,30 @@ from hpc_asgd.shm.base import HIST_BINS, UpdateRule, bin_of
 STEPS, APPLIED, DROPPED, LOCK_WAIT, LOSS_SUM = range(5)
 STALE0 = 5  # staleness histogram: HIST_BINS columns
 TRIES0 = STALE0 + HIST_BINS  # CAS-tries histogram: HIST_BINS columns (tries 1.. in bin 0..)
-NSTATS = TRIES0 + HIST_BINS
+# Steps skipped for a non-finite loss or gradient; the first and last such node step (1-based,
+# 0 = none): the divergence check's evidence.
+NONFINITE = TRIES0 + HIST_BINS
+NF_FIRST, NF_LAST = NONFINITE + 1, NONFINITE + 2
+NSTATS = NONFINITE + 3
+
+
+class DivergedError(HpcAsgdError):
+    """More non-finite steps than ``--max-nonfinite`` on one rank."""
+
+
+def check_finite(stats: torch.Tensor, limit: int, lr: float) -> None:
+    """Raise :class:`DivergedError` once this rank's workers (rows of ``stats``, (W, NSTATS))
+    skipped more than ``limit`` steps for a non-finite loss or gradient."""
+    count = int(stats[:, NONFINITE].sum())
+    if count <= limit:
+        return
+    first = int(min(x for x in stats[:, NF_FIRST].tolist() if x > 0))
+    last = int(stats[:, NF_LAST].max())
+    raise DivergedError(
+        f"training diverged: non-finite loss or gradient in {count} node steps (first at node "
+        f"step {first}, last at {last}; each was skipped, --max-nonfinite {limit}); "
+        f"lower --lr ({lr:g}) or add --warmup-epochs"
+    )
 
 
 def schedule_of(cfg: Config) -> Schedule:
@@ -68,7 +93,8 @@ class Stepper:
         self.epoch_cached = -1
         self.batches: list[torch.Tensor] = []
 
-    def step(self, s: int) -> None:
+    def step(self, s: int, poison: bool = False) -> None:
+        """Node step ``s``; ``poison`` (fault injection) makes its loss NaN."""
         t0 = time.perf_counter()
         e, i = divmod(s, self.spe)
         if e != self.epoch_cached:
@@ -81,20 +107,34 @@ class Stepper:
         if self.partial:
             self.flat.only_grads_for(block)
         loss = F.cross_entropy(self.flat.module(x), y)
+        if poison:
+            loss = loss * math.nan
         self.flat.zero_grad()
         loss.backward()
+        value = loss.detach().item()
+        grad = self.flat.grad
+        if not math.isfinite(value):  # a NaN gradient is what every rank's sum then agrees on
+            grad.fill_(math.nan)
         t_hook = 0.0  # seconds in the gradient allreduce: not this step's own work
         if self.grads_hook is not None:
             t_hook = time.perf_counter()
-            self.grads_hook(s + 1)
+            self.grads_hook(s + 1)  # sync: the gradient is now every rank's mean
             t_hook = time.perf_counter() - t_hook
-        d = self.opt.direction(p, self.flat.grad, block)
-        res = self.rule.apply(d, self.sched(s / self.spe), block)
         row = self.stats
         row[STEPS] += 1
+        # A non-finite step is skipped before it reaches the momentum or the model (one pass
+        # over the gradient, (n_params,), well below the backward's cost). Under sync the test
+        # is on the averaged gradient, identical on every rank: all skip together.
+        if not bool(torch.isfinite(grad if block is None else grad[block]).all()):
+            row[NONFINITE] += 1
+            row[NF_FIRST] = row[NF_FIRST] or s + 1
+            row[NF_LAST] = s + 1
+            return
+        d = self.opt.direction(p, grad, block)
+        res = self.rule.apply(d, self.sched(s / self.spe), block)
         row[APPLIED if res.applied else DROPPED] += 1
         row[LOCK_WAIT] += res.lock_wait_s
-        row[LOSS_SUM] += loss.detach().item()
+        row[LOSS_SUM] += value
         row[STALE0 + bin_of(res.staleness)] += 1
         row[TRIES0 + bin_of(res.tries - 1)] += 1
         if self.slow > 1:  # sleep in proportion to the step's own work, not its comm wait
@@ -106,13 +146,16 @@ def slow_factor(cfg: Config, rank: int) -> float:
     return cfg.run.slow_factor if cfg.run.slow_rank == rank else 1.0
 
 
-def inject(fault: Fault | None, rank: int, step: int) -> None:
-    """Fault injection for the failure tests (``HPC_ASGD_FAULT``, read by env.py)."""
+def inject(fault: Fault | None, rank: int, step: int) -> bool:
+    """Fault injection for the failure tests (``HPC_ASGD_FAULT``, read by env.py); True: the
+    step must be poisoned (NaN loss)."""
     if fault is None or fault.rank != rank or fault.step != step:
-        return
+        return False
+    if fault.kind == "nan":
+        return True
     if fault.kind == "stop":  # stop answering, as a hung node does; the peers' deadline fires
         os.kill(os.getpid(), signal.SIGSTOP)
-        return
+        return False
     if fault.kind == "kill":  # die as the OOM killer does it
         os.kill(os.getpid(), signal.SIGKILL)
     raise RuntimeError(f"injected fault at step {step}")

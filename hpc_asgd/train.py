@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,14 +28,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from hpc_asgd import metrics
+from hpc_asgd import metrics, signals
 from hpc_asgd.checkpoint import Checkpointer
 from hpc_asgd.comm import Comm, make_comm
 from hpc_asgd.comm.base import gather_hosts
 from hpc_asgd.config import Config
 from hpc_asgd.data import Dataset, ShardSampler, load_dataset
 from hpc_asgd.env import Launch, is_tty
-from hpc_asgd.errors import Preempted
+from hpc_asgd.errors import OutputError, Preempted
 from hpc_asgd.flat import FlatModel
 from hpc_asgd.models import build_model
 from hpc_asgd.shm import AtomicArray, make_rule
@@ -56,11 +56,14 @@ from hpc_asgd.step import (
     DROPPED,
     LOCK_WAIT,
     LOSS_SUM,
+    NONFINITE,
     NSTATS,
     STALE0,
     STEPS,
     TRIES0,
+    DivergedError,
     Stepper,
+    check_finite,
     inject,
     slow_factor,
 )
@@ -104,12 +107,11 @@ def evaluate(
     return torch.cat([acc, extra.to(torch.float64)])
 
 
-class StoppedError(Exception):
-    """SIGTERM: leave through the cleanup path (workers stopped), as Ctrl-C does."""
+@dataclass
+class Tracker:
+    """What a caller may want to know after a failure: the last node step this rank saw."""
 
-
-def _on_sigterm(signum, frame):
-    raise StoppedError("stopped by SIGTERM")
+    step: int | None = None
 
 
 @dataclass
@@ -137,6 +139,7 @@ class _Run:
     rows: list[dict]
     seen: torch.Tensor  # (loss_sum, steps) at the last evaluation
     resumed: dict | None  # the checkpoint this run resumes from
+    tracker: Tracker
     extra: int = 0  # --keep-training: node steps taken past ``total`` while slower ranks finished
     t_start: float = 0.0  # perf_counter() when ``run`` began
     setup_s: float = 0.0  # from ``t_start`` to this rank's first training step (this session)
@@ -157,14 +160,28 @@ class _Run:
         }
 
 
-def run(cfg: Config, launch: Launch, comm: Comm | None = None) -> dict:
+def run(
+    cfg: Config, launch: Launch, comm: Comm | None = None, tracker: Tracker | None = None
+) -> dict:
     """Train as ``cfg`` says; returns the summary (also written to ``--out`` by rank 0).
 
     ``cfg`` is validated here (again, cheaply) so that library callers get the same checks as
     the CLI; the CLI validates before it starts the engine, so that errors need no collective.
+    The SIGTERM / SIGUSR1 handlers (``signals``) are installed for the call unless the caller
+    (the CLI) installed them already, for the life of the process.
     """
+    ours = signals.install()
+    try:
+        return _run(cfg, launch, comm, tracker or Tracker())
+    finally:
+        if ours:
+            signals.restore()
+
+
+def _run(cfg: Config, launch: Launch, comm: Comm | None, tracker: Tracker) -> dict:
     t_start = time.perf_counter()
     cfg.validate(launch.size, launch.local_size)
+    cfg.check_paths()
     rank_threads = _threads_per_rank(launch)
     torch.set_num_threads(rank_threads)
     comm = comm or make_comm(cfg.run.comm, launch, cfg.run.comm_timeout)
@@ -214,7 +231,8 @@ def run(cfg: Config, launch: Launch, comm: Comm | None = None) -> dict:
         ``nonblocking`` the sum is an iallreduce and a ``complete(wait) -> bool`` is returned
         (the row is recorded when it completes): a rank ahead of the others never waits for
         them to reach the evaluation. Rows complete in the order they were posted."""
-        now = torch.stack([stats[:, LOSS_SUM].sum(), stats[:, STEPS].sum()])
+        steps = stats[:, STEPS] - stats[:, NONFINITE]  # skipped steps add no loss
+        now = torch.stack([stats[:, LOSS_SUM].sum(), steps.sum()])
         st = evaluate(eval_model, data, comm, device, now - seen)  # (5,) float64
         seen.copy_(now)
         at = round(time.perf_counter() - t_start, 3)  # the time of this rank's evaluation
@@ -232,7 +250,10 @@ def run(cfg: Config, launch: Launch, comm: Comm | None = None) -> dict:
             rows.append(row)
             progress.epoch(row)
             if comm.rank == 0 and out:
-                metrics.write_jsonl(out / "metrics.jsonl", rows)
+                try:
+                    metrics.write_jsonl(out / "metrics.jsonl", rows)
+                except OSError as e:  # the run goes on; the final write finds a way out
+                    progress.warn(f"could not write {out / 'metrics.jsonl'}: {e}")
 
         if not nonblocking:
             comm.allreduce_(st)
@@ -271,15 +292,10 @@ def run(cfg: Config, launch: Launch, comm: Comm | None = None) -> dict:
         rows,
         seen,
         resumed,
+        tracker,
         t_start=t_start,
     )
-    old_term = signal.signal(signal.SIGTERM, _on_sigterm)
-    old_usr1 = signal.signal(signal.SIGUSR1, ck.on_usr1)
-    try:
-        train_s = _train_workers(job, ctx) if spawn else _train_in_process(job)
-    finally:
-        signal.signal(signal.SIGTERM, old_term)
-        signal.signal(signal.SIGUSR1, old_usr1)
+    train_s = _train_workers(job, ctx) if spawn else _train_in_process(job)
     return _summarise(job, rows, train_s, t_start, out)
 
 
@@ -304,12 +320,14 @@ def _train_in_process(job: _Run) -> float:
         stop = sync.next_stop(stop, stop / spe)
     pending = [e for e in job.evals if e > start]
     evals = _InFlight()
+    _preempted_at_start(job, start)
     t_seg = time.perf_counter()
     job.setup_s = t_seg - job.t_start
     flat.module.train()
     for s in range(start, job.total):
-        inject(job.launch.fault, comm.rank, s)
-        stepper.step(s)
+        job.tracker.step = s + 1  # node steps are named 1-based, as in the error lines
+        stepper.step(s, poison=inject(job.launch.fault, comm.rank, s))
+        check_finite(job.stats, job.cfg.run.max_nonfinite, job.cfg.optim.lr)
         evals.complete(wait=False)
         if s + 1 == stop:
             sync.step_done(stop, stop / spe)
@@ -348,6 +366,18 @@ def _train_in_process(job: _Run) -> float:
             if halt:
                 raise Preempted(s + 1)
     return train_s
+
+
+def _preempted_at_start(job: _Run, start: int) -> None:
+    """A USR1 during start-up (data, model, workers): the ranks agree on it before the first
+    step and exit for a requeue; nothing is lost, nothing new needs saving."""
+    job.tracker.step = start
+    if job.ck.root is None:
+        return
+    flag = torch.tensor([float(signals.usr1_seen())])
+    job.comm.allreduce_(flag, op="max")
+    if flag[0]:
+        raise Preempted(start, saved=False)
 
 
 def _keep_training(job: _Run, stepper: Stepper, evals: _InFlight) -> int:
@@ -414,14 +444,16 @@ def _train_workers(job: _Run, ctx) -> float:
         # and a rank that started early would run its first steps (or, with --keep-training,
         # extra ones) alone.
         job.comm.barrier()
+        _preempted_at_start(job, start)
         t0 = train_end = time.perf_counter()  # training time starts when all may step
         job.setup_s = t0 - job.t_start
         ctl[LIMIT].store(limit())
         pace = _Pace(cap=1e-3 if sync.overlaps else 2e-2)
         while True:
             pool.poll()
+            check_finite(job.stats, cfg.run.max_nonfinite, cfg.optim.lr)
             event = min(x for x in (stop, ck_at, pending[0]) if x is not None)
-            done = ctl[DONE].load()
+            done = job.tracker.step = ctl[DONE].load()
             evals.complete(wait=False)
             if sync.overlaps:  # this process is the averager: rounds overlap the workers
                 sync.poll(done, done / spe)
@@ -519,8 +551,15 @@ def _summarise(job: _Run, rows: list[dict], train_s: float, t_start: float, out:
     d, s = cfg.data, cfg.sync
     digest = bytes.fromhex(flat.checksum())
     sums = comm.allgather(torch.frombuffer(bytearray(digest), dtype=torch.uint8))
-    mine = [sync.wait_s, train_s, sync.inflight_s, job.extra, job.setup_s]
+    finite = bool(torch.isfinite(flat.data).all())
+    mine = [sync.wait_s, train_s, sync.inflight_s, job.extra, job.setup_s, float(finite)]
     waits = comm.allgather(torch.tensor(mine, dtype=torch.float64))
+    bad = [r for r in range(comm.size) if not waits[r, 5]]
+    if bad:  # a non-finite model is never written as the result
+        raise DivergedError(
+            f"the final model of rank(s) {', '.join(map(str, bad))} has non-finite parameters; "
+            f"not written (lower --lr ({cfg.optim.lr:g}) or add --warmup-epochs)"
+        )
     hosts = gather_hosts(comm, job.launch.hostname)
     groups = sync.groups() if isinstance(sync, HierAvg) else None  # collective: every rank
     all_stats = comm.allgather(job.stats)  # (ranks, W, NSTATS)
@@ -549,6 +588,8 @@ def _summarise(job: _Run, rows: list[dict], train_s: float, t_start: float, out:
         "final_test_acc": rows[-1]["test_acc"],
         "final_test_loss": rows[-1]["test_loss"],
         "averaging_rounds": sync.rounds,
+        # per rank: steps skipped for a non-finite loss or gradient (--max-nonfinite)
+        "nonfinite_steps": [int(x) for x in all_stats[:, :, NONFINITE].sum(1)],
         "comm_wait_s": [round(float(x), 4) for x in waits[:, 0]],
         "comm_inflight_s": [round(float(x), 4) for x in waits[:, 2]],
         # share of the communication time hidden behind computation, per rank
@@ -565,9 +606,35 @@ def _summarise(job: _Run, rows: list[dict], train_s: float, t_start: float, out:
     if groups is not None:
         summary["groups"] = groups  # hier-avg: the world ranks each group averaged among
     if comm.rank == 0 and out:
-        metrics.save_model(out / "model.pt", flat.module, cfg.to_dict())
-        metrics.write_json(out / "summary.json", summary)
+        _write_outputs(out, job, summary)
     return summary
+
+
+def _write_outputs(out: Path, job: _Run, summary: dict) -> None:
+    """model.pt, then summary.json (its presence says the run completed), and metrics.jsonl
+    once more. Should ``out`` fail now (full, gone, read-only), hours of training are not
+    thrown away: the outputs go to a rescue folder and the error says where."""
+
+    def write(folder: Path) -> None:
+        metrics.save_model(folder / "model.pt", job.flat.module, job.cfg.to_dict())
+        metrics.write_jsonl(folder / "metrics.jsonl", job.rows)
+        metrics.write_json(folder / "summary.json", summary)
+
+    try:
+        write(out)
+    except OSError as e:
+        stamp = job.launch.slurm_job_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        for base in (Path.cwd(), Path(tempfile.gettempdir())):
+            rescue = base / f"hpc-asgd-rescue-{stamp}"
+            try:
+                write(rescue)
+            except OSError:
+                continue
+            raise OutputError(
+                f"could not write the outputs to {out} ({e.strerror or e}); "
+                f"model.pt, metrics.jsonl and summary.json were saved to {rescue}"
+            ) from e
+        raise
 
 
 def _worker_metrics(cfg: Config, st: torch.Tensor) -> dict:

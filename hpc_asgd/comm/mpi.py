@@ -22,6 +22,7 @@ import weakref
 import numpy as np
 import torch
 
+from hpc_asgd import failure
 from hpc_asgd.comm import status
 from hpc_asgd.comm.base import (
     Comm,
@@ -109,6 +110,7 @@ class _Process:
                     host = short_host(self.addresses[rank][0])
                     line = error_line(rank, len(self.addresses), err, host)
                     print(line, file=sys.stderr, flush=True)
+                    failure.report(err, line)
                     if self.threaded:
                         mpi_module().COMM_WORLD.Abort(1)
                     os._exit(1)  # the launcher ends the other ranks on a non-zero exit

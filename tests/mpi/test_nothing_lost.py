@@ -1,0 +1,187 @@
+"""Nothing lost, nothing silent: divergence, the failure record, paths checked up front,
+signals during start-up, outputs that cannot be written where asked."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import HOST, assert_no_orphans, mpi_env, summary, train
+
+pytestmark = [pytest.mark.mpi, pytest.mark.timeout(150)]
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN / Infinity, as strict readers (jq, JavaScript) do."""
+
+    def refuse(name: str):
+        raise ValueError(f"not strict JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def failure(folder: Path) -> dict:
+    return strict_json((folder / "failure.json").read_text())
+
+
+@pytest.mark.parametrize("algo", ["local-sgd", "sync"])
+def test_divergence_aborts_with_one_line_and_writes_no_model(tmp_path: Path, algo: str) -> None:
+    out = tmp_path / "out"
+    flags = ["--algo", algo, "--period", "4", "--lr", "1e6", "--epochs", "2", "--out", str(out)]
+    res = train(2, *flags, timeout=90)
+    assert res.rc != 0, res.text
+    lines = [ln for ln in res.error_lines() if "training diverged" in ln]
+    assert lines, res.text
+    assert "--max-nonfinite 3" in lines[0] and "node step" in lines[0], lines[0]
+    assert not (out / "model.pt").exists() and not (out / "summary.json").exists()
+    rec = failure(out)
+    assert rec["error_type"] == "DivergedError" and rec["error"] in lines, rec
+    assert rec["rank"] in (0, 1) and rec["host"] == HOST and rec["last_node_step"] >= 4, rec
+    for row in (
+        (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+    ):
+        strict_json(row)
+    assert_no_orphans(res.sid)
+
+
+@pytest.mark.parametrize(("algo", "skipped"), [("sync", [1, 1]), ("local-sgd", [0, 1])])
+def test_a_nonfinite_step_is_skipped_and_the_run_completes(
+    tmp_path: Path, algo: str, skipped: list[int]
+) -> None:
+    out = tmp_path / "out"
+    flags = ["--algo", algo, "--period", "2", "--epochs", "1", "--out", str(out)]
+    res = train(2, *flags, env={"HPC_ASGD_FAULT": "nan@1:5"}, timeout=90)
+    assert res.rc == 0, res.text
+    s = strict_json((out / "summary.json").read_text())
+    # sync: the NaN reaches every rank's averaged gradient, and both skip the same step
+    assert s["nonfinite_steps"] == skipped, s["nonfinite_steps"]
+    assert s["consensus"] and s["final_test_acc"] > 0.3, s  # chance: 0.1
+    assert not (out / "failure.json").exists()
+
+
+def test_outputs_are_strict_json(tmp_path: Path) -> None:
+    from hpc_asgd import metrics
+
+    obj = {"loss": float("nan"), "rows": [{"acc": float("inf")}, 0.5], "n": 3}
+    metrics.write_json(tmp_path / "s.json", obj)
+    metrics.write_jsonl(tmp_path / "m.jsonl", obj["rows"][:1])
+    assert strict_json((tmp_path / "s.json").read_text()) == {
+        "loss": None,
+        "rows": [{"acc": None}, 0.5],
+        "n": 3,
+    }
+    assert strict_json((tmp_path / "m.jsonl").read_text()) == {"acc": None}
+
+
+@pytest.mark.parametrize(
+    ("fault", "rank", "kind"),
+    [("raise@1:10", 1, "RuntimeError"), ("stop@1:10", 0, "CommError")],
+    ids=["raising-rank", "deadline"],
+)
+def test_failure_json_names_the_first_failure(
+    tmp_path: Path, fault: str, rank: int, kind: str
+) -> None:
+    out, ck = tmp_path / "out", tmp_path / "ck"
+    flags = ["--algo", "sync", "--epochs", "5", "--comm-timeout", "6", "--out", str(out)]
+    flags += ["--checkpoint-dir", str(ck)]
+    res = train(2, *flags, env={"HPC_ASGD_FAULT": fault, "SLURM_JOB_ID": "4242"}, timeout=90)
+    assert res.rc != 0
+    for folder in (out, ck):  # beside the outputs and beside the checkpoints, the same record
+        rec = failure(folder)
+        assert rec["rank"] == rank and rec["error_type"] == kind, rec
+        assert rec["error"] in res.text and rec["host"] == HOST, rec
+        assert rec["slurm_job_id"] == "4242" and rec["pid"] > 0 and rec["time"], rec
+        assert 9 <= rec["last_node_step"] <= 12, rec
+    assert not list(out.glob(".failure.json.*")), "temp files left"
+    assert_no_orphans(res.sid)
+
+
+def test_failure_json_after_bad_data_and_cleared_by_a_good_run(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    res = train(1, "--dataset", "mnist", "--data-dir", str(tmp_path), "--out", str(out))
+    assert res.rc != 0
+    assert failure(out)["error_type"] == "DataError"
+    res = train(1, "--epochs", "0.2", "--out", str(out))
+    assert res.rc == 0, res.text
+    assert not (out / "failure.json").exists() and summary(out)["final_test_acc"] > 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--epochs", "inf"], "epochs: must be a finite number, got inf"),
+        (["--lr", "nan"], "lr: must be a finite number, got nan"),
+        (["--dataset", "mnist", "--data-dir", "/no/such"], "data_dir: no such folder /no/such"),
+        (["--resume", "/no/such"], "resume: /no/such is not a committed checkpoint folder"),
+    ],
+    ids=["epochs-inf", "lr-nan", "data-dir", "resume"],
+)
+def test_bad_values_and_paths_are_refused_before_the_engine(flags, message) -> None:
+    res = train(2, *flags, timeout=60)
+    assert res.rc == 2 and res.seconds < 30, res.text
+    assert res.error_lines() == [f"hpc-asgd: error: {message}"] or res.error_lines()[0].startswith(
+        f"hpc-asgd: error: {message}"
+    ), res.text
+    assert "Traceback" not in res.text
+
+
+def test_out_under_a_file_is_refused_before_training(tmp_path: Path) -> None:
+    blocker = tmp_path / "FILE"
+    blocker.write_text("")
+    res = train(2, "--epochs", "6", "--out", str(blocker / "out"), timeout=60)
+    assert res.rc == 2 and res.seconds < 30, res.text
+    assert (
+        res.error_lines()[0]
+        == f"hpc-asgd: error: out: cannot write to {blocker}/out (Not a directory)"
+    )
+
+
+def _cli(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = mpi_env()
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    return subprocess.Popen(
+        [sys.executable, "-m", "hpc_asgd.cli", "train", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.5], ids=["python-start", "torch-import"])
+def test_usr1_during_start_up_exits_85(tmp_path: Path, delay: float) -> None:
+    ck = tmp_path / "ck"
+    proc = _cli(["--epochs", "3", "--checkpoint-dir", str(ck), "--workers", "2"], tmp_path)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 85, out + err
+    assert "USR1 before the first step" in err and "Traceback" not in err, err
+    assert_no_orphans(proc.pid)
+
+
+def test_outputs_go_to_a_rescue_folder_when_out_is_gone(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = _cli(["--epochs", "4", "--workers", "1", "--out", str(out)], tmp_path)
+    deadline = time.monotonic() + 60
+    while not (out / "metrics.jsonl").exists():  # the first evaluation is written
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    os.rename(out, tmp_path / "moved")
+    out.write_text("the folder became a file")  # every later write into out/ fails
+    stdout, err = proc.communicate(timeout=90)
+    assert proc.returncode == 1, stdout + err
+    rescue = sorted(tmp_path.glob("hpc-asgd-rescue-*"))
+    assert len(rescue) == 1, err
+    assert f"were saved to {rescue[0]}" in err and "could not write the outputs" in err, err
+    assert summary(rescue[0])["final_test_acc"] > 0 and (rescue[0] / "model.pt").is_file()
+    assert len((rescue[0] / "metrics.jsonl").read_text().splitlines()) == 4
