@@ -7,6 +7,8 @@ were applied, so a lost update shows too.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -190,3 +192,44 @@ def test_atomic_words_lose_no_increment_across_processes() -> None:
         p.join(120)
         assert p.exitcode == 0, p.exitcode
     assert cells.t.tolist() == [40_000, 40_000]
+
+
+@pytest.mark.parametrize("kind", ["hogwild", "locked"])
+@pytest.mark.parametrize(("bound", "applied"), [(1, False), (2, True), (0, True)])
+def test_max_staleness_drops_gradients_staler_than_s(kind: str, bound: int, applied: bool) -> None:
+    """Worker 0 reads, worker 1 lands 2 updates, worker 0 applies: staleness 2. With S = 1 it
+    is dropped and the model keeps exactly worker 1's updates; S = 2 and S = 0 (off) apply it."""
+    params = torch.zeros(4)
+    ctx = mp.get_context("spawn")
+    rule = Hogwild(params, bound) if kind == "hogwild" else Locked(params, ctx, bound)
+    other = copy.copy(rule)  # a second worker: same shared state, its own read version
+    rule.attach(0)
+    other.attach(1)
+    rule.read()
+    for _ in range(2):
+        other.read()
+        assert other.apply(-torch.ones(4), lr=1.0).applied  # fresh: never dropped
+    res = rule.apply(-10 * torch.ones(4), lr=1.0)
+    assert (res.applied, res.staleness) == (applied, 2)
+    assert torch.all(params == (12 if applied else 2))
+
+
+def test_max_staleness_config() -> None:
+    """--max-staleness: >= 0, and only for the rules that implement it (one ConfigError line)."""
+    from hpc_asgd.config import Config
+    from hpc_asgd.errors import ConfigError
+    from hpc_asgd.shm import make_rule
+
+    for update in ("hogwild", "locked"):
+        cfg = Config.from_flat({"update": update, "max_staleness": 3})
+        cfg.validate(world_size=1)
+        assert make_rule(cfg, torch.zeros(2), mp.get_context("spawn")).max_staleness == 3
+    for values, message in [
+        ({"max_staleness": -1}, "max_staleness: must be >= 0, got -1"),
+        ({"update": "leashed", "max_staleness": 2}, r"not 'leashed' \(.*--persistence\)"),
+        ({"update": "partitioned", "max_staleness": 2}, "not 'partitioned'"),
+    ]:
+        with pytest.raises(ConfigError, match=message) as err:
+            Config.from_flat(values).validate(world_size=1)
+        assert "\n" not in str(err.value)
+    Config.from_flat({"update": "leashed"}).validate(world_size=1)  # 0 = off: fine anywhere
