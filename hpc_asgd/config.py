@@ -286,6 +286,19 @@ class Config:
                 "algo: 'sync' averages gradients inside every step and runs with W = 1 in the "
                 "rank's own process; with workers use local-sgd (--period 1 averages every step)"
             )
+        if w.max_staleness < 0:
+            raise ConfigError(f"max_staleness: must be >= 0, got {w.max_staleness}")
+        if w.max_staleness and w.update not in ("hogwild", "locked"):
+            # Leashed-SGD bounds a gradient's CAS retries with --persistence instead; the
+            # partitioned rule counts each block step as an update, so S would mean less there.
+            why = (
+                "Leashed-SGD bounds its retries with --persistence"
+                if w.update == "leashed"
+                else "its block steps count as updates"
+            )
+            raise ConfigError(
+                f"max_staleness: only for --update hogwild or locked, not {w.update!r} ({why})"
+            )
         if w.update == "leashed" and w.workers > 120:
             raise ConfigError(
                 f"workers: Leashed-SGD supports at most 120 workers per rank, got {w.workers}"

@@ -2,6 +2,12 @@
 
 Looked for in ``data_dir`` and in ``data_dir/MNIST/raw`` / ``data_dir/FashionMNIST/raw``, the
 layout torchvision uses, so an existing torchvision download is found as is.
+
+With ``verify`` (the default; ``--no-verify`` for your own files in this format) the files
+the loader reads are checked like CIFAR's: a ``.gz`` against the official MD5 (torchvision's
+``resources`` list). The official lists give no MD5 of the unpacked files, and the originals
+could not be fetched here to compute them, so an unpacked file is checked by its header only:
+it must hold the official number of samples (60,000 train, 10,000 test). Its content is not.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import torch
 from hpc_asgd.errors import DataError
 
 from .base import Dataset, TensorSplit
+from .fileio import NO_VERIFY_HINT, verify_md5
 from .fileio import download as fetch
 
 IDX_UINT8 = 0x08  # the only element type MNIST uses
@@ -66,6 +73,7 @@ FILES = {  # split -> (images, labels)
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+SAMPLES = {"train": 60_000, "test": 10_000}  # in the official files of both datasets
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -106,7 +114,22 @@ def _find(root: Path, source: _Source, base: str) -> Path | None:
     return None
 
 
-def _load_split(root: Path, source: _Source, split: str, do_download: bool) -> TensorSplit:
+def _read_verified(path: Path, source: _Source, split: str, verify: bool) -> np.ndarray:
+    """``read_idx`` plus, with ``verify``, a .gz's MD5 first or an unpacked file's count after."""
+    if verify and path.suffix == ".gz":
+        verify_md5(path, source.md5[path.name])
+    array = read_idx(path)
+    if verify and path.suffix != ".gz" and array.shape[0] != SAMPLES[split]:
+        raise DataError(
+            f"{path}: {array.shape[0]} samples, the official file has {SAMPLES[split]} "
+            f"({NO_VERIFY_HINT})"
+        )
+    return array
+
+
+def _load_split(
+    root: Path, source: _Source, split: str, do_download: bool, verify: bool
+) -> TensorSplit:
     paths = []
     for base in FILES[split]:
         path = _find(root, source, base)
@@ -120,7 +143,8 @@ def _load_split(root: Path, source: _Source, split: str, do_download: bool) -> T
                 "copy the official IDX files there or pass --download"
             )
         paths.append(path)
-    images, labels = read_idx(paths[0]), read_idx(paths[1])
+    images = _read_verified(paths[0], source, split, verify)
+    labels = _read_verified(paths[1], source, split, verify)
     if images.ndim != 3 or images.shape[1:] != (28, 28):
         raise DataError(f"{paths[0]}: expected images of shape (N, 28, 28), got {images.shape}")
     if labels.shape != images.shape[:1]:
@@ -139,13 +163,14 @@ def _load_split(root: Path, source: _Source, split: str, do_download: bool) -> T
     )
 
 
-def load_mnist(name: str, root: Path, *, download: bool = False) -> Dataset:
-    """Load ``mnist`` or ``fashion-mnist``; ``download=True`` fetches missing files."""
+def load_mnist(name: str, root: Path, *, download: bool = False, verify: bool = True) -> Dataset:
+    """Load ``mnist`` or ``fashion-mnist``; ``download=True`` fetches missing files and
+    ``verify`` checks the official files (module docstring: what is checked for which)."""
     source = SOURCES[name]
     return Dataset(
         name=name,
-        train=_load_split(root, source, "train", download),
-        test=_load_split(root, source, "test", download),
+        train=_load_split(root, source, "train", download, verify),
+        test=_load_split(root, source, "test", download, verify),
         input_shape=(1, 28, 28),
         num_classes=NUM_CLASSES,
     )

@@ -26,8 +26,9 @@ def load_dataset(
     """Load ``name`` (one of ``DATASETS``) from ``data_dir``.
 
     ``download`` fetches missing MNIST / CIFAR files (never otherwise touching the network);
-    ``verify`` checks CIFAR files against the official MD5s. ``seed`` only shapes the
-    synthetic data: the digits split is fixed so that test scores stay comparable.
+    ``verify`` checks MNIST and CIFAR files against the official MD5s (unpacked MNIST files:
+    their sample count only). ``seed`` only shapes the synthetic data: the digits split is
+    fixed so that test scores stay comparable.
     """
     key = str(name).strip().lower()
     if key == "digits":
@@ -37,7 +38,8 @@ def load_dataset(
     if key in ("mnist", "fashion-mnist"):
         from .mnist import load_mnist
 
-        return load_mnist(key, require_data_dir(data_dir, key), download=download)
+        root = require_data_dir(data_dir, key)
+        return load_mnist(key, root, download=download, verify=verify)
     if key in ("cifar10", "cifar100"):
         from .cifar import load_cifar
 

@@ -16,9 +16,9 @@ def make_rule(cfg: Config, params: torch.Tensor, ctx) -> UpdateRule:
     """The configured rule over ``params`` (the shared flat buffer's parameter part)."""
     w = cfg.workers
     if w.update == "hogwild":
-        return Hogwild(params)
+        return Hogwild(params, w.max_staleness)
     if w.update == "locked":
-        return Locked(params, ctx)
+        return Locked(params, ctx, w.max_staleness)
     if w.update == "leashed":
         return Leashed(params, w.workers, w.persistence)
     if w.update == "partitioned":

@@ -3,6 +3,12 @@
 Workers read the shared parameters without any synchronisation (a read may mix two updates)
 and write ``p -= lr * d`` in place; momentum stays private to each worker. A shared atomic
 counter of applied updates gives each gradient's staleness (updates by others meanwhile).
+
+``max_staleness`` S > 0 drops a gradient whose staleness exceeds S when it is about to be
+written (not applied, reported as dropped), the bounded-delay condition of the asynchronous
+SGD analyses (e.g. Lian et al., NeurIPS 2015). HOGWILD! has no lock, so the check and the
+write are not one atomic step: others may still land in between, so the staleness reported
+for an applied gradient (counted at its write) can exceed S.
 """
 
 from __future__ import annotations
@@ -15,9 +21,10 @@ from hpc_asgd.shm.base import Applied, AtomicArray
 class Hogwild:
     name = "hogwild"
 
-    def __init__(self, params: torch.Tensor):
+    def __init__(self, params: torch.Tensor, max_staleness: int = 0):
         self.params = params  # (n_params,) view of the shared flat buffer
         self.version = AtomicArray(1)  # updates applied so far, by every worker
+        self.max_staleness = max_staleness  # S: drop gradients staler than S; 0 = never
         self.read_version = 0
 
     def attach(self, worker: int) -> None:
@@ -28,6 +35,10 @@ class Hogwild:
         return self.params
 
     def apply(self, d: torch.Tensor, lr: float, block: slice | None = None) -> Applied:
+        if self.max_staleness:
+            staleness = self.version[0].load() - self.read_version
+            if staleness > self.max_staleness:
+                return Applied(applied=False, staleness=staleness)
         if block is None:
             self.params.add_(d, alpha=-lr)
         else:

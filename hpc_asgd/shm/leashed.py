@@ -9,8 +9,9 @@ in shared memory:
 A reader increments the slot's reader count, then checks that ``latest`` did not move (else it
 backs off and retries), so it computes its gradient on a version no writer touches. A writer
 takes a free slot, copies the latest version into it, applies its step and CASes ``latest`` from
-the version it copied to its own; on failure it retries with the same step, up to the
-persistence bound B (then the gradient is dropped; B = 0: unbounded). The replaced version is
+the version it copied to its own; on failure it retries with the same step. The persistence
+bound B caps the CAS attempts, the first one included: after B failed tries the gradient is
+dropped (B = 0: unbounded), so ``Applied.tries`` <= B always. The replaced version is
 retired, and freed by whoever sees it retired with no readers (the writer or the last reader).
 Slot states: FREE -> OWNED (a writer's) -> LIVE (published or being published) -> RETIRED -> FREE.
 Records staleness (versions between read and write) and CAS tries.

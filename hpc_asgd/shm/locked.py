@@ -3,6 +3,10 @@
 One lock (a process-shared mutex) around the read-copy of the shared parameters into a private
 buffer, and around the in-place update, so reads are never torn but workers queue at the lock.
 Records the time spent waiting for it.
+
+``max_staleness`` S > 0 drops a gradient computed more than S updates ago (not applied,
+reported as dropped): the bounded-delay condition of the asynchronous SGD analyses (e.g. Lian
+et al., NeurIPS 2015). Checked under the lock, so no applied gradient is ever staler than S.
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ from hpc_asgd.shm.base import Applied, AtomicArray
 class Locked:
     name = "locked"
 
-    def __init__(self, params: torch.Tensor, ctx):
+    def __init__(self, params: torch.Tensor, ctx, max_staleness: int = 0):
         self.params = params  # (n_params,) view of the shared flat buffer
         self.lock = ctx.Lock()
         self.version = AtomicArray(1)
+        self.max_staleness = max_staleness  # S: drop gradients staler than S; 0 = never
         self.local: torch.Tensor | None = None
         self.read_version = 0
         self.read_wait = 0.0  # lock wait of the last read, reported with the update
@@ -48,14 +53,17 @@ class Locked:
     def apply(self, d: torch.Tensor, lr: float, block: slice | None = None) -> Applied:
         waited = self._acquire() + self.read_wait
         try:
+            staleness = self.version[0].load() - self.read_version  # exact: we hold the lock
+            if self.max_staleness and staleness > self.max_staleness:
+                return Applied(applied=False, staleness=staleness, lock_wait_s=waited)
             if block is None:
                 self.params.add_(d, alpha=-lr)
             else:
                 self.params[block].add_(d, alpha=-lr)
-            v = self.version[0].fetch_inc()
+            self.version[0].inc()
         finally:
             self.lock.release()
-        return Applied(staleness=v - self.read_version, lock_wait_s=waited)
+        return Applied(staleness=staleness, lock_wait_s=waited)
 
     def snapshot(self, out: torch.Tensor) -> None:
         with self.lock:

@@ -143,7 +143,7 @@ def test_mnist_reads_idx(tmp_path: Path, layout: str, suffix: str) -> None:
     for prefix, n in (("train", 5), ("t10k", 3)):
         write_idx(folder / f"{prefix}-images-idx3-ubyte{suffix}", images[:n])
         write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}", labels[:n])
-    ds = load_dataset("mnist", tmp_path)
+    ds = load_dataset("mnist", tmp_path, verify=False)  # not the official files
     assert (len(ds.train), len(ds.test), ds.input_shape) == (5, 3, (1, 28, 28))
     x, y = ds.test.batch(torch.tensor([2, 0]), train=True)
     assert x.shape == (2, 1, 28, 28) and y.tolist() == [4, 3]
@@ -158,25 +158,77 @@ def test_mnist_truncated_idx_names_file(tmp_path: Path) -> None:
     bad = write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((4, 28, 28), np.uint8))
     bad.write_bytes(bad.read_bytes()[:-100])
     with pytest.raises(DataError, match=r"train-images-idx3-ubyte: truncated IDX") as err:
-        load_dataset("mnist", tmp_path)
+        load_dataset("mnist", tmp_path, verify=False)
     assert str(bad) in str(err.value) and "\n" not in str(err.value)
     bad.write_bytes(b"\x00\x00\x0d\x03" + bytes(12))  # float IDX, not MNIST
     with pytest.raises(DataError, match="magic number 0x00000d03"):
-        load_dataset("mnist", tmp_path)
+        load_dataset("mnist", tmp_path, verify=False)
     bad.unlink()
     gz = write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.zeros((4, 28, 28), np.uint8))
     gz.write_bytes(gz.read_bytes()[:20])
     with pytest.raises(DataError, match=r"train-images-idx3-ubyte\.gz: cannot read"):
-        load_dataset("mnist", tmp_path)
+        load_dataset("mnist", tmp_path, verify=False)
 
 
 def test_mnist_label_count_mismatch_and_missing(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="train-images-idx3-ubyte: not found"):
-        load_dataset("fashion-mnist", tmp_path)
+        load_dataset("fashion-mnist", tmp_path, verify=False)
     write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((4, 28, 28), np.uint8))
     write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(3, np.uint8))
     with pytest.raises(DataError, match="train-labels-idx1-ubyte: expected 4 labels"):
-        load_dataset("fashion-mnist", tmp_path)
+        load_dataset("fashion-mnist", tmp_path, verify=False)
+
+
+def _write_mnist_files(folder: Path, suffix: str, n: int = 4) -> list[Path]:
+    rng = np.random.default_rng(1)
+    paths = []
+    for prefix in ("train", "t10k"):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        paths.append(write_idx(folder / f"{prefix}-images-idx3-ubyte{suffix}", images))
+        paths.append(write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}", np.arange(n) % 10))
+    return paths
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
+def test_mnist_verify_checks_official_gz_md5(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """The .gz files the loader reads are checked against the official MD5s: with those made
+    the MD5s of these files, they load; one tampered byte -> one DataError line naming the
+    file and --no-verify; with verify=False the tampered file loads."""
+    from dataclasses import replace
+
+    from hpc_asgd.data import mnist
+    from hpc_asgd.data.fileio import md5sum
+
+    paths = _write_mnist_files(tmp_path / mnist.SOURCES[name].subdir / "raw", ".gz")
+    with pytest.raises(DataError, match="checksum mismatch"):  # not the official files
+        load_dataset(name, tmp_path)
+    official = replace(mnist.SOURCES[name], md5={p.name: md5sum(p) for p in paths})
+    monkeypatch.setitem(mnist.SOURCES, name, official)
+    assert len(load_dataset(name, tmp_path).train) == 4
+    tampered = paths[2]  # t10k-images-idx3-ubyte.gz
+    raw = bytearray(gzip.decompress(tampered.read_bytes()))
+    raw[100] ^= 0xFF  # one pixel
+    tampered.write_bytes(gzip.compress(bytes(raw)))
+    with pytest.raises(DataError, match=r"checksum mismatch .*--no-verify") as err:
+        load_dataset(name, tmp_path)
+    msg = str(err.value)
+    assert msg.startswith(f"{tampered}: ") and "\n" not in msg
+    x, _ = load_dataset(name, tmp_path, verify=False).test.batch(torch.arange(1), train=False)
+    assert x.shape == (1, 1, 28, 28)
+
+
+def test_mnist_verify_checks_unpacked_sample_count(tmp_path: Path) -> None:
+    """No official MD5 exists for the unpacked files: verify checks the sample count in their
+    header (60,000 / 10,000); files of your own load with verify=False."""
+    paths = _write_mnist_files(tmp_path, "")
+    with pytest.raises(
+        DataError, match=r"4 samples, the official file has 60000 .*--no-verify"
+    ) as err:
+        load_dataset("mnist", tmp_path)
+    assert str(err.value).startswith(f"{paths[0]}: ") and "\n" not in str(err.value)
+    assert len(load_dataset("mnist", tmp_path, verify=False).train) == 4
 
 
 def test_download_failure_is_one_data_error(
