@@ -87,7 +87,10 @@ class SyncConfig:
 class WorkerConfig:
     update: str = _f("hogwild", "inside a rank: hogwild | locked | leashed | partitioned")
     workers: int = _f(1, "W: worker processes per rank sharing one model")
-    persistence: int = _f(0, "B: Leashed-SGD retries before a gradient is dropped; 0 = unbounded")
+    persistence: int = _f(
+        0,
+        "B: Leashed-SGD CAS tries (the first included) before a gradient is dropped; 0 = unbounded",
+    )
     partition_after_epochs: float = _f(1.0, "partitioned: full steps only before this epoch")
     max_staleness: int = _f(
         0, "hogwild / locked: drop a gradient computed more than S updates ago; 0 = never"
