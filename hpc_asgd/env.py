@@ -18,7 +18,9 @@ class Fault:
     """Fault injection for tests: ``HPC_ASGD_FAULT=KIND@RANK:STEP``; the process (rank or
     worker) that takes node step STEP on rank RANK raises, stops (SIGSTOP) or kills itself."""
 
-    kind: str  # "raise" | "stop" | "kill" | "ckptkill" (SIGKILL while writing a checkpoint)
+    # "raise" | "stop" | "kill" | "ckptkill" (SIGKILL while writing a checkpoint) |
+    # "startstop" (SIGSTOP once the engine started, before its start-up exchange; STEP unused)
+    kind: str
     rank: int
     step: int
 
@@ -81,9 +83,10 @@ def short_host(name: str) -> str:
 def _parse_fault(spec: str | None) -> Fault | None:
     if not spec:
         return None
-    m = re.fullmatch(r"(raise|stop|kill|ckptkill)@(\d+):(\d+)", spec.strip())
+    kinds = "raise|stop|kill|ckptkill|startstop"
+    m = re.fullmatch(rf"({kinds})@(\d+):(\d+)", spec.strip())
     if not m:
-        raise ValueError(f"HPC_ASGD_FAULT={spec!r}: expected raise|stop|kill|ckptkill@RANK:STEP")
+        raise ValueError(f"HPC_ASGD_FAULT={spec!r}: expected {kinds}@RANK:STEP")
     return Fault(m.group(1), int(m.group(2)), int(m.group(3)))
 
 

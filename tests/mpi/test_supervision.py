@@ -129,3 +129,21 @@ def test_rank_killed_while_its_workers_start_leaves_no_orphan() -> None:
     finally:
         for pid in session_members(proc.pid):  # never leave them behind, even on failure
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(120)
+def test_rank_that_hangs_at_start_up_is_named() -> None:
+    """The start-up exchange (status addresses, token) used to wait without a deadline."""
+    res = train(
+        2,
+        *DIGITS,
+        *("--epochs", "1", "--comm", "mpi", "--comm-timeout", "4"),
+        env={"HPC_ASGD_FAULT": "startstop@1:0"},
+        timeout=60,
+    )
+    assert res.rc != 0
+    line = "mpi start-up exchange timed out after 4 s on rank 0: rank(s) 1 did not arrive"
+    assert line in res.text, res.text
+    assert res.seconds < 40, res.seconds
+    assert_no_orphans(res.sid)
