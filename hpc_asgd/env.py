@@ -19,7 +19,8 @@ class Fault:
     worker) that takes node step STEP on rank RANK raises, stops (SIGSTOP) or kills itself."""
 
     # "raise" | "stop" | "kill" | "ckptkill" (SIGKILL while writing a checkpoint) | "nan" (the
-    # step's loss is NaN, as a bad batch or an overflow makes it)
+    # step's loss is NaN, as a bad batch or an overflow makes it) | "startstop" (SIGSTOP once
+    # the engine started, before its start-up exchange; STEP unused)
     kind: str
     rank: int
     step: int
@@ -83,9 +84,9 @@ def short_host(name: str) -> str:
 def _parse_fault(spec: str | None) -> Fault | None:
     if not spec:
         return None
-    m = re.fullmatch(r"(raise|stop|kill|ckptkill|nan)@(\d+):(\d+)", spec.strip())
+    kinds = "raise|stop|kill|ckptkill|nan|startstop"
+    m = re.fullmatch(rf"({kinds})@(\d+):(\d+)", spec.strip())
     if not m:
-        kinds = "raise|stop|kill|ckptkill|nan"
         raise ValueError(f"HPC_ASGD_FAULT={spec!r}: expected {kinds}@RANK:STEP")
     return Fault(m.group(1), int(m.group(2)), int(m.group(3)))
 

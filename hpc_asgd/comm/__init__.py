@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 from hpc_asgd.comm.base import Comm, Work
 from hpc_asgd.comm.local import LocalComm
 from hpc_asgd.env import Launch
@@ -30,9 +33,11 @@ def make_comm(engine: str, launch: Launch, timeout: float) -> Comm:
         return LocalComm(timeout)
     if engine == "mpi":
         try:
-            from hpc_asgd.comm.mpi import MpiComm
+            from hpc_asgd.comm.mpi import MpiComm, mpi_module
         except ImportError as e:  # pragma: no cover - depends on the install
             raise ConfigError(f"comm: 'mpi' needs mpi4py ({e}); pip install 'hpc_asgd[mpi]'") from e
+        mpi_module()  # MPI_Init: the launcher's own start-up, before any deadline of ours
+        _startup_fault(launch)
         comm = MpiComm(timeout=timeout)
         if comm.size != launch.size:
             raise ConfigError(
@@ -59,6 +64,14 @@ def make_comm(engine: str, launch: Launch, timeout: float) -> Comm:
             )
         return comm
     raise ConfigError(f"comm: unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+
+
+def _startup_fault(launch: Launch) -> None:
+    """``HPC_ASGD_FAULT=startstop@RANK:0``: that rank stops (SIGSTOP) before the engine's
+    start-up exchange, as a rank that hangs while starting does; its peers' deadline fires."""
+    f = launch.fault
+    if f is not None and f.kind == "startstop" and f.rank == launch.rank:
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 __all__ = ["ENGINES", "Comm", "LocalComm", "Work", "make_comm", "resolve_engine"]

@@ -192,8 +192,9 @@ class HorovodComm:
         mine = torch.frombuffer(
             bytearray(status.encode_address(_state.server.port)), dtype=torch.uint8
         )
-        table = self.allgather(mine)
-        _state.addresses = [status.decode_address(bytes(row.tolist())) for row in table]
+        records = [bytes(row.tolist()) for row in self.allgather(mine)]
+        _state.addresses = [status.decode_address(r) for r in records]
+        _state.server.token = status.job_token(records)
 
     @property
     def process_set(self):
@@ -325,7 +326,8 @@ class HorovodComm:
         if not _state.addresses:  # the address exchange itself timed out
             return timeout_error(self.name, self.world_rank, what, seq, timeout, None)
         peers = [w for w in self.members if w != self.world_rank]
-        answers = status.ask_all({w: _state.addresses[w] for w in peers}, self.cid, _GRACE)
+        asked = {w: _state.addresses[w] for w in peers}
+        answers = status.ask_all(asked, self.cid, _GRACE, _token())
         missing = sorted(w for w, n in answers.items() if n is None or n < seq)
         behind = {w: n for w, n in answers.items() if n is not None and 0 <= n < seq}
         hosts = {w: short_host(host) for w, (host, _) in enumerate(_state.addresses)}
@@ -334,8 +336,8 @@ class HorovodComm:
             # Each rank's one Horovod thread serves every set in turn: a rank outside this
             # group that hangs stalls, through the sets it shares with members, this group.
             asked = {w: _state.addresses[w] for w in others}
-            silent = sorted(w for w, n in status.ask_all(asked, _state.world.cid, _GRACE).items()
-                            if n is None)  # fmt: skip
+            answers = status.ask_all(asked, _state.world.cid, _GRACE, _token())
+            silent = sorted(w for w, n in answers.items() if n is None)
             if silent:
                 return CommError(
                     f"{self.name} {what} #{seq} timed out after {timeout:g} s on rank "
@@ -379,6 +381,11 @@ def _count(cid: int) -> int:
     """The status service's answer: collectives posted on communicator ``cid`` (-1: unknown)."""
     comm = _state.comms.get(cid)
     return -1 if comm is None else comm.seq
+
+
+def _token() -> bytes:
+    """The job's token for the peers' status services (known once the world exchanged it)."""
+    return _state.server.token if _state.server is not None and _state.server.token else b"-"
 
 
 def _first(e: BaseException) -> str:

@@ -7,10 +7,15 @@ passes, the rank asks every peer's status service (``status.py``, plain TCP) how
 collectives it entered: those that do not answer (dead, stopped) or answer with a lower count
 (still computing, or stuck elsewhere) are named. A polled wait raises :class:`CommError`; a
 blocked one is ended by the watchdog, which prints the one-line error and aborts the job.
+
+Start-up has deadlines too: the first exchange (every rank's status address and share of the
+job's token) is non-blocking, gathered by rank 0 one receive per rank so that it can name the
+ranks that did not arrive; ``Dup`` and ``Split`` (blocking in MPI) run under the watchdog.
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import socket
@@ -29,6 +34,7 @@ from hpc_asgd.comm.base import (
     Poller,
     check_op,
     failure_error,
+    name_ranks,
     split_by_host,
     timeout_error,
 )
@@ -37,6 +43,7 @@ from hpc_asgd.errors import CommError, error_line
 
 _WATCH_EVERY = 0.05  # s between the watchdog's looks at blocked collectives
 _GRACE = 2.0  # s peers get to answer "where are you?"
+_STARTUP_TAG = 0x4A5  # point-to-point tag of the start-up exchange, on COMM_WORLD
 
 
 _INIT_SETTLE = 0.5  # s between MPI_Init and the first message (see ``mpi_module``)
@@ -75,17 +82,22 @@ class _Process:
     """Per-process state shared by every communicator: the status service, the peers'
     addresses (by world rank), the live communicators (by id) and the watchdog thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout: float) -> None:
         mpi = mpi_module()
         self.comms: weakref.WeakValueDictionary[int, MpiComm] = weakref.WeakValueDictionary()
         self.next_cid = 0
         self.server = status.StatusServer(self._count)
         self.server.start()
-        world = mpi.COMM_WORLD
-        mine = np.frombuffer(status.encode_address(self.server.port), dtype=np.uint8)
-        table = np.empty((world.Get_size(), status.RECORD), dtype=np.uint8)
-        world.Allgather(mine, table)  # collective, once, right after MPI_Init
-        self.addresses = [status.decode_address(row.tobytes()) for row in table]
+        try:
+            records = _exchange(mpi.COMM_WORLD, status.encode_address(self.server.port), timeout)
+        except CommError:
+            # No communicator reaches the caller, so nothing would abort the job; exiting
+            # would hang in MPI_Finalize (a fence with the missing ranks). Abort at exit
+            # (before mpi4py's finalize), after the caller has printed the error.
+            atexit.register(mpi.COMM_WORLD.Abort, 1)
+            raise
+        self.addresses = [status.decode_address(r) for r in records]
+        self.token = self.server.token = status.job_token(records)
         self.threaded = mpi.Query_thread() >= mpi.THREAD_MULTIPLE
         threading.Thread(target=self._watch, name="hpc_asgd-watchdog", daemon=True).start()
 
@@ -119,10 +131,46 @@ class _Process:
 _process: list[_Process] = []  # one, made with the first communicator
 
 
-def _proc() -> _Process:
+def _proc(timeout: float) -> _Process:
     if not _process:
-        _process.append(_Process())
+        _process.append(_Process(timeout))
     return _process[0]
+
+
+def _exchange(world, mine: bytes, timeout: float) -> list[bytes]:
+    """Every rank's ``mine``, in rank order, within ``timeout`` s (else CommError): rank 0
+    receives each rank's record apart, so that it can name the ranks that did not arrive, then
+    broadcasts the table. The other ranks give rank 0 a little longer to say it first."""
+    rank, size = world.Get_rank(), world.Get_size()
+    table = np.zeros((size, status.RECORD), dtype=np.uint8)
+    table[rank] = np.frombuffer(mine, dtype=np.uint8)
+    if rank == 0:
+        recvs = [world.Irecv(table[r], source=r, tag=_STARTUP_TAG) for r in range(1, size)]
+        if late := _poll(recvs, timeout):
+            raise CommError(
+                f"mpi start-up exchange timed out after {timeout:g} s on rank 0: rank(s) "
+                f"{name_ranks([i + 1 for i in late])} did not arrive (--comm-timeout)"
+            )
+        sent = []
+    else:
+        sent = [world.Isend(table[rank], dest=0, tag=_STARTUP_TAG)]
+    if _poll([*sent, world.Ibcast(table, root=0)], timeout + 2 * _GRACE):
+        raise CommError(
+            f"mpi start-up exchange timed out after {timeout:g} s on rank {rank}: rank 0 did not "
+            "send the table (it names the ranks it waits for) (--comm-timeout)"
+        )
+    return [row.tobytes() for row in table]
+
+
+def _poll(requests: list, timeout: float) -> list[int]:
+    """Test ``requests`` until all complete or ``timeout`` s pass; the incomplete ones' indices."""
+    poll = Poller(timeout)
+    left = list(range(len(requests)))
+    while left := [i for i in left if not requests[i].Test()]:
+        if poll.expired():
+            return left
+        poll.idle()
+    return []
 
 
 class MpiWork:
@@ -162,16 +210,17 @@ class MpiComm:
     def __init__(self, comm=None, timeout: float = 300.0, world_ranks: list[int] | None = None):
         mpi = mpi_module()
         base = mpi.COMM_WORLD if comm is None else comm
-        self.c = base.Dup()  # a context of our own: our collectives never match a user's
-        self.rank, self.size = self.c.Get_rank(), self.c.Get_size()
+        self.rank, self.size = base.Get_rank(), base.Get_size()
         self.timeout = timeout
         self.world_ranks = world_ranks or list(range(self.size))
         self.seq = 0  # collectives entered on this communicator
         self.blocked: tuple[str, int, float, float] | None = None  # (what, seq, deadline, timeout)
         self.cuda_aware = cuda_aware()
         self._ops = {"sum": mpi.SUM, "max": mpi.MAX, "min": mpi.MIN}
-        self.proc = _proc()
-        self.cid = self.proc.register(self)
+        self.proc = _proc(timeout)
+        self.cid = self.proc.register(self)  # before the Dup: the watchdog sees it blocked there
+        # A context of our own: our collectives never match a user's. Collective #1 here.
+        self.c = self._blocking("dup", lambda _: base.Dup())
 
     # ---- buffers -------------------------------------------------------------------------
     def _buf(self, t: torch.Tensor):
@@ -191,19 +240,20 @@ class MpiComm:
         buf, staged = self._buf(t) if t is not None else (None, None)
         return MpiWork(self, start(buf), self.seq, what, staged)
 
-    def _blocking(self, what: str, blocking, t: torch.Tensor | None = None) -> None:
-        """Run MPI's blocking collective under the watchdog's deadline."""
+    def _blocking(self, what: str, blocking, t: torch.Tensor | None = None):
+        """Run MPI's blocking collective under the watchdog's deadline; its result."""
         self.seq += 1
         buf, staged = self._buf(t) if t is not None else (None, None)
         self.blocked = (what, self.seq, time.monotonic() + self.timeout, self.timeout)
         try:
-            blocking(buf)
+            out = blocking(buf)
         except mpi_module().Exception as e:
             raise self.failure(what, self.seq, e) from None
         finally:
             self.blocked = None
         if staged is not None:
             staged[1].copy_(staged[0])
+        return out
 
     # ---- collectives ---------------------------------------------------------------------
     def iallreduce_(self, t: torch.Tensor, op: str = "sum") -> MpiWork:
@@ -229,7 +279,7 @@ class MpiComm:
         self._blocking("barrier", lambda _: self.c.Barrier())
 
     def split(self, color: int, key: int) -> MpiComm:
-        sub = self.c.Split(color, key)
+        sub = self._blocking("split", lambda _: self.c.Split(color, key))
         out = MpiComm(sub, self.timeout, self._world_ranks_of(sub))
         sub.Free()
         return out
@@ -251,7 +301,9 @@ class MpiComm:
         """Ask every peer how far it got; those that do not answer within the grace time, or
         answer with an earlier collective, did not arrive."""
         peers = {self.world_ranks[r]: r for r in range(self.size) if r != self.rank}
-        answers = status.ask_all({w: self.proc.addresses[w] for w in peers}, self.cid, _GRACE)
+        answers = status.ask_all(
+            {w: self.proc.addresses[w] for w in peers}, self.cid, _GRACE, self.proc.token
+        )
         missing = sorted(w for w, n in answers.items() if n is None or n < seq)
         behind = {w: n for w, n in answers.items() if n is not None and 0 <= n < seq}
         hosts = {w: short_host(self.proc.addresses[w][0]) for w in missing}
@@ -264,7 +316,9 @@ class MpiComm:
         peer gives MPI_ERR_PROC_FAILED instead of aborting this process): the peers that do
         not answer the status service are the ones that failed."""
         peers = {self.world_ranks[r]: r for r in range(self.size) if r != self.rank}
-        answers = status.ask_all({w: self.proc.addresses[w] for w in peers}, self.cid, _GRACE)
+        answers = status.ask_all(
+            {w: self.proc.addresses[w] for w in peers}, self.cid, _GRACE, self.proc.token
+        )
         dead = sorted(w for w, n in answers.items() if n is None)
         hosts = {w: short_host(self.proc.addresses[w][0]) for w in dead}
         cause = err.Get_error_string() if hasattr(err, "Get_error_string") else str(err)

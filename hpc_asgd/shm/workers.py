@@ -7,13 +7,15 @@ node steps from the control block, as long as they are below ``limit`` (the main
 lowers it to pause workers at a blocking averaging round) and ``total``.
 
 Supervision: the main process polls its workers; one that dies or raises ends the rank with
-one line naming rank, worker, pid and exit code or signal. Workers die with their parent
-(PR_SET_PDEATHSIG), ignore Ctrl-C (the parent stops them), and are killed on any exit path.
+one line naming rank, worker, pid and exit code or signal, and one that stops taking steps
+(SIGSTOP, a hung device call) ends it after ``--comm-timeout`` s (:meth:`WorkerPool.watch`).
+Workers die with their parent (PR_SET_PDEATHSIG, armed before they import torch: see
+``hpc_asgd.worker_entry``), ignore Ctrl-C (the parent stops them), and are killed on any exit
+path.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import time
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.multiprocessing as mp
 
+from hpc_asgd import worker_entry
 from hpc_asgd.env import Launch
 from hpc_asgd.errors import HpcAsgdError
 from hpc_asgd.shm.base import AtomicArray, UpdateRule
@@ -72,19 +75,13 @@ class WorkerSpec:
     threads: int
     device: str
     errors: object  # a spawn-context SimpleQueue of (worker, message): written synchronously
-
-
-def _die_with_parent() -> None:
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:  # not Linux: the parent's cleanup still kills us
-        pass
+    # (W,) int64, shared: 1 + the node step each worker is in, 0 between steps (WorkerPool sets it)
+    busy: torch.Tensor | None = None
 
 
 def worker_main(index: int, spec: WorkerSpec) -> None:
-    """Entry point of worker ``index`` (a spawned process)."""
-    _die_with_parent()
+    """Worker ``index``'s life, in a spawned process (started by ``worker_entry.main``, which
+    has tied it to the rank's main process)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     # Below the rank's main process, which must answer at once when it wakes to drive an
@@ -121,10 +118,13 @@ def worker_main(index: int, spec: WorkerSpec) -> None:
             slow_factor(cfg, spec.rank),
         )
         model.train()
+        busy = spec.busy.numpy()
         spec.ctl[READY].inc()
         while (s := claim(spec.ctl, spec.total)) is not None:
+            busy[index] = s + 1  # step numbers are unique: the same value means the same step
             inject(spec.launch.fault, spec.rank, s)
             stepper.step(s)
+            busy[index] = 0
             spec.ctl[DONE].inc()
     except BaseException as e:
         spec.errors.put((index, f"{type(e).__name__}: {e}"))
@@ -139,10 +139,18 @@ def augment_seed(seed: int, rank: int, worker: int) -> int:
 class WorkerPool:
     """Spawns, supervises and stops the workers of one rank."""
 
-    def __init__(self, spec: WorkerSpec, workers: int, ctx):
+    def __init__(self, spec: WorkerSpec, workers: int, ctx, stall_timeout: float | None = None):
         self.spec, self.n, self.ctx = spec, workers, ctx
+        if spec.busy is None:
+            spec.busy = torch.zeros(workers, dtype=torch.int64).share_memory_()
+        # --comm-timeout: node steps must not stop for longer, as collectives must not
+        self.stall_timeout = stall_timeout or float(spec.config.get("comm_timeout", 300.0))
         self.procs: list = []
         self.checked = 0.0  # monotonic time of the last check by :meth:`poll`
+        self.node_seen: tuple | None = None  # (DONE, LIMIT, *busy) at the last watch
+        self.node_since = 0.0  # ... unchanged since then
+        self.worker_seen = [0] * workers  # busy cells at the last watch
+        self.worker_since = [0.0] * workers
 
     def start(self) -> None:
         # USR1 (SLURM's preemption warning) is for the rank's main process; workers inherit
@@ -150,7 +158,9 @@ class WorkerPool:
         previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         try:
             for i in range(self.n):
-                p = self.ctx.Process(target=worker_main, args=(i, self.spec), name=f"hpc-asgd-w{i}")
+                # The spec travels sealed: see hpc_asgd.worker_entry (orphans of a killed rank).
+                args = (i, os.getpid(), worker_entry.Sealed(self.spec))
+                p = self.ctx.Process(target=worker_entry.main, args=args, name=f"hpc-asgd-w{i}")
                 p.start()
                 self.procs.append(p)
         finally:
@@ -170,10 +180,43 @@ class WorkerPool:
             raise WorkerError(f"rank {self.spec.rank} worker {i} (pid {p.pid}) {what}")
 
     def poll(self, every: float = 0.05) -> None:
-        """:meth:`check`, at most once per ``every`` seconds (the supervisor's loop is hot)."""
+        """:meth:`check` and :meth:`watch`, at most once per ``every`` seconds (the
+        supervisor's loop is hot)."""
         if time.monotonic() - self.checked > every:
             self.check()
+            self.watch()
             self.checked = time.monotonic()
+
+    def watch(self, now: float | None = None) -> None:
+        """Raise WorkerError when node steps stopped for ``stall_timeout`` s: a worker has been
+        in the same step that long, or nothing moved (DONE, the steps workers are in) while the
+        workers may step (DONE below LIMIT, no STOP). A worker held at LIMIT (the main process
+        averages, evaluates or checkpoints) is between steps, and a new LIMIT restarts the
+        node's clock, so holds do not count. The clocks compare the states seen at successive
+        calls, so a main process that was itself away long (a blocking round) sees a stall
+        only if it lasted throughout."""
+        now = time.monotonic() if now is None else now
+        ctl, limit = self.spec.ctl, self.stall_timeout
+        busy = self.spec.busy.tolist()
+        # Any change restarts the node's clock (a worker inside a step has a clock of its own).
+        node = (ctl[DONE].load(), ctl[LIMIT].load(), *busy)
+        if node != self.node_seen or node[0] >= node[1] or ctl[STOP].load():
+            self.node_seen, self.node_since = node, now
+        stuck = []
+        for i, b in enumerate(busy):
+            if b != self.worker_seen[i] or b == 0:
+                self.worker_seen[i], self.worker_since[i] = b, now
+            elif now - self.worker_since[i] > limit:
+                stuck.append(i)
+        if not stuck and now - self.node_since <= limit:
+            return
+        # The node stalled with no worker inside a step (stopped as it claimed one): name all.
+        stuck = stuck or [i for i, b in enumerate(self.worker_seen) if b] or list(range(self.n))
+        who = ", ".join(f"worker {i} (pid {self.procs[i].pid})" for i in stuck)
+        raise WorkerError(
+            f"rank {self.spec.rank} {who} took no node step in {limit:g} s "
+            "(stopped? SIGSTOP, a hung device call) (--comm-timeout)"
+        )
 
     def _message(self, index: int) -> str:
         found = ""

@@ -3,11 +3,13 @@ host name it is told to have (as ranks on emulated nodes are), meeting in a real
 
 from __future__ import annotations
 
+import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from hpc_asgd.comm import status
 from hpc_asgd.comm.base import HOST_BYTES, gather_hosts, split_by_host, timeout_error
 from hpc_asgd.errors import CommError, error_line
 
@@ -68,3 +70,24 @@ def test_errors_name_hosts_where_known() -> None:
     assert "rank(s) 1 did not arrive" in str(timeout_error("gloo", 0, "barrier", 1, 2.0, [1]))
     assert error_line(1, 4, e, "node2").startswith("hpc-asgd: error on rank 1/4 (node2): mpi ")
     assert error_line(1, 4, ValueError("x")) == "hpc-asgd: error on rank 1/4: ValueError: x"
+
+
+def test_status_service_answers_only_the_jobs_token() -> None:
+    """The status port is open on the node's network: only the job's ranks may ask it."""
+    records = [status.encode_address(1000 + r) for r in range(3)]
+    token = status.job_token(records)
+    assert token == status.job_token(list(records))  # every rank derives the same
+    assert token != status.job_token([status.encode_address(1000 + r) for r in range(3)])
+    assert status.decode_address(records[2]) == (socket.gethostname()[:56], 1002)
+    server = status.StatusServer(lambda cid: 40 + cid)
+    server.start()
+    address = (socket.gethostname(), server.port)
+    assert status.ask(address, 2, 1.0, token) is None  # token not known yet: no answer
+    server.token = token
+    assert status.ask(address, 2, 1.0, token) == 42
+    assert status.ask(address, 2, 1.0, b"0" * len(token)) is None
+    with socket.create_connection(address, timeout=1.0) as s:  # the old, tokenless request
+        s.sendall(b"2\n")
+        assert s.makefile("rb").readline() == b""
+    assert server.sock.getsockname()[0] == status.bind_address()
+    server.sock.close()

@@ -1,0 +1,149 @@
+"""Supervision of a rank's workers: stalls, orphans (real processes, and the watch's clock)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from hpc_asgd.shm.base import AtomicArray
+from hpc_asgd.shm.workers import DONE, LIMIT, NCTL, STOP, WorkerError, WorkerPool
+from tests.conftest import ROOT, assert_no_orphans, mpi_env, session_members, train
+
+DIGITS = ["--dataset", "digits", "--model", "mlp", "--lr", "0.05"]
+
+
+# ---- the watch's clock (no processes) ---------------------------------------------------------
+def _pool(workers: int = 2, timeout: float = 5.0) -> WorkerPool:
+    ctl = AtomicArray(NCTL)
+    spec = SimpleNamespace(rank=3, config={"comm_timeout": timeout}, ctl=ctl, busy=None)
+    pool = WorkerPool(spec, workers, ctx=None)
+    pool.procs = [SimpleNamespace(pid=1000 + i) for i in range(workers)]
+    spec.ctl[LIMIT].store(100)
+    return pool
+
+
+def test_a_worker_stuck_in_one_step_is_named_with_its_pid() -> None:
+    pool = _pool()
+    busy = pool.spec.busy
+    busy[0], busy[1] = 8, 7  # both in a step
+    pool.watch(now=0.0)
+    busy[0] = 9  # worker 0 moves on, worker 1 stays in step 6
+    pool.spec.ctl[DONE].store(7)
+    pool.watch(now=4.0)
+    busy[0] = 10
+    pool.spec.ctl[DONE].store(8)
+    stall = r"^rank 3 worker 1 \(pid 1001\) took no node step in 5 s"
+    with pytest.raises(WorkerError, match=stall):
+        pool.watch(now=5.5)
+
+
+def test_holds_and_slow_steps_within_the_deadline_are_no_stall() -> None:
+    pool = _pool()
+    ctl, busy = pool.spec.ctl, pool.spec.busy
+    ctl[DONE].store(100)  # every worker held at the limit (main process evaluates, averages)
+    pool.watch(now=0.0)
+    pool.watch(now=50.0)  # held far past the deadline: the clock does not run
+    ctl[LIMIT].store(200)  # released: the node's clock starts now, not at the last change of DONE
+    pool.watch(now=51.0)
+    busy[0] = 101
+    pool.watch(now=52.0)
+    pool.watch(now=56.5)  # a step of 4.5 s, DONE unchanged for 5.5 s: within the deadline
+    busy[0] = 0
+    ctl[DONE].store(101)
+    pool.watch(now=57.0)
+    ctl[STOP].store(1)  # stopping: workers end, DONE stays
+    pool.watch(now=90.0)
+
+
+def test_a_node_that_stops_between_steps_is_caught_by_its_step_counter() -> None:
+    pool = _pool()
+    pool.watch(now=0.0)  # DONE 0 below LIMIT 100, no worker inside a step
+    pool.watch(now=4.9)
+    with pytest.raises(WorkerError, match=r"worker 0 \(pid 1000\), worker 1 \(pid 1001\) took no"):
+        pool.watch(now=5.1)
+
+
+# ---- real processes ---------------------------------------------------------------------------
+@pytest.mark.mpi
+@pytest.mark.timeout(120)
+def test_stopped_worker_ends_the_rank_within_the_deadline() -> None:
+    """A SIGSTOP-ed worker used to hang the rank silently until killed."""
+    res = train(
+        1,
+        *DIGITS,
+        *("--epochs", "5", "--workers", "2", "--comm-timeout", "5"),
+        env={"HPC_ASGD_FAULT": "stop@0:30"},
+        timeout=90,
+    )
+    assert res.rc != 0
+    lines = res.error_lines()
+    assert len(lines) == 1, res.text
+    assert "rank 0 worker " in lines[0] and "took no node step in 5 s" in lines[0], res.text
+    assert res.seconds < 60, res.seconds
+    assert_no_orphans(res.sid)
+
+
+def _workers_of(sid: int, main: int) -> list[int]:
+    """Spawned workers in session ``sid`` (not multiprocessing's resource tracker)."""
+    out = []
+    for pid in session_members(sid):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if pid != main and b"spawn_main" in cmd and b"pipe_handle" in cmd:
+            out.append(pid)
+    return out
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(120)
+def test_rank_killed_while_its_workers_start_leaves_no_orphan() -> None:
+    """SIGKILL of the rank's main process while its workers still import torch: they must not
+    live on under PID 1 (the death signal used to be armed only after their imports)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hpc_asgd.cli", "train", *DIGITS, "--epochs", "50", "--workers=2"],
+        cwd=ROOT,
+        env=mpi_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (seen := _workers_of(proc.pid, proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert seen, "no worker started"
+        time.sleep(0.3)  # workers exist, unpickling their spec (torch import: seconds)
+        assert _workers_of(proc.pid, proc.pid), "workers already gone: too late to test"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        assert_no_orphans(proc.pid, grace=8.0)
+    finally:
+        for pid in session_members(proc.pid):  # never leave them behind, even on failure
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(120)
+def test_rank_that_hangs_at_start_up_is_named() -> None:
+    """The start-up exchange (status addresses, token) used to wait without a deadline."""
+    res = train(
+        2,
+        *DIGITS,
+        *("--epochs", "1", "--comm", "mpi", "--comm-timeout", "4"),
+        env={"HPC_ASGD_FAULT": "startstop@1:0"},
+        timeout=60,
+    )
+    assert res.rc != 0
+    line = "mpi start-up exchange timed out after 4 s on rank 0: rank(s) 1 did not arrive"
+    assert line in res.text, res.text
+    assert res.seconds < 40, res.seconds
+    assert_no_orphans(res.sid)
