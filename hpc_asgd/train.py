@@ -200,7 +200,7 @@ def run(cfg: Config, launch: Launch, comm: Comm | None = None) -> dict:
     rows: list[dict] = []
     seen = torch.zeros(2, dtype=torch.float64)  # (loss_sum, steps) at the last evaluation
     ck = Checkpointer(cfg, comm)
-    resumed = ck.resume()
+    resumed = ck.resume(total)
     if resumed is not None:  # each rank takes back its own model, counters and metrics
         flat.data.copy_(resumed["flat"])
         rule.load(flat.params)
@@ -276,7 +276,14 @@ def run(cfg: Config, launch: Launch, comm: Comm | None = None) -> dict:
     old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     old_usr1 = signal.signal(signal.SIGUSR1, ck.on_usr1)
     try:
-        train_s = _train_workers(job, ctx) if spawn else _train_in_process(job)
+        if resumed is not None and resumed["step"] == total:  # complete: only the outputs
+            train_s, job.extra = resumed["train_s"], resumed.get("extra", 0)
+            if comm.rank == 0 and out:
+                metrics.write_jsonl(out / "metrics.jsonl", rows)
+        else:
+            train_s = _train_workers(job, ctx) if spawn else _train_in_process(job)
+            if ck.root is not None:  # committed before the outputs: a rerun finds it complete
+                ck.save(total, job.state(total, train_s, {"extra": job.extra}))
     finally:
         signal.signal(signal.SIGTERM, old_term)
         signal.signal(signal.SIGUSR1, old_usr1)
