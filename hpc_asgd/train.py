@@ -208,6 +208,14 @@ def run(cfg: Config, launch: Launch, comm: Comm | None = None) -> dict:
         rows.extend(resumed["rows"])
         seen.copy_(resumed["seen"])
         sync.rounds = resumed["rounds"]
+        # A final or a workers' state (resumed with --force-resume, say by a longer run) has
+        # no W = 1 momentum or RNG states: those then start afresh, as the workers' do.
+        fresh = torch.Generator().manual_seed(augment_seed(r.seed, comm.rank, 0)).get_state()
+        resumed = {
+            "momentum": None,
+            "generator": fresh,
+            "torch_rng": torch.get_rng_state(),
+        } | resumed
 
     def evaluate_at(step: int, eval_model: torch.nn.Module, nonblocking: bool = False):
         """Evaluate this rank's shard now; sum over the ranks and record the row. With

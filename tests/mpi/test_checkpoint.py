@@ -192,8 +192,11 @@ def test_runs_sharing_a_folder_keep_to_their_own_checkpoints(tmp_path) -> None:
         "another configuration's checkpoint" in ln and "--force-resume" in ln for ln in lines
     )
     assert "Traceback" not in res.text
-    res = train(2, *b, "--resume", str(a_40), "--force-resume")
-    assert res.rc == 0 and "resuming from node step 40" in res.text, res.text
+    # Forced: A's final state goes on in a longer run (no W = 1 momentum or RNG state in it).
+    longer = ["--epochs", "4", "--out", str(tmp_path / "a4"), "--force-resume"]
+    res = train(2, *a, "--resume", str(_folder(ck, 66)), *longer)
+    assert res.rc == 0 and "resuming from node step 66" in res.text, res.text
+    assert summary(tmp_path / "a4")["steps_per_rank"] == 88
 
 
 class _Evil:
