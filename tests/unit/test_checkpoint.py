@@ -216,3 +216,8 @@ def test_usr1_on_one_rank_stops_every_rank_at_the_check(tmp_path) -> None:
     ck = Checkpointer(cfg, comm)
     ck.resume()
     assert ck.at(1) == (True, True)  # the peer saw USR1: save, then stop
+
+
+def test_check_seconds_must_be_positive() -> None:
+    with pytest.raises(ConfigError, match="check_seconds: must be positive"):
+        Config.from_flat({"check_seconds": 0.0}).validate(1)
