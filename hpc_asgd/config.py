@@ -260,6 +260,7 @@ class Config:
             "epochs": r.epochs,
             "comm_timeout": r.comm_timeout,
             "eval_every": r.eval_every,
+            "check_seconds": r.check_seconds,
         }
         for name, value in positive.items():
             if not value > 0:

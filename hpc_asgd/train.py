@@ -217,7 +217,7 @@ def _run(cfg: Config, launch: Launch, comm: Comm | None, tracker: Tracker) -> di
     rows: list[dict] = []
     seen = torch.zeros(2, dtype=torch.float64)  # (loss_sum, steps) at the last evaluation
     ck = Checkpointer(cfg, comm)
-    resumed = ck.resume()
+    resumed = ck.resume(total)
     if resumed is not None:  # each rank takes back its own model, counters and metrics
         flat.data.copy_(resumed["flat"])
         rule.load(flat.params)
@@ -225,6 +225,14 @@ def _run(cfg: Config, launch: Launch, comm: Comm | None, tracker: Tracker) -> di
         rows.extend(resumed["rows"])
         seen.copy_(resumed["seen"])
         sync.rounds = resumed["rounds"]
+        # A final or a workers' state (resumed with --force-resume, say by a longer run) has
+        # no W = 1 momentum or RNG states: those then start afresh, as the workers' do.
+        fresh = torch.Generator().manual_seed(augment_seed(r.seed, comm.rank, 0)).get_state()
+        resumed = {
+            "momentum": None,
+            "generator": fresh,
+            "torch_rng": torch.get_rng_state(),
+        } | resumed
 
     def evaluate_at(step: int, eval_model: torch.nn.Module, nonblocking: bool = False):
         """Evaluate this rank's shard now; sum over the ranks and record the row. With
@@ -295,7 +303,12 @@ def _run(cfg: Config, launch: Launch, comm: Comm | None, tracker: Tracker) -> di
         tracker,
         t_start=t_start,
     )
-    train_s = _train_workers(job, ctx) if spawn else _train_in_process(job)
+    if resumed is not None and resumed["step"] == total:  # complete: only the outputs
+        train_s, job.extra = resumed["train_s"], resumed.get("extra", 0)
+    else:
+        train_s = _train_workers(job, ctx) if spawn else _train_in_process(job)
+        if ck.root is not None:  # committed before the outputs: a rerun finds it complete
+            ck.save(total, job.state(total, train_s, {"extra": job.extra}))
     return _summarise(job, rows, train_s, t_start, out)
 
 
