@@ -55,10 +55,11 @@ def record(launch: Launch, err: BaseException, line: str, step: int | None) -> d
         "slurm_job_id": launch.slurm_job_id,
     }
     worker = getattr(err, "worker", None)
-    if worker is not None:  # a worker died or raised: its own facts
-        rec.update(worker=worker, pid=err.pid, exit_code=err.exitcode, signal=None)
-        if err.exitcode is not None and err.exitcode < 0:
-            rec.update(exit_code=None, signal=signal.Signals(-err.exitcode).name)
+    if worker is not None:  # a worker died, raised or stalled: its own facts
+        code = err.exitcode
+        rec.update(worker=worker, pid=err.pid, exit_code=code)  # None: it was still running
+        if code is not None and code < 0:
+            rec.update(exit_code=None, signal=signal.Signals(-code).name)
     return rec
 
 

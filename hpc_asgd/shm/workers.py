@@ -38,7 +38,14 @@ WORKER_NICE = 5  # s for W workers to spawn, import torch and build their model
 
 
 class WorkerError(HpcAsgdError):
-    """A worker process died or raised."""
+    """A worker process died, raised or stalled; ``worker``, ``pid`` and ``exitcode``
+    (negative: the signal; None: still running) name the first one, for ``failure.json``."""
+
+    def __init__(
+        self, message: str, worker: int | None = None, pid: int | None = None, exitcode=None
+    ):
+        super().__init__(message)
+        self.worker, self.pid, self.exitcode = worker, pid, exitcode
 
 
 def claim(ctl: AtomicArray, total: int) -> int | None:
@@ -122,8 +129,7 @@ def worker_main(index: int, spec: WorkerSpec) -> None:
         spec.ctl[READY].inc()
         while (s := claim(spec.ctl, spec.total)) is not None:
             busy[index] = s + 1  # step numbers are unique: the same value means the same step
-            inject(spec.launch.fault, spec.rank, s)
-            stepper.step(s)
+            stepper.step(s, poison=inject(spec.launch.fault, spec.rank, s))
             busy[index] = 0
             spec.ctl[DONE].inc()
     except BaseException as e:
@@ -144,7 +150,10 @@ class WorkerPool:
         if spec.busy is None:
             spec.busy = torch.zeros(workers, dtype=torch.int64).share_memory_()
         # --comm-timeout: node steps must not stop for longer, as collectives must not
-        self.stall_timeout = stall_timeout or float(spec.config.get("comm_timeout", 300.0))
+        # Three quarters of --comm-timeout: a peer waiting for this rank in a collective starts
+        # its own deadline later, but often by only a step; the rank that knows which worker
+        # stalled should speak (and record failure.json) first.
+        self.stall_timeout = stall_timeout or 0.75 * float(spec.config.get("comm_timeout", 300.0))
         self.procs: list = []
         self.checked = 0.0  # monotonic time of the last check by :meth:`poll`
         self.node_seen: tuple | None = None  # (DONE, LIMIT, *busy) at the last watch
@@ -177,7 +186,9 @@ class WorkerPool:
                 what = f"was killed by signal {signal.Signals(-code).name}"
             else:
                 what = f"exited with code {code}" + (f": {message}" if message else "")
-            raise WorkerError(f"rank {self.spec.rank} worker {i} (pid {p.pid}) {what}")
+            raise WorkerError(
+                f"rank {self.spec.rank} worker {i} (pid {p.pid}) {what}", i, p.pid, code
+            )
 
     def poll(self, every: float = 0.05) -> None:
         """:meth:`check` and :meth:`watch`, at most once per ``every`` seconds (the
@@ -215,7 +226,9 @@ class WorkerPool:
         who = ", ".join(f"worker {i} (pid {self.procs[i].pid})" for i in stuck)
         raise WorkerError(
             f"rank {self.spec.rank} {who} took no node step in {limit:g} s "
-            "(stopped? SIGSTOP, a hung device call) (--comm-timeout)"
+            "(stopped? SIGSTOP, a hung device call) (--comm-timeout)",
+            stuck[0],
+            self.procs[stuck[0]].pid,
         )
 
     def _message(self, index: int) -> str:

@@ -103,6 +103,29 @@ def test_failure_json_names_the_first_failure(
     assert_no_orphans(res.sid)
 
 
+# One rank for the stalled worker: with two, the peer's collective deadline races the stalled
+# rank's own detection on a loaded machine (either record is right; this test wants the worker's).
+@pytest.mark.parametrize(
+    ("ranks", "fault", "signal_name"),
+    [(2, "kill@1:30", "SIGKILL"), (1, "stop@0:30", None)],
+    ids=["killed-worker", "stalled-worker"],
+)
+def test_failure_json_names_the_worker(
+    tmp_path: Path, ranks: int, fault: str, signal_name: str | None
+) -> None:
+    out = tmp_path / "out"
+    flags = ["--epochs", "20", "--workers", "2", "--algo", "local-sgd", "--period", "4"]
+    flags += ["--comm-timeout", "8", "--out", str(out)]
+    res = train(ranks, *flags, env={"HPC_ASGD_FAULT": fault}, timeout=90)
+    assert res.rc != 0
+    rec = failure(out)
+    assert rec["rank"] == ranks - 1 and rec["worker"] in (0, 1), rec
+    assert rec["error_type"] == "WorkerError", rec
+    assert rec["signal"] == signal_name and rec["exit_code"] is None, rec  # killed or running
+    assert f"(pid {rec['pid']})" in rec["error"] and rec["error"] in res.text, rec
+    assert_no_orphans(res.sid)
+
+
 def test_failure_json_after_bad_data_and_cleared_by_a_good_run(tmp_path: Path) -> None:
     out = tmp_path / "out"
     res = train(1, "--dataset", "mnist", "--data-dir", str(tmp_path), "--out", str(out))
