@@ -63,6 +63,7 @@ RUN_CONTROL = frozenset(
         "comm_timeout",
         "data_dir",
         "download",
+        "max_nonfinite",
     }
 )
 

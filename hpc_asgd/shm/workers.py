@@ -149,7 +149,6 @@ class WorkerPool:
         self.spec, self.n, self.ctx = spec, workers, ctx
         if spec.busy is None:
             spec.busy = torch.zeros(workers, dtype=torch.int64).share_memory_()
-        # --comm-timeout: node steps must not stop for longer, as collectives must not
         # Three quarters of --comm-timeout: a peer waiting for this rank in a collective starts
         # its own deadline later, but often by only a step; the rank that knows which worker
         # stalled should speak (and record failure.json) first.
