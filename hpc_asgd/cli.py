@@ -28,11 +28,7 @@ def _flag(name: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpc-asgd", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser(
-        "train",
-        help="train a model (alone, or under mpirun / srun / torchrun)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    train = sub.add_parser("train", help="train a model (alone, or under mpirun / srun / torchrun)")
     train.add_argument("--config", help="TOML file of field = value (flags override it)")
     defaults = Config()
     for sec in SECTIONS:
@@ -40,7 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
         for f in fields(getattr(defaults, sec)):
             flag = f.metadata.get("flag", _flag(f.name))
             typ = str(f.type)
-            kw: dict = {"dest": f.name, "default": None, "help": f.metadata["help"]}
+            # argparse's own default stays None, so that a --config file's value is kept when
+            # the flag is absent; the help shows the configuration's real default instead.
+            help = f.metadata.get("flag_help", f.metadata["help"])
+            value = getattr(getattr(defaults, sec), f.name)
+            if not typ.startswith("bool") and value not in (None, ()):
+                help += f" (default: {value})"
+            kw: dict = {"dest": f.name, "default": None, "help": help}
             if typ.startswith("bool"):
                 # --no-verify style flags store False; the rest store True.
                 kw["action"] = "store_false" if flag.startswith("--no-") else "store_true"
@@ -65,8 +67,12 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def _table(summary: dict) -> str:
+    update = summary["update"] if summary["worker_processes"] else "none (in-process, W = 1)"
+    rounds = summary["averaging_rounds"]
+    if "group_rounds" in summary:  # hier-avg: group rounds and global rounds
+        rounds = f"{summary['group_rounds']} group / {rounds} global"
     rows = [
-        ("algo / update", f"{summary['algo']} / {summary['update']}"),
+        ("algo / update", f"{summary['algo']} / {update}"),
         (
             "engine, ranks x workers",
             f"{summary['comm']}, {summary['world_size']} x {summary['workers_per_rank']}",
@@ -76,7 +82,7 @@ def _table(summary: dict) -> str:
         ("samples processed", summary["samples_processed"]),
         ("samples/s (training)", summary["samples_per_s"]),
         ("wall time (s)", summary["wall_s"]),
-        ("averaging rounds", summary["averaging_rounds"]),
+        ("averaging rounds", rounds),
         ("final test accuracy", f"{summary['final_test_acc']:.4f}"),
         ("final test loss", f"{summary['final_test_loss']:.4f}"),
         ("consensus (checksums equal)", summary["consensus"]),

@@ -38,7 +38,12 @@ class DataConfig:
     )
     data_dir: str | None = _f(None, "folder with the dataset's official files")
     download: bool = _f(False, "download the dataset into --data-dir if it is missing")
-    verify: bool = _f(True, "check official files against their checksums", flag="--no-verify")
+    verify: bool = _f(
+        True,
+        "check official files against their checksums",
+        flag="--no-verify",
+        flag_help="skip the checksum check (your own files in an official format)",
+    )
     batch_size: int = _f(32, "minibatch size per worker")
     synthetic_size: int = _f(50_000, "samples per epoch of the synthetic dataset")
 
@@ -97,7 +102,7 @@ class WorkerConfig:
     )
     threads_per_worker: int = _f(0, "intra-op threads of each worker; 0 = the rank's cores / W")
     spawn_workers: bool = _f(
-        False, "run W = 1 in a worker process too (default: in the rank's own)"
+        False, "run W = 1 in a worker process too (without it, W = 1 runs in the rank's own)"
     )
 
 

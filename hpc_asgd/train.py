@@ -73,6 +73,14 @@ EVAL_BATCH = 512
 KEEP_GOING = 1 << 62  # the workers' step bound with --keep-training: their STOP ends them
 
 
+def spawns_workers(cfg: Config) -> bool:
+    """Whether the rank spawns worker processes (sharing its model through the update rule)
+    or takes every step itself (W = 1: no update rule in play). local-async needs the rank's
+    main process free to average while a worker trains."""
+    w = cfg.workers
+    return w.workers > 1 or w.spawn_workers or cfg.sync.algo == "local-async"
+
+
 def _threads_per_rank(launch: Launch) -> int:
     """Cores this rank may use: OMP_NUM_THREADS when set, its affinity mask if the launcher
     bound it, else a fair share of the node's cores among its ranks."""
@@ -155,6 +163,7 @@ class _Run:
             "seen": self.seen.clone(),
             "train_s": train_s,
             "rounds": self.sync.rounds,
+            "group_rounds": getattr(self.sync, "group_rounds", 0),
             "config": self.cfg.to_dict(),
             **(extra or {}),
         }
@@ -199,7 +208,7 @@ def _run(cfg: Config, launch: Launch, comm: Comm | None, tracker: Tracker) -> di
     torch.manual_seed(r.seed)
     model = build_model(cfg.model.model, data.input_shape, data.num_classes)
     # local-async needs the rank's main process free to average while workers train.
-    spawn = w.workers > 1 or w.spawn_workers or cfg.sync.algo == "local-async"
+    spawn = spawns_workers(cfg)
     if not spawn and w.threads_per_worker:  # this process is the rank's one worker
         torch.set_num_threads(w.threads_per_worker)
     flat = FlatModel(model, device=device, shared=spawn)
@@ -225,6 +234,8 @@ def _run(cfg: Config, launch: Launch, comm: Comm | None, tracker: Tracker) -> di
         rows.extend(resumed["rows"])
         seen.copy_(resumed["seen"])
         sync.rounds = resumed["rounds"]
+        if isinstance(sync, HierAvg):
+            sync.group_rounds = resumed.get("group_rounds", 0)
         # A final or a workers' state (resumed with --force-resume, say by a longer run) has
         # no W = 1 momentum or RNG states: those then start afresh, as the workers' do.
         fresh = torch.Generator().manual_seed(augment_seed(r.seed, comm.rank, 0)).get_state()
@@ -582,6 +593,9 @@ def _summarise(job: _Run, rows: list[dict], train_s: float, t_start: float, out:
     summary = {
         "algo": s.algo,
         "update": cfg.workers.update,
+        # worker processes per rank sharing its model through the update rule; 0: W = 1 steps
+        # in the rank's own process, and no update rule is in play
+        "worker_processes": cfg.workers.workers if spawns_workers(cfg) else 0,
         "comm": comm.name,
         "world_size": comm.size,
         "workers_per_rank": cfg.workers.workers,
@@ -618,6 +632,7 @@ def _summarise(job: _Run, rows: list[dict], train_s: float, t_start: float, out:
     }
     if groups is not None:
         summary["groups"] = groups  # hier-avg: the world ranks each group averaged among
+        summary["group_rounds"] = sync.group_rounds  # averaging_rounds counts the global ones
     if comm.rank == 0 and out:
         _write_outputs(out, job, summary)
     return summary

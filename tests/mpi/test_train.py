@@ -151,3 +151,18 @@ def test_hier_avg_default_groups_are_nodes(tmp_path) -> None:
     assert res.rc == 0, res.text
     s = summary(tmp_path)
     assert s["groups"] == [[0, 1, 2, 3]] and s["hosts"] == [HOST] * 4, s
+
+
+def test_hier_avg_counts_group_and_global_rounds_and_the_table_says_what_ran(tmp_path) -> None:
+    # 22 node steps: a round every K1 = 2 steps (11), every K1*K2 = 6th step a global one (3)
+    flags = ["--algo", "hier-avg", "--group-size", "1", "--local-period", "2"]
+    flags += ["--global-period", "3", "--epochs", "1", "--out", str(tmp_path)]
+    res = train(2, *flags)
+    assert res.rc == 0, res.text
+    s = summary(tmp_path)
+    assert (s["group_rounds"], s["averaging_rounds"]) == (8, 3), s
+    assert s["worker_processes"] == 0  # W = 1 in the rank's own process: no update rule
+    rows = [ln.strip().split("  ", 1) for ln in res.out.splitlines() if ln.startswith("  ")]
+    table = {k: v.strip() for k, v in rows}
+    assert table["averaging rounds"] == "8 group / 3 global", res.out
+    assert table["algo / update"] == "hier-avg / none (in-process, W = 1)", res.out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -217,3 +218,21 @@ def test_env_detection() -> None:
 def test_resnet20_fits_the_benchmark_size() -> None:
     flat = FlatModel(build_model("resnet20", (3, 32, 32), 10))
     assert math.isclose(flat.n_params, 0.27e6, rel_tol=0.01)
+
+
+def test_help_shows_the_configs_real_defaults() -> None:
+    """Every option's help states the configuration's default (argparse's own is None, so
+    that a --config file is not overridden); switches state none, and none contradicts."""
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    defaults = Config().to_dict()
+    by_dest = {a.dest: a for a in train._actions}
+    for name, value in defaults.items():
+        help_text = by_dest[name].help
+        shown = re.findall(r"\(default: ([^)]*)\)", help_text)
+        if isinstance(value, bool) or value in (None, []):
+            assert shown == [], (name, help_text)
+        else:
+            assert shown == [str(value)], (name, help_text)
+    assert "skip" in by_dest["verify"].help  # --no-verify says what the flag does
+    # and the values a run gets without flags are those defaults
+    assert config_from_args(build_parser().parse_args(["train"])).to_dict() == defaults
