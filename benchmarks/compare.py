@@ -158,7 +158,7 @@ def ours_rank(probe_dir: str, cli_args: list[str]) -> int:
     rec: dict = {}
     try:
         import hpc_asgd.train as train_mod
-        from hpc_asgd.shm.workers import WorkerPool
+        from hpc_asgd.workers import WorkerPool
 
         orig_run = train_mod.run
 

@@ -18,9 +18,8 @@ from typing import Any
 import tomllib
 
 from hpc_asgd.errors import ConfigError
+from hpc_asgd.registry import SYNCHRONIZERS, UPDATE_RULES
 
-ALGOS = ("none", "sync", "local-sgd", "local-async", "lasgd", "hier-avg")
-UPDATES = ("hogwild", "locked", "leashed", "partitioned")
 SCHEDULES = ("constant", "step", "cosine")
 DEVICES = ("cpu", "cuda")
 
@@ -243,8 +242,8 @@ class Config:
                         raise ConfigError(f"{f.name}: must be a finite number, got {v}")
         _choice("dataset", d.dataset, DATASETS)
         _choice("model", self.model.model, MODELS)
-        _choice("algo", s.algo, ALGOS)
-        _choice("update", w.update, UPDATES)
+        _choice("algo", s.algo, SYNCHRONIZERS.names())
+        _choice("update", w.update, UPDATE_RULES.names())
         _choice("lr_schedule", o.lr_schedule, SCHEDULES)
         _choice("device", r.device, DEVICES)
         _choice("comm", r.comm, ENGINES)
@@ -290,44 +289,13 @@ class Config:
             raise ConfigError(f"momentum: must be below 1, got {o.momentum}")
         if o.nesterov and not o.momentum:
             raise ConfigError("nesterov: needs --momentum > 0")
-        if s.algo == "sync" and (w.workers > 1 or w.spawn_workers):
-            raise ConfigError(
-                "algo: 'sync' averages gradients inside every step and runs with W = 1 in the "
-                "rank's own process; with workers use local-sgd (--period 1 averages every step)"
-            )
         if w.max_staleness < 0:
             raise ConfigError(f"max_staleness: must be >= 0, got {w.max_staleness}")
-        if w.max_staleness and w.update not in ("hogwild", "locked"):
-            # Leashed-SGD bounds a gradient's CAS retries with --persistence instead; the
-            # partitioned rule counts each block step as an update, so S would mean less there.
-            why = (
-                "Leashed-SGD bounds its retries with --persistence"
-                if w.update == "leashed"
-                else "its block steps count as updates"
-            )
-            raise ConfigError(
-                f"max_staleness: only for --update hogwild or locked, not {w.update!r} ({why})"
-            )
-        if w.update == "leashed" and w.workers > 120:
-            raise ConfigError(
-                f"workers: Leashed-SGD supports at most 120 workers per rank, got {w.workers}"
-            )
-        if s.algo == "hier-avg":
-            size = s.group_size or local_size
-            if world_size % size:
-                raise ConfigError(
-                    f"group_size: {size} does not divide the world size {world_size}"
-                    + ("" if s.group_size else " (the default is the ranks of one node)")
-                )
-        if s.keep_training and not (
-            s.algo in ("local-async", "lasgd")
-            or (s.algo == "hier-avg" and s.hier_mode == "nonblocking")
-        ):
-            raise ConfigError(
-                "keep_training: only the non-blocking algorithms (local-async, lasgd, hier-avg "
-                f"--hier-mode nonblocking) let a rank train on while others finish; not {s.algo!r}"
-                + (" (blocking)" if s.algo == "hier-avg" else "")
-            )
+        algo, rule = SYNCHRONIZERS.get(s.algo), UPDATE_RULES.get(w.update)
+        algo.validate(self, world_size, local_size)  # each algorithm's own rules
+        rule.validate(self)
+        if s.keep_training and not algo.keeps_training(self):
+            raise keep_training_refused(s.algo)
         if s.keep_training and o.lr_schedule == "cosine":
             raise ConfigError(
                 "keep_training: the cosine schedule ends at lr 0, so the steps past --epochs "
@@ -370,6 +338,15 @@ class Config:
         for name, folder in (("out", r.out), ("checkpoint_dir", r.checkpoint_dir)):
             if folder:
                 _probe_write(name, Path(folder))
+
+
+def keep_training_refused(algo: str, detail: str = "") -> ConfigError:
+    """The error for ``--keep-training`` with an algorithm (or a mode of it) that cannot."""
+    able = [c.keep_training for _, c in SYNCHRONIZERS.items() if c.keep_training]
+    return ConfigError(
+        f"keep_training: only the non-blocking algorithms ({', '.join(able)}) let a rank "
+        f"train on while others finish; not {algo!r}{detail}"
+    )
 
 
 def _probe_write(name: str, folder: Path) -> None:

@@ -14,11 +14,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 import hpc_asgd
+from hpc_asgd.errors import OutputError
+
+if TYPE_CHECKING:  # the summary reads the driver's job; the driver writes with this module
+    from hpc_asgd.driver import Job
 
 
 def atomic_write(path: Path, write) -> None:
@@ -131,3 +135,103 @@ class Progress:
             f"test_loss {row['test_loss']:.4f}  test_acc {row['test_acc']:.4f}",
             flush=True,
         )
+
+
+def summarise(job: Job, train_s: float, out: Path | None) -> dict:
+    """``summary.json``: what ran, where, how fast, how well; collective (every rank gathers
+    the per-rank figures); rank 0 writes the outputs. Raises rather than write a model with
+    non-finite parameters."""
+    from hpc_asgd.comm.base import gather_hosts
+    from hpc_asgd.stats import NONFINITE, DivergedError, worker_metrics
+
+    cfg, comm, flat, sync, total = job.cfg, job.comm, job.flat, job.sync, job.total
+    d, s = cfg.data, cfg.sync
+    digest = bytes.fromhex(flat.checksum())
+    sums = comm.allgather(torch.frombuffer(bytearray(digest), dtype=torch.uint8))
+    finite = bool(torch.isfinite(flat.data).all())
+    mine = [sync.wait_s, train_s, sync.inflight_s, job.extra, job.setup_s, float(finite)]
+    waits = comm.allgather(torch.tensor(mine, dtype=torch.float64))  # (ranks, 6)
+    bad = [r for r in range(comm.size) if not waits[r, 5]]
+    if bad:  # a non-finite model is never written as the result
+        raise DivergedError(
+            f"the final model of rank(s) {', '.join(map(str, bad))} has non-finite parameters; "
+            f"not written (lower --lr ({cfg.optim.lr:g}) or add --warmup-epochs)"
+        )
+    hosts = gather_hosts(comm, job.launch.hostname)
+    extras = sync.metrics()  # collective where the synchroniser gathers (hier-avg's groups)
+    all_stats = comm.allgather(job.stats)  # (ranks, W, NSTATS)
+    extra = [round(float(x)) for x in waits[:, 3]]
+    samples = (total * comm.size + sum(extra)) * d.batch_size
+    train_s_max = float(waits[:, 1].max())
+    rows = job.evaluator.rows
+    summary = {
+        "algo": s.algo,
+        "update": cfg.workers.update,
+        # worker processes per rank sharing its model through the update rule; 0: W = 1 steps
+        # in the rank's own process, and no update rule is in play
+        "worker_processes": cfg.workers.workers if job.spawn else 0,
+        "comm": comm.name,
+        "world_size": comm.size,
+        "workers_per_rank": cfg.workers.workers,
+        "dataset": d.dataset,
+        "model": cfg.model.model,
+        "epochs": cfg.run.epochs,
+        "steps_per_rank": total,
+        "extra_steps": extra,  # per rank, --keep-training: steps past total while others finished
+        "samples_processed": samples,
+        "wall_s": round(time.perf_counter() - job.t_start, 3),
+        "hosts": hosts,  # per rank: where it ran
+        # per rank: start-up (``run`` to the first training step: data, model, workers) and
+        # training time (first step to last, without evaluation passes); samples_per_s uses the max
+        "setup_s": [round(float(x), 3) for x in waits[:, 4]],
+        "train_s": [round(float(x), 3) for x in waits[:, 1]],
+        "samples_per_s": round(samples / train_s_max, 1) if train_s_max > 0 else None,
+        "final_test_acc": rows[-1]["test_acc"],
+        "final_test_loss": rows[-1]["test_loss"],
+        "averaging_rounds": sync.rounds,
+        # per rank: steps skipped for a non-finite loss or gradient (--max-nonfinite)
+        "nonfinite_steps": [int(x) for x in all_stats[:, :, NONFINITE].sum(1)],
+        "comm_wait_s": [round(float(x), 4) for x in waits[:, 0]],
+        "comm_inflight_s": [round(float(x), 4) for x in waits[:, 2]],
+        # share of the communication time hidden behind computation, per rank
+        "comm_overlap": [
+            round(max(0.0, 1 - float(w) / float(f)), 4) if f > 0 else None
+            for w, f in zip(waits[:, 0], waits[:, 2], strict=True)
+        ],
+        "param_checksums": [bytes(row.tolist()).hex() for row in sums],
+        "consensus": len({bytes(row.tolist()) for row in sums}) == 1,
+        "workers": worker_metrics(cfg.workers.update, all_stats),
+        "versions": versions(comm.name),
+        "config": cfg.to_dict(),
+        **extras,
+    }
+    if comm.rank == 0 and out:
+        write_outputs(out, job, summary)
+    return summary
+
+
+def write_outputs(out: Path, job: Job, summary: dict) -> None:
+    """model.pt, then summary.json (its presence says the run completed), and metrics.jsonl
+    once more. Should ``out`` fail now (full, gone, read-only), hours of training are not
+    thrown away: the outputs go to a rescue folder and the error says where."""
+
+    def write(folder: Path) -> None:
+        save_model(folder / "model.pt", job.flat.module, job.cfg.to_dict())
+        write_jsonl(folder / "metrics.jsonl", job.evaluator.rows)
+        write_json(folder / "summary.json", summary)
+
+    try:
+        write(out)
+    except OSError as e:
+        stamp = job.launch.slurm_job_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        for base in (Path.cwd(), Path(tempfile.gettempdir())):
+            rescue = base / f"hpc-asgd-rescue-{stamp}"
+            try:
+                write(rescue)
+            except OSError:
+                continue
+            raise OutputError(
+                f"could not write the outputs to {out} ({e.strerror or e}); "
+                f"model.pt, metrics.jsonl and summary.json were saved to {rescue}"
+            ) from e
+        raise

@@ -18,39 +18,22 @@ import torch.nn.functional as F
 from hpc_asgd.config import Config
 from hpc_asgd.data import Dataset, ShardSampler
 from hpc_asgd.env import Fault
-from hpc_asgd.errors import HpcAsgdError
 from hpc_asgd.flat import FlatModel
 from hpc_asgd.optim import FlatSGD, Schedule
-from hpc_asgd.shm.base import HIST_BINS, UpdateRule, bin_of
-
-# Columns of a worker's row in the stats table ``(W, NSTATS)`` (float64, shared memory).
-STEPS, APPLIED, DROPPED, LOCK_WAIT, LOSS_SUM = range(5)
-STALE0 = 5  # staleness histogram: HIST_BINS columns
-TRIES0 = STALE0 + HIST_BINS  # CAS-tries histogram: HIST_BINS columns (tries 1.. in bin 0..)
-# Steps skipped for a non-finite loss or gradient; the first and last such node step (1-based,
-# 0 = none): the divergence check's evidence.
-NONFINITE = TRIES0 + HIST_BINS
-NF_FIRST, NF_LAST = NONFINITE + 1, NONFINITE + 2
-NSTATS = NONFINITE + 3
-
-
-class DivergedError(HpcAsgdError):
-    """More non-finite steps than ``--max-nonfinite`` on one rank."""
-
-
-def check_finite(stats: torch.Tensor, limit: int, lr: float) -> None:
-    """Raise :class:`DivergedError` once this rank's workers (rows of ``stats``, (W, NSTATS))
-    skipped more than ``limit`` steps for a non-finite loss or gradient."""
-    count = int(stats[:, NONFINITE].sum())
-    if count <= limit:
-        return
-    first = int(min(x for x in stats[:, NF_FIRST].tolist() if x > 0))
-    last = int(stats[:, NF_LAST].max())
-    raise DivergedError(
-        f"training diverged: non-finite loss or gradient in {count} node steps (first at node "
-        f"step {first}, last at {last}; each was skipped, --max-nonfinite {limit}); "
-        f"lower --lr ({lr:g}) or add --warmup-epochs"
-    )
+from hpc_asgd.rules.base import UpdateRule
+from hpc_asgd.stats import (
+    APPLIED,
+    DROPPED,
+    LOCK_WAIT,
+    LOSS_SUM,
+    NF_FIRST,
+    NF_LAST,
+    NONFINITE,
+    STALE0,
+    STEPS,
+    TRIES0,
+    bin_of,
+)
 
 
 def schedule_of(cfg: Config) -> Schedule:
@@ -89,7 +72,7 @@ class Stepper:
         self.spe = sampler.steps_per_epoch
         self.grads_hook = grads_hook  # synchronous SGD averages gradients here
         self.slow = slow  # straggler injection: each step takes ``slow`` times as long
-        self.partial = getattr(rule, "block_for", None)
+        self.block: slice | None = None  # the last step's block (partial backprop)
         self.epoch_cached = -1
         self.batches: list[torch.Tensor] = []
 
@@ -103,9 +86,10 @@ class Stepper:
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         p = self.rule.read()
         self.flat.bind_params(p)
-        block = self.partial(s / self.spe) if self.partial else None
-        if self.partial:
+        block = self.rule.block_for(s / self.spe)
+        if block is not None or self.block is not None:  # changed: (un)freeze parameters
             self.flat.only_grads_for(block)
+        self.block = block
         loss = F.cross_entropy(self.flat.module(x), y)
         if poison:
             loss = loss * math.nan

@@ -50,6 +50,6 @@ def main(index: int, parent_pid: int, sealed: bytes) -> None:
         os._exit(1)
     spec = pickle.loads(sealed)  # imports torch, rebuilds the shared tensors
 
-    from hpc_asgd.shm.workers import worker_main
+    from hpc_asgd.workers import worker_main
 
     worker_main(index, spec)

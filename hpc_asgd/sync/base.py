@@ -13,21 +13,33 @@ in node-step order and identically on every rank:
     settle(step)                  (--keep-training) instead of drain, while this rank takes
                                   extra steps: one non-blocking look; True once all finished
     finish()                      once, after the last step: final exact average (consensus)
+    quiesce(step)                 before a checkpoint: complete every round in flight
+
+Each algorithm is one file whose class is registered under its ``--algo`` name
+(``@SYNCHRONIZERS.register``) and says how it is built from the configuration
+(``from_config``), what it refuses (``validate``), whether a finished rank may keep training
+(``keep_training``), what it checkpoints (``state_dict``) and what it adds to the summary
+(``metrics``).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from hpc_asgd.comm import Comm
 from hpc_asgd.flat import FlatModel
-from hpc_asgd.shm.base import UpdateRule
+from hpc_asgd.rules.base import UpdateRule
+
+if TYPE_CHECKING:
+    from hpc_asgd.config import Config
 
 
 class Synchronizer(Protocol):
+    name: str  # the --algo value it is registered under
+    keep_training: str | None  # how to ask for --keep-training with it (None: it cannot)
     promises_consensus: bool
     averages_gradients: bool  # True: needs grads_ready after every backward (W = 1 only)
     overlaps: bool  # True: rounds run in the background, driven by poll
@@ -35,6 +47,32 @@ class Synchronizer(Protocol):
     rounds: int  # averaging (or gradient-averaging) rounds done
     wait_s: float  # seconds the node spent blocked in this synchroniser's collectives
     inflight_s: float  # seconds collectives were in flight (= wait_s when blocking)
+
+    @classmethod
+    def from_config(
+        cls, cfg: Config, comm: Comm, flat: FlatModel, rule: UpdateRule, steps_per_epoch: int
+    ) -> Synchronizer:
+        """Built on every rank (collective: it may split communicators)."""
+        ...
+
+    @classmethod
+    def validate(cls, cfg: Config, world_size: int, local_size: int) -> None:
+        """Its own configuration rules (ConfigError), checked before any collective."""
+        ...
+
+    @classmethod
+    def keeps_training(cls, cfg: Config) -> bool:
+        """Whether ``--keep-training`` may be used with this configuration of it (False, or
+        a ConfigError that says more)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def metrics(self) -> dict[str, Any]:
+        """Extra summary fields; collective (every rank calls it, in the same order)."""
+        ...
 
     def start(self) -> None: ...
 
@@ -52,10 +90,14 @@ class Synchronizer(Protocol):
 
     def finish(self) -> None: ...
 
+    def quiesce(self, step: int) -> None: ...
+
 
 class Averaging:
     """Shared plumbing: a comm, the model, timers and the exact averages every algorithm uses."""
 
+    name = ""
+    keep_training: str | None = None
     promises_consensus = True
     averages_gradients = False
     overlaps = False
@@ -65,6 +107,29 @@ class Averaging:
         self.comm, self.flat, self.rule = comm, flat, rule
         self.rounds = 0
         self.wait_s = 0.0
+
+    @classmethod
+    def from_config(
+        cls, cfg: Config, comm: Comm, flat: FlatModel, rule: UpdateRule, steps_per_epoch: int
+    ) -> Averaging:
+        return cls(comm, flat, rule)
+
+    @classmethod
+    def validate(cls, cfg: Config, world_size: int, local_size: int) -> None:
+        return None
+
+    @classmethod
+    def keeps_training(cls, cfg: Config) -> bool:
+        return cls.keep_training is not None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rounds": self.rounds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rounds = state["rounds"]
+
+    def metrics(self) -> dict[str, Any]:
+        return {}
 
     def average_(self, t: torch.Tensor, comm: Comm | None = None) -> None:
         """``t <- mean over the ranks of comm of t``, blocking; counts the time waited."""
@@ -125,3 +190,29 @@ class Averaging:
             return
         self.average_(self.flat.data)
         self.comm.bcast_(self.flat.data, root=0)
+
+
+class Periodic(Averaging):
+    """A round every K (``--period``) local node steps; K = 1 while the epoch is below E0
+    (``--post-local-epochs``: post-local SGD, Lin et al., ICLR 2020)."""
+
+    def __init__(
+        self,
+        comm: Comm,
+        flat: FlatModel,
+        rule: UpdateRule,
+        period: int,
+        post_local_epochs: float = 0.0,
+    ):
+        super().__init__(comm, flat, rule)
+        self.period, self.post_local_epochs = period, post_local_epochs
+
+    @classmethod
+    def from_config(
+        cls, cfg: Config, comm: Comm, flat: FlatModel, rule: UpdateRule, steps_per_epoch: int
+    ) -> Periodic:
+        return cls(comm, flat, rule, cfg.sync.period, cfg.sync.post_local_epochs)
+
+    def period_at(self, epoch: float) -> int:
+        """K at ``epoch``: the node steps from a round to the next."""
+        return 1 if epoch < self.post_local_epochs else self.period

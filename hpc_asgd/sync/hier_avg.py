@@ -13,11 +13,16 @@ allreduce while training goes on, add ``mean - snapshot``), at most one in fligh
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 
 from hpc_asgd.comm import Comm
+from hpc_asgd.config import keep_training_refused
+from hpc_asgd.errors import ConfigError
 from hpc_asgd.flat import FlatModel
-from hpc_asgd.shm.base import UpdateRule
+from hpc_asgd.registry import SYNCHRONIZERS
+from hpc_asgd.rules.base import UpdateRule
 from hpc_asgd.sync.base import Averaging
 from hpc_asgd.sync.rounds import AsyncRound, drain_all, settle_all
 
@@ -29,7 +34,48 @@ def make_group(comm: Comm, group_size: int) -> Comm:
     return comm.split_node()
 
 
+if TYPE_CHECKING:
+    from hpc_asgd.config import Config
+
+
+@SYNCHRONIZERS.register("hier-avg")
 class HierAvg(Averaging):
+    keep_training = "hier-avg --hier-mode nonblocking"
+
+    @classmethod
+    def from_config(
+        cls, cfg: Config, comm: Comm, flat: FlatModel, rule: UpdateRule, steps_per_epoch: int
+    ) -> HierAvg:
+        s = cfg.sync
+        group = make_group(comm, s.group_size)
+        nonblocking = s.hier_mode == "nonblocking"
+        return cls(comm, flat, rule, group, s.local_period, s.global_period, nonblocking)
+
+    @classmethod
+    def validate(cls, cfg: Config, world_size: int, local_size: int) -> None:
+        size = cfg.sync.group_size or local_size
+        if world_size % size:
+            raise ConfigError(
+                f"group_size: {size} does not divide the world size {world_size}"
+                + ("" if cfg.sync.group_size else " (the default is the ranks of one node)")
+            )
+
+    @classmethod
+    def keeps_training(cls, cfg: Config) -> bool:
+        if cfg.sync.hier_mode != "nonblocking":
+            raise keep_training_refused(cls.name, f" ({cfg.sync.hier_mode})")
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rounds": self.rounds, "group_rounds": self.group_rounds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rounds, self.group_rounds = state["rounds"], state.get("group_rounds", 0)
+
+    def metrics(self) -> dict[str, Any]:
+        # the world ranks each group averaged among; averaging_rounds counts the global rounds
+        return {"groups": self.groups(), "group_rounds": self.group_rounds}
+
     def __init__(
         self,
         comm: Comm,

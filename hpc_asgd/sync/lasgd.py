@@ -14,13 +14,16 @@ from __future__ import annotations
 
 from hpc_asgd.comm import Comm
 from hpc_asgd.flat import FlatModel
-from hpc_asgd.shm.base import UpdateRule
-from hpc_asgd.sync.base import Averaging
+from hpc_asgd.registry import SYNCHRONIZERS
+from hpc_asgd.rules.base import UpdateRule
+from hpc_asgd.sync.base import Periodic
 from hpc_asgd.sync.rounds import AsyncRound, settle_all
 
 
-class LASGD(Averaging):
+@SYNCHRONIZERS.register("lasgd")
+class LASGD(Periodic):
     overlaps = True
+    keep_training = "lasgd"
 
     def __init__(
         self,
@@ -30,8 +33,7 @@ class LASGD(Averaging):
         period: int,
         post_local_epochs: float = 0.0,
     ):
-        super().__init__(comm, flat, rule)
-        self.period, self.post_local_epochs = period, post_local_epochs
+        super().__init__(comm, flat, rule, period, post_local_epochs)
         self.round = AsyncRound(comm.split(0, comm.rank), flat, rule)
         self.next = 0  # node step at or after which the next round may start
 
@@ -42,7 +44,7 @@ class LASGD(Averaging):
             self.rounds += 1
         if not r.busy and step >= self.next and step > 0:
             r.start(finished=False)
-            self.next = step + (1 if epoch < self.post_local_epochs else self.period)
+            self.next = step + self.period_at(epoch)
 
     def drain(self, step: int) -> None:
         self.wait_s += self.round.drain()

@@ -17,21 +17,28 @@ reported, may trigger more rounds) until that agreement.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from hpc_asgd.comm import Comm
 from hpc_asgd.flat import FlatModel
-from hpc_asgd.shm.base import UpdateRule
-from hpc_asgd.sync.base import Averaging
+from hpc_asgd.registry import SYNCHRONIZERS
+from hpc_asgd.rules.base import UpdateRule
+from hpc_asgd.sync.base import Periodic
 from hpc_asgd.sync.rounds import AsyncRound
+
+if TYPE_CHECKING:
+    from hpc_asgd.config import Config
 
 _AGREE_EVERY = 5e-4  # s: at most ~2,000 agreement rounds a second, to leave the cores to workers
 
 
-class LocalAsync(Averaging):
+@SYNCHRONIZERS.register("local-async")
+class LocalAsync(Periodic):
     overlaps = True
     needs_workers = True
+    keep_training = "local-async"
 
     def __init__(
         self,
@@ -42,8 +49,8 @@ class LocalAsync(Averaging):
         post_local_epochs: float,
         steps_per_epoch: int,
     ):
-        super().__init__(comm, flat, rule)
-        self.period, self.post_local_epochs, self.spe = period, post_local_epochs, steps_per_epoch
+        super().__init__(comm, flat, rule, period, post_local_epochs)
+        self.spe = steps_per_epoch
         own = comm.split(0, comm.rank)  # agreement and model rounds: never mixed with evaluation
         self.round = AsyncRound(own, flat, rule)
         self.agree_comm = own
@@ -53,8 +60,15 @@ class LocalAsync(Averaging):
         self.next = self._k(0)
         self.over = False
 
+    @classmethod
+    def from_config(
+        cls, cfg: Config, comm: Comm, flat: FlatModel, rule: UpdateRule, steps_per_epoch: int
+    ) -> LocalAsync:
+        s = cfg.sync
+        return cls(comm, flat, rule, s.period, s.post_local_epochs, steps_per_epoch)
+
     def _k(self, step: int) -> int:
-        return 1 if step / self.spe < self.post_local_epochs else self.period
+        return self.period_at(step / self.spe)
 
     def poll(self, step: int, epoch: float, finished: bool = False) -> None:
         """One non-blocking look: complete what finished, post what is due."""

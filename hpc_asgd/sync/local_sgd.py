@@ -8,26 +8,14 @@ buffers stay local.
 
 from __future__ import annotations
 
-from hpc_asgd.comm import Comm
-from hpc_asgd.flat import FlatModel
-from hpc_asgd.shm.base import UpdateRule
-from hpc_asgd.sync.base import Averaging
+from hpc_asgd.registry import SYNCHRONIZERS
+from hpc_asgd.sync.base import Periodic
 
 
-class LocalSGD(Averaging):
-    def __init__(
-        self,
-        comm: Comm,
-        flat: FlatModel,
-        rule: UpdateRule,
-        period: int,
-        post_local_epochs: float = 0.0,
-    ):
-        super().__init__(comm, flat, rule)
-        self.period, self.post_local_epochs = period, post_local_epochs
-
+@SYNCHRONIZERS.register("local-sgd")
+class LocalSGD(Periodic):
     def next_stop(self, step: int, epoch: float) -> int:
-        return step + (1 if epoch < self.post_local_epochs else self.period)
+        return step + self.period_at(epoch)
 
     def step_done(self, step: int, epoch: float) -> None:
         self.average_model_()

@@ -20,7 +20,7 @@ import torch
 from hpc_asgd.comm import Comm, Work
 from hpc_asgd.comm.base import Poller
 from hpc_asgd.flat import FlatModel
-from hpc_asgd.shm.base import UpdateRule
+from hpc_asgd.rules.base import UpdateRule
 
 
 class AsyncRound:

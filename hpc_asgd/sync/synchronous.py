@@ -7,11 +7,28 @@ rank's step in its own process (W = 1): gradients of spawned workers never reach
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from hpc_asgd.errors import ConfigError
+from hpc_asgd.registry import SYNCHRONIZERS
 from hpc_asgd.sync.base import Averaging
 
+if TYPE_CHECKING:
+    from hpc_asgd.config import Config
 
+
+@SYNCHRONIZERS.register("sync")
 class SyncSGD(Averaging):
     averages_gradients = True
+
+    @classmethod
+    def validate(cls, cfg: Config, world_size: int, local_size: int) -> None:
+        w = cfg.workers
+        if w.workers > 1 or w.spawn_workers:
+            raise ConfigError(
+                "algo: 'sync' averages gradients inside every step and runs with W = 1 in the "
+                "rank's own process; with workers use local-sgd (--period 1 averages every step)"
+            )
 
     def grads_ready(self, step: int) -> None:
         self.average_(self.flat.grad)

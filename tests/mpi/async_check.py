@@ -17,7 +17,7 @@ from torch import nn
 from hpc_asgd import env
 from hpc_asgd.comm import make_comm
 from hpc_asgd.flat import FlatModel
-from hpc_asgd.shm import Hogwild, Leashed
+from hpc_asgd.rules import Hogwild, Leashed
 from hpc_asgd.sync.hier_avg import make_group
 from hpc_asgd.sync.rounds import AsyncRound
 

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from hpc_asgd.shm.base import AtomicArray
-from hpc_asgd.shm.workers import DONE, LIMIT, NCTL, STOP, WorkerError, WorkerPool
+from hpc_asgd.rules.base import AtomicArray
+from hpc_asgd.workers import DONE, LIMIT, NCTL, STOP, WorkerError, WorkerPool
 from tests.conftest import ROOT, assert_no_orphans, mpi_env, session_members, train
 
 DIGITS = ["--dataset", "digits", "--model", "mlp", "--lr", "0.05"]

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from hpc_asgd.shm import Hogwild, Leashed, Locked
+from hpc_asgd.rules import Hogwild, Leashed, Locked
 
 N = 1 << 20  # 4 MiB of float32: one update takes long enough for readers to overlap it
 STEPS = 120
@@ -176,7 +176,7 @@ def _count(index: int, cells, rounds: int) -> None:
 def test_atomic_words_lose_no_increment_across_processes() -> None:
     """Word semantics (the direct patomic calls), then 2 processes x 20,000 increments each
     of a fetch-add counter and of a CAS-loop counter: both end at exactly 40,000."""
-    from hpc_asgd.shm.base import AtomicArray
+    from hpc_asgd.rules.base import AtomicArray
 
     cells = AtomicArray(2)
     w = cells[0]
@@ -218,7 +218,7 @@ def test_max_staleness_config() -> None:
     """--max-staleness: >= 0, and only for the rules that implement it (one ConfigError line)."""
     from hpc_asgd.config import Config
     from hpc_asgd.errors import ConfigError
-    from hpc_asgd.shm import make_rule
+    from hpc_asgd.rules import make_rule
 
     for update in ("hogwild", "locked"):
         cfg = Config.from_flat({"update": update, "max_staleness": 3})

@@ -7,7 +7,7 @@ from torch import nn
 
 from hpc_asgd.comm.local import DoneWork
 from hpc_asgd.flat import FlatModel
-from hpc_asgd.shm import Hogwild
+from hpc_asgd.rules import Hogwild
 from hpc_asgd.sync import LASGD, HierAvg, LocalSGD, NoSync, SyncSGD
 
 

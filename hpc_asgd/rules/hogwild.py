@@ -13,13 +13,22 @@ for an applied gradient (counted at its write) can exceed S.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from hpc_asgd.shm.base import Applied, AtomicArray
+from hpc_asgd.registry import UPDATE_RULES
+from hpc_asgd.rules.base import Applied, AtomicArray, RuleDefaults
+
+if TYPE_CHECKING:
+    from hpc_asgd.config import Config
 
 
-class Hogwild:
-    name = "hogwild"
+@UPDATE_RULES.register("hogwild")
+class Hogwild(RuleDefaults):
+    @classmethod
+    def from_config(cls, cfg: Config, params: torch.Tensor, ctx) -> Hogwild:
+        return cls(params, cfg.workers.max_staleness)
 
     def __init__(self, params: torch.Tensor, max_staleness: int = 0):
         self.params = params  # (n_params,) view of the shared flat buffer

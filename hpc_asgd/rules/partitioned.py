@@ -10,9 +10,16 @@ sits near the output) and updates only that block, in place and lock-free.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from hpc_asgd.shm.hogwild import Hogwild
+from hpc_asgd.errors import ConfigError
+from hpc_asgd.registry import UPDATE_RULES
+from hpc_asgd.rules.hogwild import Hogwild
+
+if TYPE_CHECKING:
+    from hpc_asgd.config import Config
 
 
 def blocks(n: int, parts: int) -> list[slice]:
@@ -24,8 +31,20 @@ def blocks(n: int, parts: int) -> list[slice]:
     return [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
+@UPDATE_RULES.register("partitioned")
 class Partitioned(Hogwild):
-    name = "partitioned"
+    @classmethod
+    def from_config(cls, cfg: Config, params: torch.Tensor, ctx) -> Partitioned:
+        w = cfg.workers
+        return cls(params, w.workers, w.partition_after_epochs)
+
+    @classmethod
+    def validate(cls, cfg: Config) -> None:
+        if cfg.workers.max_staleness:
+            raise ConfigError(
+                "max_staleness: only for --update hogwild or locked, not 'partitioned' "
+                "(its block steps count as updates)"
+            )
 
     def __init__(self, params: torch.Tensor, workers: int, switch_epoch: float):
         super().__init__(params)

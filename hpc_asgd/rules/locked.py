@@ -12,14 +12,22 @@ et al., NeurIPS 2015). Checked under the lock, so no applied gradient is ever st
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
-from hpc_asgd.shm.base import Applied, AtomicArray
+from hpc_asgd.registry import UPDATE_RULES
+from hpc_asgd.rules.base import Applied, AtomicArray, RuleDefaults
+
+if TYPE_CHECKING:
+    from hpc_asgd.config import Config
 
 
-class Locked:
-    name = "locked"
+@UPDATE_RULES.register("locked")
+class Locked(RuleDefaults):
+    @classmethod
+    def from_config(cls, cfg: Config, params: torch.Tensor, ctx) -> Locked:
+        return cls(params, ctx, cfg.workers.max_staleness)
 
     def __init__(self, params: torch.Tensor, ctx, max_staleness: int = 0):
         self.params = params  # (n_params,) view of the shared flat buffer

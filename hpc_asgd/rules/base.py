@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import atomics
 import torch
 
-HIST_BINS = 16  # staleness 0..14 and >= 15; CAS tries 1..15 and >= 16
+if TYPE_CHECKING:  # the rules sit below the configuration's users, not on it
+    from hpc_asgd.config import Config
 
 
 @dataclass
@@ -39,7 +40,23 @@ class Applied:
 
 
 class UpdateRule(Protocol):
-    name: str
+    name: str  # the --update value it is registered under
+
+    @classmethod
+    def from_config(cls, cfg: Config, params: torch.Tensor, ctx) -> UpdateRule:
+        """Built in the rank's main process over ``params`` (the shared flat buffer's
+        parameter part, ``(n_params,)``); ``ctx`` is the spawn context (for locks)."""
+        ...
+
+    @classmethod
+    def validate(cls, cfg: Config) -> None:
+        """This rule's own configuration rules (ConfigError), checked before any collective."""
+        ...
+
+    def block_for(self, epoch: float) -> slice | None:
+        """The block of the parameters the worker's next step updates alone (partial
+        backpropagation), or None for a full step."""
+        ...
 
     def attach(self, worker: int) -> None:
         """In the worker process: make the private state (buffers, atomic views)."""
@@ -69,6 +86,17 @@ class UpdateRule(Protocol):
     def publish(self) -> None:
         """Leave the latest parameters in the flat buffer (workers paused or stopped)."""
         ...
+
+
+class RuleDefaults:
+    """What most rules share: no rules of their own to check, full steps only."""
+
+    @classmethod
+    def validate(cls, cfg: Config) -> None:
+        return None
+
+    def block_for(self, epoch: float) -> slice | None:
+        return None
 
 
 class Word:
@@ -175,7 +203,3 @@ class AtomicArray:
 
     def __del__(self) -> None:
         self.close()
-
-
-def bin_of(value: int) -> int:
-    return min(max(value, 0), HIST_BINS - 1)

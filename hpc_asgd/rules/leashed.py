@@ -20,17 +20,39 @@ Records staleness (versions between read and write) and CAS tries.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
-from hpc_asgd.shm.base import Applied, AtomicArray
+from hpc_asgd.errors import ConfigError
+from hpc_asgd.registry import UPDATE_RULES
+from hpc_asgd.rules.base import Applied, AtomicArray, RuleDefaults
+
+if TYPE_CHECKING:
+    from hpc_asgd.config import Config
 
 FREE, OWNED, LIVE, RETIRED = 0, 1, 2, 3
 _SLOT = 0xFF
 
 
-class Leashed:
-    name = "leashed"
+@UPDATE_RULES.register("leashed")
+class Leashed(RuleDefaults):
+    @classmethod
+    def from_config(cls, cfg: Config, params: torch.Tensor, ctx) -> Leashed:
+        return cls(params, cfg.workers.workers, cfg.workers.persistence)
+
+    @classmethod
+    def validate(cls, cfg: Config) -> None:
+        w = cfg.workers
+        if w.max_staleness:
+            raise ConfigError(
+                "max_staleness: only for --update hogwild or locked, not 'leashed' "
+                "(Leashed-SGD bounds its retries with --persistence)"
+            )
+        if w.workers > 120:
+            raise ConfigError(
+                f"workers: Leashed-SGD supports at most 120 workers per rank, got {w.workers}"
+            )
 
     def __init__(self, params: torch.Tensor, workers: int, persistence: int = 0):
         self.params = params  # (n_params,) view of the flat buffer: the initial and final model

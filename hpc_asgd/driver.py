@@ -1,0 +1,145 @@
+"""What both training loops share (in process: ``train``; with workers: ``workers``): the
+job's parts (:class:`Job`) and one event schedule (:class:`Events`).
+
+Every rank runs the same number of node steps and meets its peers at the same node steps in
+the same order: the synchroniser's blocking rounds, the evaluations (whose sums over the ranks
+complete in the background) and the checkpoint checks. :class:`Events` says which comes next;
+at a step holding several, the round comes first, then the evaluation, then the check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hpc_asgd import metrics, signals
+from hpc_asgd.checkpoint import Checkpointer
+from hpc_asgd.comm import Comm
+from hpc_asgd.config import Config
+from hpc_asgd.data import Dataset, ShardSampler
+from hpc_asgd.env import Launch
+from hpc_asgd.errors import Preempted
+from hpc_asgd.evaluate import Evaluator
+from hpc_asgd.flat import FlatModel
+from hpc_asgd.rules.base import UpdateRule
+from hpc_asgd.sync import Synchronizer
+
+
+@dataclass
+class Tracker:
+    """What a caller may want to know after a failure: the last node step this rank saw."""
+
+    step: int | None = None
+
+
+@dataclass
+class Job:
+    """The parts of one rank's run, built once by ``train.run``."""
+
+    cfg: Config
+    launch: Launch
+    comm: Comm
+    data: Dataset
+    flat: FlatModel
+    rule: UpdateRule
+    sync: Synchronizer
+    sampler: ShardSampler
+    stats: torch.Tensor  # (W, NSTATS) float64
+    total: int  # node steps
+    spe: int  # node steps per epoch
+    evals: list[int]  # node steps after which to evaluate; the last is ``total``
+    evaluator: Evaluator
+    device: torch.device
+    rank_threads: int
+    progress: metrics.Progress
+    ck: Checkpointer
+    resumed: dict | None  # the checkpoint this run resumes from
+    tracker: Tracker
+    spawn: bool = False  # W worker processes (else W = 1 steps in the rank's own process)
+    extra: int = 0  # --keep-training: node steps taken past ``total`` while slower ranks finished
+    t_start: float = 0.0  # perf_counter() when ``run`` began
+    setup_s: float = 0.0  # from ``t_start`` to this rank's first training step (this session)
+
+    def state(self, step: int, train_s: float, extra: dict | None = None) -> dict:
+        """What a checkpoint holds (tensors and plain containers: ``weights_only``-safe)."""
+        self.rule.publish()
+        return {
+            "step": step,
+            "flat": self.flat.data.detach().cpu().clone(),
+            "stats": self.stats.clone(),
+            "train_s": train_s,
+            "config": self.cfg.to_dict(),
+            **self.evaluator.state_dict(),
+            **self.sync.state_dict(),
+            **(extra or {}),
+        }
+
+    def load_state(self, state: dict) -> None:
+        """Take back this rank's model, counters and metrics from a checkpoint."""
+        self.flat.data.copy_(state["flat"])
+        self.rule.load(self.flat.params)
+        self.stats.copy_(state["stats"])
+        self.evaluator.load_state_dict(state)
+        self.sync.load_state_dict(state)
+
+    def begin(self, start: int) -> None:
+        """Right before the first step: a USR1 during start-up (data, model, workers) ends
+        every rank for a requeue (they agree on it first); nothing is lost or needs saving."""
+        self.tracker.step = start
+        if self.ck.root is None:
+            return
+        flag = torch.tensor([float(signals.usr1_seen())])
+        self.comm.allreduce_(flag, op="max")
+        if flag[0]:
+            raise Preempted(start, saved=False)
+
+    def checkpoint(self, step: int, train_s: float, halt: bool, extra: dict | None = None):
+        """Save at ``step`` (collective; workers held), then stop for a requeue if ``halt``."""
+        self.evaluator.complete(wait=True)  # their rows belong in the checkpoint
+        self.sync.quiesce(step)
+        self.ck.save(step, self.state(step, train_s, extra), self.launch.fault)
+        self.flat.bind_params(self.flat.params)
+        if halt:
+            raise Preempted(step)
+
+
+class Events:
+    """The node steps at which a loop must act, identical on every rank, from ``start``
+    (a resumed run replays the synchroniser's schedule of rounds up to it)."""
+
+    def __init__(self, job: Job, start: int):
+        self.sync, self.ck, self.spe = job.sync, job.ck, job.spe
+        stop = self.sync.next_stop(0, 0.0)
+        while stop is not None and stop <= start:
+            stop = self.sync.next_stop(stop, stop / self.spe)
+        self.stop = stop  # the next blocking round
+        self.evals = [e for e in job.evals if e > start]
+        self.ck_at = self.ck.next_event(start)  # the next checkpoint check
+
+    @property
+    def next(self) -> int:
+        """The next node step holding an event (workers are held there)."""
+        due = (self.stop, self.evals[0] if self.evals else None, self.ck_at)
+        return min(x for x in due if x is not None)
+
+    def round(self, step: int) -> None:
+        """The blocking round due at ``step``, if one is."""
+        if step == self.stop:
+            self.sync.step_done(step, step / self.spe)
+            self.stop = self.sync.next_stop(step, step / self.spe)
+
+    def evaluation(self, step: int) -> bool:
+        """Whether ``step`` holds an evaluation (it is then taken off the schedule)."""
+        if self.evals and step == self.evals[0]:
+            self.evals.pop(0)
+            return True
+        return False
+
+    def check(self, step: int) -> tuple[bool, bool]:
+        """(save a checkpoint, then stop) at ``step``; collective where a check is due."""
+        if step != self.ck_at:
+            return False, False
+        verdict = self.ck.at(step)  # which also places the next check
+        self.ck_at = self.ck.next_event(step)
+        return verdict

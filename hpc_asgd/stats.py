@@ -1,0 +1,69 @@
+"""The workers' stats table: one row of float64 counters per worker, ``(W, NSTATS)``.
+
+Written by each worker's step (its own row, in shared memory; numpy element updates cost
+~100 ns), read by the rank's main process for evaluations, the divergence check and the
+summary. Below the step and the rules: it imports nothing of the package but the errors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hpc_asgd.errors import HpcAsgdError
+
+HIST_BINS = 16  # staleness 0..14 and >= 15; CAS tries 1..15 and >= 16
+
+STEPS, APPLIED, DROPPED, LOCK_WAIT, LOSS_SUM = range(5)
+STALE0 = 5  # staleness histogram: HIST_BINS columns
+TRIES0 = STALE0 + HIST_BINS  # CAS-tries histogram: HIST_BINS columns (tries 1.. in bin 0..)
+# Steps skipped for a non-finite loss or gradient; the first and last such node step (1-based,
+# 0 = none): the divergence check's evidence.
+NONFINITE = TRIES0 + HIST_BINS
+NF_FIRST, NF_LAST = NONFINITE + 1, NONFINITE + 2
+NSTATS = NONFINITE + 3
+
+
+def bin_of(value: int) -> int:
+    """The histogram bin of ``value``: clamped to ``0 .. HIST_BINS - 1``."""
+    return min(max(value, 0), HIST_BINS - 1)
+
+
+class DivergedError(HpcAsgdError):
+    """More non-finite steps than ``--max-nonfinite`` on one rank."""
+
+
+def check_finite(stats: torch.Tensor, limit: int, lr: float) -> None:
+    """Raise :class:`DivergedError` once this rank's workers (rows of ``stats``, (W, NSTATS))
+    skipped more than ``limit`` steps for a non-finite loss or gradient."""
+    count = int(stats[:, NONFINITE].sum())
+    if count <= limit:
+        return
+    first = int(min(x for x in stats[:, NF_FIRST].tolist() if x > 0))
+    last = int(stats[:, NF_LAST].max())
+    raise DivergedError(
+        f"training diverged: non-finite loss or gradient in {count} node steps (first at node "
+        f"step {first}, last at {last}; each was skipped, --max-nonfinite {limit}); "
+        f"lower --lr ({lr:g}) or add --warmup-epochs"
+    )
+
+
+def worker_metrics(update: str, st: torch.Tensor) -> dict:
+    """Per-worker steps and the update rule's histograms, summed over ranks and workers;
+    ``st`` is every rank's table, ``(ranks, W, NSTATS)``."""
+
+    def ints(t: torch.Tensor) -> list[int]:
+        return [int(v) for v in t.tolist()]
+
+    out = {
+        "steps": [ints(r) for r in st[:, :, STEPS]],  # [rank][worker]
+        "applied": int(st[:, :, APPLIED].sum()),
+        "dropped": int(st[:, :, DROPPED].sum()),
+        "staleness_hist": ints(st[:, :, STALE0 : STALE0 + HIST_BINS].sum((0, 1))),
+        "staleness_hist_bins": f"0..{HIST_BINS - 2}, >={HIST_BINS - 1} updates in between",
+    }
+    if update == "leashed":
+        out["cas_tries_hist"] = ints(st[:, :, TRIES0 : TRIES0 + HIST_BINS].sum((0, 1)))
+        out["cas_tries_hist_bins"] = f"1..{HIST_BINS - 1}, >={HIST_BINS} tries"
+    if update == "locked":
+        out["lock_wait_s"] = [[round(v, 4) for v in r.tolist()] for r in st[:, :, LOCK_WAIT]]
+    return out
