@@ -15,6 +15,7 @@ VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 EXTRAS=${EXTRAS:-dev,mpi-wheel}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+TORCH_CPU_INDEX=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
 
 say() { printf '[setup] %s\n' "$*"; }
 
@@ -45,8 +46,18 @@ elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; the
   pip_install torch
   say "torch installed in ${SECONDS} s"
 else
+  # PyPI's Linux torch wheel is the CUDA build (with GBs of nvidia-* packages); the CPU build
+  # lives on PyTorch's own index. Where that index cannot be reached (an offline mirror, a
+  # wheelhouse in pip's configuration), pip's configured sources are used as they are.
+  torch_index=()
+  if "$VENV/bin/python" -c "import urllib.request as u; u.urlopen('$TORCH_CPU_INDEX/', timeout=5)" \
+    >/dev/null 2>&1; then
+    torch_index=(--index-url "$TORCH_CPU_INDEX" --extra-index-url https://pypi.org/simple)
+  else
+    say "$TORCH_CPU_INDEX unreachable: torch comes from pip's configured sources"
+  fi
   say "no GPU: installing the CPU build ($TORCH_SPEC, a download of ~190 MB)..."
-  pip_install "$TORCH_SPEC"
+  pip_install ${torch_index[@]+"${torch_index[@]}"} "$TORCH_SPEC"
   say "torch installed in ${SECONDS} s"
 fi
 
