@@ -43,6 +43,9 @@ class Launch:
     # OMP_NUM_THREADS when set: the intra-op threads the user (or the SLURM template, from
     # --cpus-per-task) gave each rank; None: the rank takes a fair share of its cores
     threads: int | None = None
+    # torchrun's agent already hosts the rendezvous store at MASTER_ADDR:MASTER_PORT
+    # (TORCHELASTIC_USE_AGENT_STORE=True): every rank, rank 0 included, connects as a client
+    agent_store: bool = False
 
     @property
     def under_mpi(self) -> bool:
@@ -94,7 +97,11 @@ def _parse_fault(spec: str | None) -> Fault | None:
 def detect(env: dict[str, str] | None = None) -> Launch:
     """Read the launcher's variables. Precedence: Open MPI, PMIx/PMI, torchrun, SLURM, single."""
     env = dict(os.environ if env is None else env)
-    return replace(_detect(env), threads=_int(env, "OMP_NUM_THREADS") or None)
+    launch = replace(_detect(env), threads=_int(env, "OMP_NUM_THREADS") or None)
+    if launch.launcher == "torchrun":
+        # torch's own env:// rendezvous makes the same test (the string torch writes is "True").
+        launch = replace(launch, agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
+    return launch
 
 
 def _detect(env: dict[str, str]) -> Launch:

@@ -39,9 +39,12 @@ check_installed() {
   "$PY" -c 'import horovod.torch as hvd; assert hvd.mpi_built()' >/dev/null 2>&1
 }
 describe() {
+  # mpi_built() and gloo_built() answer a bool, nccl_built() NCCL's version number (0 when
+  # absent): say yes/no for each, so that the line reads alike for all three.
   "$PY" -c 'import horovod, horovod.torch as hvd
-print(f"horovod {horovod.__version__}: mpi={hvd.mpi_built()} gloo={hvd.gloo_built()} "
-      f"nccl={hvd.nccl_built()}")'
+yn = lambda built: "yes" if built else "no"
+print(f"horovod {horovod.__version__}: mpi={yn(hvd.mpi_built())} gloo={yn(hvd.gloo_built())} "
+      f"nccl={yn(hvd.nccl_built())}")'
 }
 
 if check_installed; then

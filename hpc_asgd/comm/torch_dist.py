@@ -1,7 +1,8 @@
 """torch.distributed engine: Gloo on CPU, NCCL on GPU.
 
-Bootstrapped from the launcher: torchrun's MASTER_ADDR/PORT, SLURM's first node, or, under
-``mpirun`` with mpi4py present, rank 0's host and a free port broadcast over MPI.
+Bootstrapped from the launcher: torchrun's MASTER_ADDR/PORT (where torchrun's agent hosts the
+store), SLURM's first node, or, under ``mpirun`` with mpi4py present, rank 0's host and a free
+port broadcast over MPI.
 
 Deadlines: a rank that has waited on collective #n for more than 0.1 s writes "at n" to the
 rendezvous store (collectives that finish fast cost nothing). When a wait passes its deadline
@@ -57,6 +58,19 @@ def _rendezvous(launch: Launch) -> tuple[str, int]:
         "torch.distributed needs a rendezvous: run under mpirun (with mpi4py), srun, or "
         "torchrun, or set MASTER_ADDR and MASTER_PORT"
     )
+
+
+def _connect_store(
+    launch: Launch, addr: str, port: int, timeout: datetime.timedelta
+) -> dist.TCPStore:
+    """The rendezvous store: hosted by rank 0, unless torchrun's agent hosts it already.
+
+    Under torchrun the agent has bound MASTER_PORT for its own store; a rank 0 that tried to
+    host another would fail to bind, and torch would log that failure as an error line before
+    ignoring it. Connecting as a client, as torch's env:// rendezvous does, uses the agent's.
+    """
+    host = launch.rank == 0 and not launch.agent_store
+    return dist.TCPStore(addr, port, launch.size, host, timeout=timeout)
 
 
 class TorchWork:
@@ -146,7 +160,7 @@ class TorchComm:
         addr, port = _rendezvous(launch)
         # The engine's own deadline sits past ours so that ours, which names ranks, fires first.
         engine_timeout = datetime.timedelta(seconds=timeout + 60)
-        store = dist.TCPStore(addr, port, launch.size, launch.rank == 0, timeout=engine_timeout)
+        store = _connect_store(launch, addr, port, engine_timeout)
         dist.init_process_group(
             backend, store=store, rank=launch.rank, world_size=launch.size, timeout=engine_timeout
         )

@@ -3,13 +3,16 @@ host name it is told to have (as ranks on emulated nodes are), meeting in a real
 
 from __future__ import annotations
 
+import datetime
 import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+import torch.distributed as dist
 
-from hpc_asgd.comm import status
+from hpc_asgd import env
+from hpc_asgd.comm import status, torch_dist
 from hpc_asgd.comm.base import HOST_BYTES, gather_hosts, split_by_host, timeout_error
 from hpc_asgd.errors import CommError, error_line
 
@@ -91,3 +94,43 @@ def test_status_service_answers_only_the_jobs_token() -> None:
         assert s.makefile("rb").readline() == b""
     assert server.sock.getsockname()[0] == status.bind_address()
     server.sock.close()
+
+
+_TORCHRUN = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+
+
+def test_torchrun_agent_store_is_read_from_torchelastic_variables() -> None:
+    assert env.detect({**_TORCHRUN, "TORCHELASTIC_USE_AGENT_STORE": "True"}).agent_store
+    assert not env.detect({**_TORCHRUN, "TORCHELASTIC_USE_AGENT_STORE": "False"}).agent_store
+    assert not env.detect(_TORCHRUN).agent_store  # torchrun before the agent store: rank 0 hosts
+    # Only torchrun's agent hosts a store: the variable means nothing to other launchers.
+    mpi = {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"}
+    assert not env.detect({**mpi, "TORCHELASTIC_USE_AGENT_STORE": "True"}).agent_store
+
+
+def test_rank0_joins_the_store_torchruns_agent_hosts(monkeypatch) -> None:
+    """Under torchrun, rank 0 connects to the agent's store on MASTER_PORT instead of trying
+    to host one there (which fails to bind and, with TORCHELASTIC_USE_AGENT_STORE, made torch
+    log an alarming "[E ... TCPStore.cpp] ... has failed to bind" line before ignoring it)."""
+    # Without the variable torch does not ignore the failed bind: hosting here would raise.
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    timeout = datetime.timedelta(seconds=10)
+    agent = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=timeout, wait_for_workers=False)
+    agent.set("agent", "here")
+    variables = {
+        **_TORCHRUN,
+        "MASTER_PORT": str(agent.port),
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
+    }
+    launch = env.detect(variables)
+    store = torch_dist._connect_store(launch, "127.0.0.1", agent.port, timeout)
+    assert store.get("agent") == b"here"  # the agent's store, not one of its own
+    # Without the agent store, rank 0 hosts the store (on a port nobody holds; alone, so that
+    # the host does not wait for a second rank).
+    launch = env.detect({**variables, "WORLD_SIZE": "1", "TORCHELASTIC_USE_AGENT_STORE": "False"})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    own = torch_dist._connect_store(launch, "127.0.0.1", port, timeout)
+    own.set("k", "v")
+    assert own.get("k") == b"v" and not own.check(["agent"])
