@@ -104,70 +104,55 @@ def detect(env: dict[str, str] | None = None) -> Launch:
     return launch
 
 
+# Each launcher's variables, in precedence order: (name, present when, rank, size, local rank,
+# local size), each a list of variables of which the first set one counts.
+_LAUNCHERS: list[tuple[str, tuple[str, ...], list[str], list[str], list[str], list[str]]] = [
+    (
+        "mpirun",  # Open MPI
+        ("OMPI_COMM_WORLD_RANK",),
+        ["OMPI_COMM_WORLD_RANK"],
+        ["OMPI_COMM_WORLD_SIZE"],
+        ["OMPI_COMM_WORLD_LOCAL_RANK"],
+        ["OMPI_COMM_WORLD_LOCAL_SIZE"],
+    ),
+    (
+        "pmi",  # MPICH/Hydra, or srun --mpi=pmi2|pmix (then SLURM_* gives the local facts)
+        ("PMI_RANK", "PMIX_RANK"),
+        ["PMI_RANK", "PMIX_RANK"],
+        ["PMI_SIZE", "SLURM_NTASKS", "MPI_LOCALNRANKS"],
+        ["MPI_LOCALRANKID", "SLURM_LOCALID", "PMI_LOCAL_RANK"],
+        ["MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE", "PMI_LOCAL_SIZE"],
+    ),
+    ("torchrun", ("RANK",), ["RANK"], ["WORLD_SIZE"], ["LOCAL_RANK"], ["LOCAL_WORLD_SIZE"]),
+    (
+        "srun",  # srun without an MPI plugin (torch.distributed ranks)
+        ("SLURM_PROCID",),
+        ["SLURM_PROCID"],
+        ["SLURM_NTASKS"],
+        ["SLURM_LOCALID"],
+        ["SLURM_NTASKS_PER_NODE"],
+    ),
+]
+
+
 def _detect(env: dict[str, str]) -> Launch:
     host = short_host(socket.gethostname())
     job = env.get("SLURM_JOB_ID")
     fault = _parse_fault(env.get("HPC_ASGD_FAULT"))
     port = _int(env, "MASTER_PORT")
     addr = env.get("MASTER_ADDR")
-
-    if "OMPI_COMM_WORLD_RANK" in env:
-        return Launch(
-            "mpirun",
-            _int(env, "OMPI_COMM_WORLD_RANK") or 0,
-            _int(env, "OMPI_COMM_WORLD_SIZE") or 1,
-            _int(env, "OMPI_COMM_WORLD_LOCAL_RANK") or 0,
-            _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE") or 1,
-            host,
-            addr,
-            port,
-            job,
-            fault,
-        )
-    if "PMI_RANK" in env or "PMIX_RANK" in env:
-        # MPICH/Hydra, or srun --mpi=pmi2|pmix; SLURM_* gives local facts when present.
-        return Launch(
-            "srun" if "SLURM_PROCID" in env else "pmi",
-            _int(env, "PMI_RANK", "PMIX_RANK") or 0,
-            _int(env, "PMI_SIZE", "SLURM_NTASKS", "MPI_LOCALNRANKS") or 1,
-            _int(env, "MPI_LOCALRANKID", "SLURM_LOCALID", "PMI_LOCAL_RANK") or 0,
-            _int(env, "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE", "PMI_LOCAL_SIZE") or 1,
-            host,
-            addr,
-            port,
-            job,
-            fault,
-        )
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return Launch(
-            "torchrun",
-            _int(env, "RANK") or 0,
-            _int(env, "WORLD_SIZE") or 1,
-            _int(env, "LOCAL_RANK") or 0,
-            _int(env, "LOCAL_WORLD_SIZE") or 1,
-            host,
-            addr,
-            port,
-            job,
-            fault,
-        )
-    if "SLURM_PROCID" in env and _int(env, "SLURM_NTASKS"):
-        if addr is None and env.get("SLURM_JOB_NODELIST"):
-            addr = _first_slurm_host(env["SLURM_JOB_NODELIST"])
-        if port is None and job:
-            port = 20000 + int(job) % 20000
-        return Launch(
-            "srun",
-            _int(env, "SLURM_PROCID") or 0,
-            _int(env, "SLURM_NTASKS") or 1,
-            _int(env, "SLURM_LOCALID") or 0,
-            _int(env, "SLURM_NTASKS_PER_NODE") or 1,
-            host,
-            addr,
-            port,
-            job,
-            fault,
-        )
+    for name, when, rank, size, local_rank, local_size in _LAUNCHERS:
+        if not any(v in env for v in when) or _int(env, *size) is None:
+            continue
+        if name == "srun":  # no MPI to bootstrap from: the rendezvous follows from SLURM's
+            if addr is None and env.get("SLURM_JOB_NODELIST"):
+                addr = _first_slurm_host(env["SLURM_JOB_NODELIST"])
+            if port is None and job:
+                port = 20000 + int(job) % 20000
+        ids = (_int(env, *v) for v in (rank, size, local_rank, local_size))
+        r, n, lr, ln = (x if x is not None else d for x, d in zip(ids, (0, 1, 0, 1), strict=True))
+        kind = "srun" if name == "pmi" and "SLURM_PROCID" in env else name
+        return Launch(kind, r, n, lr, ln, host, addr, port, job, fault)
     return Launch("single", 0, 1, 0, 1, host, addr, port, job, fault)
 
 
