@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -139,8 +140,13 @@ def test_usr1_checkpoints_then_exits_for_requeue(tmp_path, workers: str) -> None
         text=True,
         start_new_session=True,
     )
-    time.sleep(12)
-    assert proc.poll() is None, proc.communicate()
+    # USR1 once training runs (rank 0's first epoch line): one during start-up ends the job
+    # before the first step, with nothing to checkpoint (test_nothing_lost.py)
+    deadline, line = time.monotonic() + 90, ""
+    while not line.startswith("epoch"):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        if select.select([proc.stdout], [], [], 1.0)[0]:
+            line = proc.stdout.readline()
     proc.send_signal(signal.SIGUSR1)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 85, out + err

@@ -23,10 +23,16 @@ DIGITS = ["--dataset", "digits", "--model", "mlp", "--lr", "0.05"]
 def _pool(workers: int = 2, timeout: float = 5.0) -> WorkerPool:
     ctl = AtomicArray(NCTL)
     spec = SimpleNamespace(rank=3, config={"comm_timeout": timeout}, ctl=ctl, busy=None)
-    pool = WorkerPool(spec, workers, ctx=None)
+    pool = WorkerPool(spec, workers, ctx=None, stall_timeout=timeout)
     pool.procs = [SimpleNamespace(pid=1000 + i) for i in range(workers)]
     spec.ctl[LIMIT].store(100)
     return pool
+
+
+def test_the_stall_deadline_is_three_quarters_of_the_comm_timeout() -> None:
+    # the stalled rank, which knows the worker, speaks before its peers' collective deadline
+    spec = SimpleNamespace(rank=0, config={"comm_timeout": 8.0}, ctl=AtomicArray(NCTL), busy=None)
+    assert WorkerPool(spec, 2, ctx=None).stall_timeout == 6.0
 
 
 def test_a_worker_stuck_in_one_step_is_named_with_its_pid() -> None:
