@@ -1,32 +1,17 @@
-"""What every benchmark shares: child jobs, other jobs' load, rotated repeats, statistics and
-the report (header, JSON, Markdown).
+"""What every benchmark shares: child jobs run as a process group of their own, other jobs'
+CPU use and the retry of disturbed runs, rotated repeats, medians and paired ratios, options,
+Markdown tables, and the report (header, strict JSON, Markdown); see benchmarks/README.md.
 
-- Child jobs run as a process group of their own (``run_tree``): killed whole on a timeout
-  or Ctrl-C, so no rank or worker outlives a benchmark.
-- Other jobs' CPU (``Foreign``): the whole machine's busy time (``/proc/stat``) minus this
-  process tree's own, per second of wall time. ``quietest`` retries a run that other jobs
-  disturbed and keeps the least disturbed attempt.
-- Repeats (``rotated``): every repeat runs each contender once, the order rotated each
-  repeat, so a slow phase of a shared or virtual machine hits all of them alike. Figures are
-  medians over repeats; ``paired`` is the median of per-repeat ratios.
-- Reports (``new_report`` / ``write_report``): the command, date, host, cores, load averages
-  before and after, versions and wall time, written as strict JSON and as Markdown with
-  the same header line in every script.
-
-Each benchmark runs as ``python benchmarks/NAME.py`` from a checkout: ``benchmarks/`` is on
-``sys.path`` as the script's folder, and importing this module puts the repository root
-there too, so the checkout's ``hpc_asgd`` is used without installing it.
+Importing this module puts the repository root on ``sys.path``: the checkout's ``hpc_asgd``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import math
 import os
 import platform
-import re
 import resource
 import shlex
 import shutil
@@ -98,10 +83,8 @@ def wait_idle(max_wait_s: float, threshold: float) -> float:
 
 
 def quietest(run, retries: int, max_foreign: float, wait_s: float, label: str, key: str) -> dict:
-    """``run()`` -> result dict, measured while other jobs stay below ``max_foreign`` cores on
-    average over the run; otherwise run again, up to ``retries`` times, keeping the least
-    disturbed attempt. Adds ``key`` (other jobs' cores), ``attempts`` and ``kept_attempt``.
-    A result with an ``error`` is not retried; a failed retry keeps the earlier attempt."""
+    """``run()`` again (up to ``retries`` times) while other jobs used more than ``max_foreign``
+    cores; keeps the least disturbed result, adding ``key``, ``attempts``, ``kept_attempt``."""
     best = None
     for attempt in range(1, retries + 2):
         if wait_s > 0:
@@ -149,16 +132,24 @@ def disturbance_line(report: dict) -> str:
     )
 
 
-def add_guard_args(p) -> None:
-    p.add_argument(
-        "--max-foreign", type=float, default=0.15, help="retry a run during which other jobs "
-        "used more cores than this on average"
-    )  # fmt: skip
-    p.add_argument("--retries", type=int, default=2, help="retries of a disturbed run")
-    p.add_argument(
-        "--idle-wait", type=float, default=20.0, help="seconds to wait before each run for "
-        "other jobs to fall below --max-foreign"
-    )  # fmt: skip
+# flag, default, help: the retry of disturbed runs (``guarded``)
+GUARD = (
+    ("--max-foreign", 0.15, "retry a run in which other jobs used more cores than this"),
+    ("--retries", 2, "retries of a disturbed run"),
+    ("--idle-wait", 20.0, "seconds to wait before a run for other jobs to fall below that"),
+)
+OUT = ("--out", "benchmarks/results", "relative to the repository")
+MPIRUN = ("--mpirun", None, "mpirun to use (default: the venv's, or PATH)")
+
+
+def options(p, *specs) -> None:
+    """``p.add_argument`` for each (flag, default[, help]): the type is the default's (str
+    for None), and a False default makes a bare flag."""
+    for flag, default, *text in specs:
+        kind = {"type": str if default is None else type(default)}
+        if default is False:
+            kind = {"action": "store_true"}
+        p.add_argument(flag, default=default, help=text[0] if text else None, **kind)
 
 
 def guarded(run, args, label: str) -> dict:
@@ -171,6 +162,22 @@ def rotated(items: list, k: int) -> list:
     """``items`` rotated left by ``k``: repeat r runs the contenders from the r-th on."""
     k %= max(1, len(items))
     return items[k:] + items[:k]
+
+
+def sweep(args, contenders, run, show) -> tuple[dict, dict]:
+    """``run(model, W, contender)`` each repeat, in an order rotated by repeat + W: returns
+    ``{model: {W: {contender: [result per repeat]}}}`` and the runs' ``disturbance``."""
+    raw = {m: {str(w): {c: [] for c in contenders} for w in args.workers} for m in args.models}
+    for rep in range(args.repeats):
+        for model in args.models:
+            for w in args.workers:
+                for c in rotated(list(contenders), rep + w):
+                    res = run(model, w, c)
+                    raw[model][str(w)][c].append(res)
+                    print(f"  repeat {rep + 1}/{args.repeats} {model} W={w} {c}: {show(res)}",
+                          flush=True)  # fmt: skip
+    runs = [r for by_w in raw.values() for row in by_w.values() for v in row.values() for r in v]
+    return raw, disturbance(runs)
 
 
 def median(values) -> float | None:
@@ -189,6 +196,17 @@ def paired(a: list, b: list) -> float | None:
 
 def fmt(v, spec: str = ".2f", none: str = "-") -> str:
     return none if v is None else format(v, spec)
+
+
+def table(head: list[str], rows, align: str) -> list[str]:
+    """Markdown table lines; ``align`` is l(eft) or r(ight) per column, its last letter
+    repeated for the remaining columns."""
+    align += align[-1] * (len(head) - len(align))
+    lines = [
+        "| " + " | ".join(head) + " |",
+        "|" + "".join(f"---{':' * (c == 'r')}|" for c in align),
+    ]
+    return lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows]
 
 
 def strict_json(v):
@@ -308,16 +326,6 @@ def result_line(stdout: str, mark: str) -> dict | None:
     return json.loads(lines[-1][len(mark) :]) if lines else None
 
 
-def die_with_parent() -> None:
-    """In a benchmark's own worker process: SIGKILL when the parent dies (Linux)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def train_cmd(flags: dict) -> list[str]:
     """``python -m hpc_asgd.cli train --key value ...`` (True: a bare flag; None: left out)."""
     cmd = [sys.executable, "-m", "hpc_asgd.cli", "train"]
@@ -338,9 +346,7 @@ def mpirun_exe(given: str | None) -> str:
 
 
 def mpi_env() -> dict[str, str]:
-    """This environment for an ``mpirun`` job: root allowed, the venv first on PATH, this
-    checkout on PYTHONPATH, unbuffered output, no rendezvous variables of an enclosing
-    launcher."""
+    """The environment of an ``mpirun`` job: root allowed, the venv and this checkout first."""
     env = dict(os.environ)
     if hasattr(os, "geteuid") and os.geteuid() == 0:  # Open MPI refuses root without these
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
@@ -352,40 +358,6 @@ def mpi_env() -> dict[str, str]:
     for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "HPC_ASGD_FAULT"):
         env.pop(k, None)
     return env
-
-
-# ---- emulated nodes (scripts/slurm_local.sh start --nodes N) ------------------------------------
-def rate_bits(rate: str) -> float:
-    """tc's rate in bit/s: ``100mbit`` -> 1e8 (bit units only; tc's ``bps`` means bytes)."""
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kmg]?)bit", rate.lower())
-    if not m:
-        raise ValueError(f"rate {rate!r}: expected a number and kbit, mbit, gbit or bit")
-    return float(m[1]) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m[2]]
-
-
-def link_tc(node: str, *tc: str) -> list[list[str]]:
-    """``tc`` on NODE's link: [0] the host side hv-NODE (traffic to the node), [1] the node's
-    own eth0 (traffic from it), entered by its network namespace (root only)."""
-    host = ["tc", "qdisc", tc[0], "dev", f"hv-{node}", "root", *tc[1:]]
-    inside = ["nsenter", f"--net=/run/netns/{node}", *host[:4], "eth0", *host[5:]]
-    return [host, inside]
-
-
-@contextlib.contextmanager
-def capped_links(nodes: list[str], rate: str):
-    """Cap each node's link at ``rate`` both ways (tbf) for the ``with`` block; every qdisc put
-    on is taken off on the way out, after an error or Ctrl-C too."""
-    added: list[list[str]] = []
-    try:
-        for node in nodes:
-            tbf = ("tbf", "rate", rate, "burst", "128kb", "latency", "50ms")
-            for add, rm in zip(link_tc(node, "replace", *tbf), link_tc(node, "del"), strict=True):
-                added.append(rm)
-                subprocess.run(add, check=True, capture_output=True, text=True)
-        yield
-    finally:
-        for rm in reversed(added):
-            subprocess.run(rm, check=False, capture_output=True)
 
 
 # ---- versions ---------------------------------------------------------------------------------
@@ -437,9 +409,8 @@ def _write_idx(path: Path, arr) -> None:
 
 
 def mnist_data(data_dir: str | None, tmp: Path, copies: int) -> tuple[str, str, bool]:
-    """(folder, description, verify): ``--data-dir``'s real MNIST, checked against the official
-    files, else scikit-learn's digits written as MNIST files into ``tmp`` (not checked: the
-    official checksums cannot match)."""
+    """(folder, description, verify): ``--data-dir``'s MNIST, else the digits written into
+    ``tmp`` (``write_mnist_like``; not checked against MNIST's checksums)."""
     if data_dir:
         return data_dir, f"MNIST from {data_dir}", True
     info = write_mnist_like(tmp / "mnist-like", copies)

@@ -1,35 +1,11 @@
 """Time one model-averaging round (allreduce-sum of a flat float32 buffer, then / world size).
 
-Contenders, per (ranks, buffer size), all measured in one invocation of this script:
-
-  ours-mpi             ``comm.iallreduce_(flat).wait(); flat.div_(size)`` (hpc_asgd mpi engine)
-  raw-mpi4py           ``COMM_WORLD.Iallreduce(IN_PLACE, arr, SUM).Wait(); arr /= size``
-                       on a numpy view of the same buffer
-  ours-gloo            the same round as ours-mpi through the hpc_asgd gloo engine
-  ours-horovod         the same round through the hpc_asgd Horovod engine (allreduce_async_ +
-                       poll; skipped with a note when Horovod is not installed)
-  torch-averager       ``PeriodicModelAverager(period=1, warmup_steps=0).average_parameters``
-                       on a real ResNet (gloo process group; ``peers/ddp.py``); it flattens
-                       by copying each round
-  ours-mpi-blocking    ``comm.allreduce_(flat); flat.div_(size)``: the blocking round the
-                       synchronisers use (MPI_Allreduce under the watchdog's deadline)
-  raw-mpi4py-blocking  ``COMM_WORLD.Allreduce(IN_PLACE, arr, SUM); arr /= size``
-  copy-floor           ``dst.copy_(src)`` of the same buffer in one process: the memory bound
-
-The driver (``python benchmarks/allreduce.py``) measures the floor itself, then launches
-``mpirun -n R --oversubscribe python benchmarks/allreduce.py --worker ...`` once per rank
-count R. Each job brings up both engines (the gloo process group bootstraps over MPI), checks
-that one round of every contender leaves the mean of rank-valued data on every rank, and
-times every contender after a warm-up (the ranks agree on the rounds per repeat from the
-slowest rank's warm-up); a repeat is the mean seconds per round over ``iters`` rounds, after
-a barrier, and the contenders are interleaved repeat by repeat (order rotated) so that slow
-phases of a shared machine hit them alike. Rank 0 gathers every rank's times and prints one
-JSON line. A repeat counts the slowest rank; the figure is the median over ``--repeats``
-repeats; ratios are ratios of medians and, within one job, paired (the median over repeats of
-the per-repeat ratio).
-
-Outputs: ``<out>/allreduce.json`` (every raw number, medians, ratios, command, versions, host)
-and ``<out>/allreduce.md`` (a table of medians in ms and the ratios).
+Contenders per (ranks, buffer): ours-mpi, ours-mpi-blocking, ours-gloo, ours-horovod (hpc_asgd
+engines), raw-mpi4py(-blocking), torch-averager (``peers/ddp.py``) and copy-floor (one process).
+The driver times copy-floor, then runs ``mpirun -n R python benchmarks/allreduce.py --worker``
+per rank count R: every contender is checked to average, warmed up, and timed ``--repeats``
+times in rotated order. A repeat counts the slowest rank; figures are medians over repeats,
+with paired ratios. Outputs ``<out>/allreduce.json`` and ``.md``; see benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -44,43 +20,21 @@ import sys
 import time
 from pathlib import Path
 
-from _harness import (
-    header,
-    mpi_env,
-    mpirun_exe,
-    new_report,
-    paired,
-    result_line,
-    rotated,
-    run_tree,
-    write_report,
-)
+import _harness as h
 
 # name -> (model, input shape, classes, parameters); the buffer is the model's parameter count.
 SIZES = {
     "resnet20": ("resnet20", (3, 32, 32), 10, 269_722),
     "resnet50": ("resnet50", (3, 224, 224), 1000, 25_557_032),
 }
-DISTRIBUTED = (
-    "ours-mpi",
-    "raw-mpi4py",
-    "ours-mpi-blocking",
-    "raw-mpi4py-blocking",
-    "ours-gloo",
-    "ours-horovod",
-    "torch-averager",
-)
+DISTRIBUTED = ("ours-mpi", "raw-mpi4py", "ours-mpi-blocking", "raw-mpi4py-blocking",
+               "ours-gloo", "ours-horovod", "torch-averager")  # fmt: skip
 CONTENDERS = (*DISTRIBUTED, "copy-floor")
 MARK = "ALLREDUCE_BENCH_JSON "  # prefix of the worker's result line on stdout
 MAX_ITERS = 2000
-GOALS = (
-    ("ours-mpi", "raw-mpi4py"),
-    ("ours-mpi-blocking", "raw-mpi4py-blocking"),
-    ("ours-gloo", "torch-averager"),
-    ("ours-mpi", "torch-averager"),
-    ("ours-horovod", "ours-mpi"),
-    ("ours-horovod", "ours-gloo"),
-)
+GOALS = (("ours-mpi", "raw-mpi4py"), ("ours-mpi-blocking", "raw-mpi4py-blocking"),
+         ("ours-gloo", "torch-averager"), ("ours-mpi", "torch-averager"),
+         ("ours-horovod", "ours-mpi"), ("ours-horovod", "ours-gloo"))  # fmt: skip
 PAIRS = (*GOALS, ("ours-mpi-blocking", "torch-averager"), *((c, "copy-floor") for c in DISTRIBUTED))
 
 
@@ -174,7 +128,7 @@ def measure(args, size_name: str, comms: dict, world, mpi) -> dict:
         iters[name] = choose_iters(world.allreduce(warm_up(step), op=mpi.MAX), args)
     reps: dict[str, list[float]] = {name: [] for name in steps}
     for r in range(args.repeats):
-        for name in rotated(list(steps), r):
+        for name in h.rotated(list(steps), r):
             world.Barrier()
             reps[name].append(timed(steps[name], iters[name]))
     world.Barrier()
@@ -227,18 +181,14 @@ def copy_floor(n: int, args) -> dict:
 
 
 def launch_job(args: argparse.Namespace, ranks: int) -> tuple[dict, list[str]]:
-    cmd = [mpirun_exe(args.mpirun), "-n", str(ranks), "--oversubscribe", "--bind-to", "none"]
+    cmd = [h.mpirun_exe(args.mpirun), "-n", str(ranks), "--oversubscribe", "--bind-to", "none"]
     cmd += [sys.executable, str(Path(__file__).resolve()), "--worker", "--sizes", *args.sizes]
     cmd += ["--contenders", *args.contenders, "--repeats", str(args.repeats)]
     cmd += ["--iters", str(args.iters), "--target-s", str(args.target_s)]
     t0 = time.monotonic()
-    proc = run_tree(cmd, args.job_timeout, mpi_env())
-    if proc is None:
-        sys.exit(f"allreduce.py: {shlex.join(cmd)} ran past --job-timeout {args.job_timeout} s")
-    out = result_line(proc.stdout, MARK)
-    if proc.returncode != 0 or out is None:
-        sys.stderr.write(proc.stdout + proc.stderr)
-        sys.exit(f"allreduce.py: {shlex.join(cmd)} failed (rc {proc.returncode})")
+    out = h.result_line(h.run_child(cmd, args.job_timeout, h.mpi_env()), MARK)
+    if out is None:
+        sys.exit(f"allreduce.py: {shlex.join(cmd)} printed no result")
     print(f"  mpirun -n {ranks}: {time.monotonic() - t0:.1f} s", flush=True)
     return out, cmd
 
@@ -257,59 +207,52 @@ def ratios(row: dict[str, dict]) -> dict[str, dict[str, float]]:
     out = {}
     for num, den in PAIRS:
         if num in row and den in row:
-            r = out[f"{num} / {den}"] = {
-                "ratio_of_medians": row[num]["median_s"] / row[den]["median_s"]
-            }
+            r = {"ratio_of_medians": row[num]["median_s"] / row[den]["median_s"]}
+            out[f"{num} / {den}"] = r
             if den != "copy-floor":
-                r["paired"] = paired(row[num]["per_repeat_s"], row[den]["per_repeat_s"])
+                r["paired"] = h.paired(row[num]["per_repeat_s"], row[den]["per_repeat_s"])
     return out
 
 
 def markdown(report: dict) -> str:
     shown = [c for c in CONTENDERS if any(c in row for row in report["results"].values())]
+
+    def ms(e: dict) -> str:
+        return f"{e['median_s'] * 1e3:.3g} [{e['min_s'] * 1e3:.3g}-{e['max_s'] * 1e3:.3g}]"
+
+    rows = []
+    for key, row in report["results"].items():
+        ranks, size = key.split("x", 1)
+        rows.append(
+            [ranks, size, f"{SIZES[size][3]:,}", *(ms(row[c]) if c in row else "-" for c in shown)]
+        )
+    names = [f"{a} / {b}" for a, b in PAIRS if b != "copy-floor" or a in shown]
+
+    def cell(r: dict) -> str:
+        return f"{r['ratio_of_medians']:.2f}" + (f" ({r['paired']:.2f})" if "paired" in r else "")
+
+    ratio_rows = [
+        [*key.split("x", 1), *(cell(r[k]) if k in r else "-" for k in names)]
+        for key, r in report["ratios"].items()
+    ]
+    a, jobs = report["args"], report["jobs"]
+    iters = "; ".join(
+        f"{key}: " + ", ".join(f"{c} {e['iters']}" for c, e in row.items())
+        for key, row in report["results"].items()
+    )
     lines = [
-        *header(report, "Allreduce: time per model-averaging round"),
+        *h.header(report, "Allreduce: time per model-averaging round"),
         "Median over repeats of the mean time per round, in ms (a repeat counts the slowest "
         "rank); [min-max] over repeats below each.",
         "",
-        "| ranks | buffer | floats | " + " | ".join(shown) + " |",
-        "|---:|---|---:|" + "---:|" * len(shown),
-    ]
-    for key, row in report["results"].items():
-        ranks, size_name = key.split("x", 1)
-        cells = [
-            f"{row[c]['median_s'] * 1e3:.3g} [{row[c]['min_s'] * 1e3:.3g}-"
-            f"{row[c]['max_s'] * 1e3:.3g}]" if c in row else "-"
-            for c in shown
-        ]  # fmt: skip
-        head = f"| {ranks} | {size_name} | {SIZES[size_name][3]:,} | "
-        lines.append(head + " | ".join(cells) + " |")
-    names = [f"{a} / {b}" for a, b in PAIRS if b != "copy-floor" or a in shown]
-    lines += [
+        *h.table(["ranks", "buffer", "floats", *shown], rows, "rlr"),
         "",
         "Ratios of the medians; in brackets the paired ratio (median over repeats of the "
         "ratio of two contenders timed back to back). Goals: ours-mpi / raw-mpi4py <= 1.10, "
         "ours-mpi-blocking / raw-mpi4py-blocking <= 1.10, "
         "ours-gloo / torch-averager < 1, ours-mpi / torch-averager < 1.",
         "",
-        "| ranks | buffer | " + " | ".join(names) + " |",
-        "|---:|---|" + "---:|" * len(names),
-    ]
-    for key, r in report["ratios"].items():
-        cells = [
-            "-"
-            if k not in r
-            else f"{r[k]['ratio_of_medians']:.2f}"
-            + (f" ({r[k]['paired']:.2f})" if "paired" in r[k] else "")
-            for k in names
-        ]
-        lines.append(f"| {key.replace('x', ' | ', 1)} | " + " | ".join(cells) + " |")
-    a, jobs = report["args"], report["jobs"]
-    iters = "; ".join(
-        f"{key}: " + ", ".join(f"{c} {e['iters']}" for c, e in row.items())
-        for key, row in report["results"].items()
-    )
-    lines += [
+        *h.table(["ranks", "buffer", *names], ratio_rows, "rlr"),
         "",
         f"Repeats: {a['repeats']}. Iterations per repeat (chosen so a repeat takes about "
         f"{a['target_s']} s unless `--iters` is given): {iters}.",
@@ -326,7 +269,7 @@ def markdown(report: dict) -> str:
 
 
 def driver(args: argparse.Namespace, argv: list[str]) -> int:
-    report = new_report("allreduce", argv, args)
+    report = h.new_report("allreduce", argv, args)
     if "ours-horovod" in args.contenders and importlib.util.find_spec("horovod") is None:
         print("  ours-horovod skipped: Horovod is not installed (scripts/install_horovod.sh)")
         args.contenders = [c for c in args.contenders if c != "ours-horovod"]
@@ -352,7 +295,7 @@ def driver(args: argparse.Namespace, argv: list[str]) -> int:
     report["jobs"] = jobs
     report["results"] = results
     report["ratios"] = {key: ratios(row) for key, row in results.items()}
-    write_report(report, markdown, "allreduce", mpi=True)
+    h.write_report(report, markdown, "allreduce", mpi=True)
     return 0
 
 
@@ -361,16 +304,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     p.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
     p.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument(
-        "--iters", type=int, default=0, help="rounds per repeat; 0 (default) picks them so "
-        "a repeat takes ~--target-s"
-    )  # fmt: skip
-    p.add_argument("--target-s", type=float, default=0.5)
-    p.add_argument("--out", default="benchmarks/results", help="relative to the repository")
-    p.add_argument("--floor-threads", type=int, default=1, help="torch threads of copy-floor")
-    p.add_argument("--mpirun", default=None, help="mpirun to use (default: the venv's, or PATH)")
-    p.add_argument("--job-timeout", type=float, default=600.0)
+    h.options(
+        p,
+        ("--repeats", 5),
+        ("--iters", 0, "rounds per repeat; 0 (default) picks them so a repeat takes ~--target-s"),
+        ("--target-s", 0.5),
+        h.OUT,
+        ("--floor-threads", 1, "torch threads of copy-floor"),
+        h.MPIRUN,
+        ("--job-timeout", 600.0),
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.repeats < 1 or args.iters < 0 or min(args.ranks) < 2:

@@ -1,81 +1,23 @@
 """Train one model on 2 MPI ranks with every hpc_asgd synchroniser and with torch's own
-data-parallel tools; compare samples/s, time to a target accuracy, final accuracy and the
-share of time spent blocked in communication, with and without a 2x straggler.
+data-parallel tools (``peers/ddp.py``); compare samples/s, time to a target accuracy, final
+accuracy and the share of time blocked in communication, with and without a 2x straggler.
 
-Contenders, all in one invocation, same model (``build_model(--model)``, seed 0), data (the
-same ``ShardSampler`` shards and batch order), batch per rank, SGD (lr, momentum private to
-each rank), evaluation schedule and core budget (2 ranks, ``cores // 2`` torch threads each):
-
-  ours (``python -m hpc_asgd.cli train ...`` under mpirun; engine ``auto`` = mpi):
-    sync          --algo sync: one allreduce of the flat gradient every step (in process)
-    local-sgd     --algo local-sgd --period K (blocking K-AVG, in process)
-    local-async   --algo local-async --period K (W = 1 spawned worker per rank trains while
-                  the rank's main process averages in place, non-blocking)
-    lasgd         --algo lasgd --period K (asynchronous allreduce of the model, in process)
-    hier-avg      --algo hier-avg --group-size 1 --local-period K1 --global-period K/K1
-    hier-avg-nb   the same with --hier-mode nonblocking
-    local-async-keep, lasgd-keep
-                  the same with --keep-training: a rank that has taken its steps keeps
-                  training while the other finishes (the job's samples count every step)
-    none          --algo none (no averaging, in process): an upper bound
-    none-spawn    --algo none --spawn-workers: the same process layout as local-async (W = 1
-                  spawned worker), the reference of the "<= 5 % loss" goal
-    single        one process alone (mpirun -n 1, all cores' threads, --algo none): the
-                  issue's "DDP is slower than one process" reference (not straggled)
-  peers (``peers/ddp.py``, torch.distributed Gloo, launched by the same mpirun):
-    torch-ddp, torch-postlocal, torch-hier: DDP; DDP + post-local SGD + PeriodicModelAverager
-    (K); DDP + the post-local hook + HierarchicalModelAverager {K1: S, K: ranks}
-
-With 2 ranks each rank stands for one node: hier-avg's groups (and torch-hier's first level)
-are single ranks, whose averages are no-ops, and the global level averages every K steps.
-torch's post-local hook would by default keep allreducing gradients inside the node's
-subgroup, which on one machine is the whole world (DDP plus model averaging); the benchmark
-turns that off (``post_local_gradient_allreduce=False``), which is local SGD across "nodes".
-
-Each contender runs as is and once more with rank 1 slowed 2x (ours: ``--slow-rank 1
---slow-factor 2``; peers: the same rule). A repeat runs every (contender, straggler) pair once,
-in an order rotated each repeat; every run is a fresh ``mpirun`` job, and a run during which
-other processes took more than ``--max-others`` cores is repeated (``--retry-noisy``), keeping
-the quietest. Figures are medians over ``--repeats``.
-
-Per run (ours: from ``summary.json``, whose per-rank ``setup_s`` and ``train_s`` are the
-set-up and training times below; peers: the same definitions, measured the same way):
-  samples/s        samples processed by all ranks / the slowest rank's training time;
-                   training time excludes evaluations where they block the rank
-  aggregate        sum over ranks of (the rank's samples / its own training time): what the
-                   ranks processed while they trained. Equals samples/s when ranks move in
-                   lockstep; exceeds it when a fast rank finishes early and then waits
-  wall to target   seconds from the start of the run (after the engine / process group is
-                   up: ``hpc_asgd.train.run``'s clock) to the first evaluation at or above
-                   ``--target``, evaluations and set-up included
-  set-up           rank 0's seconds from that start to its first training step (data, model,
-                   DDP, spawning local-async's worker); "train to target" = wall - set-up
-  wait share       per rank: seconds blocked in the synchroniser's collectives (ours:
-                   ``comm_wait_s``, which includes waiting for the other ranks to finish and
-                   the final average; peers: DDP's gradient allreduce, launch to completion,
-                   or the ``average_parameters`` calls, and the final average) / the job's
-                   training time
-
-Slow links (``--nodes N``, the issue "Many nodes on one machine"): N emulated nodes of
-``scripts/slurm_local.sh start --nodes N`` (network namespaces on one bridge, sharing this
-machine's cores) x 1 rank, placed one per node by ``mpirun --hostfile`` (the nodes) ``--map-by
-node`` with the launch agent ``scripts/node_agent.sh``; ``cores // N`` torch threads per rank.
-Instead of the straggler, each contender runs once per ``--links`` setting: uncapped, the last
-node's link capped at ``--cap`` (tc tbf, both ways), every link capped; hier-avg in groups of
-``--group-size`` nodes (default N / 2). The capped / uncapped samples/s ratios test the
-hypothesis: non-blocking averaging keeps >= 0.8 of its uncapped rate, sync falls below 0.5.
-Root only (tc, nsenter); run files live under /var/tmp, since each node has its own /tmp.
-
-Outputs: ``<out>/compare.json`` (every run's raw numbers, medians, goals, commands, versions,
-host, load averages) and ``<out>/compare.md`` (tables).
+Every contender (``WHAT``) gets the same model, data, batch order, SGD, evaluation schedule and
+core budget, and runs as a fresh ``mpirun`` job per variant (rank 1 slowed 2x or not), in an
+order rotated each repeat; noisy runs are repeated (``--retry-noisy``); medians over repeats.
+``--nodes N`` runs one rank on each of N emulated nodes instead, with the links uncapped or
+capped (``--links``, ``--cap``; root only). Outputs ``<out>/<stem>.json`` and ``.md``;
+benchmarks/README.md defines every column.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -86,27 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _harness import (
-    ROOT,
-    capped_links,
-    cores,
-    fmt,
-    header,
-    link_tc,
-    median,
-    mpi_env,
-    mpirun_exe,
-    new_report,
-    paired,
-    quietest,
-    rate_bits,
-    ratio,
-    result_line,
-    rotated,
-    run_tree,
-    train_cmd,
-    write_report,
-)
+import _harness as h
 from peers.ddp import MARK as PEER_MARK
 
 OURS = ("sync", "local-sgd", "local-async", "lasgd", "hier-avg", "hier-avg-nb")
@@ -141,6 +63,40 @@ MEDIANS = ("samples_per_s", "aggregate_samples_per_s", "time_to_target_s", "trai
            "setup_s", "final_test_acc", "wall_s", "job_s", "others_cores")  # fmt: skip
 
 
+# ---- the links of emulated nodes (scripts/slurm_local.sh start --nodes N) ---------------------
+def rate_bits(rate: str) -> float:
+    """tc's rate in bit/s: ``100mbit`` -> 1e8 (bit units only; tc's ``bps`` means bytes)."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kmg]?)bit", rate.lower())
+    if not m:
+        raise ValueError(f"rate {rate!r}: expected a number and kbit, mbit, gbit or bit")
+    return float(m[1]) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m[2]]
+
+
+def link_tc(node: str, *tc: str) -> list[list[str]]:
+    """``tc`` on NODE's link: [0] the host side hv-NODE (traffic to the node), [1] the node's
+    own eth0 (traffic from it), entered by its network namespace (root only)."""
+    host = ["tc", "qdisc", tc[0], "dev", f"hv-{node}", "root", *tc[1:]]
+    inside = ["nsenter", f"--net=/run/netns/{node}", *host[:4], "eth0", *host[5:]]
+    return [host, inside]
+
+
+@contextlib.contextmanager
+def capped_links(nodes: list[str], rate: str):
+    """Cap each node's link at ``rate`` both ways (tbf) for the ``with`` block; every qdisc put
+    on is taken off on the way out, after an error or Ctrl-C too."""
+    added: list[list[str]] = []
+    try:
+        for node in nodes:
+            tbf = ("tbf", "rate", rate, "burst", "128kb", "latency", "50ms")
+            for add, rm in zip(link_tc(node, "replace", *tbf), link_tc(node, "del"), strict=True):
+                added.append(rm)
+                subprocess.run(add, check=True, capture_output=True, text=True)
+        yield
+    finally:
+        for rm in reversed(added):
+            subprocess.run(rm, check=False, capture_output=True)
+
+
 # ---- one run ----------------------------------------------------------------------------------
 def ours_flags(name: str, args: argparse.Namespace) -> dict:
     hier = {"algo": "hier-avg", "group-size": args.group_size, "local-period": args.local_period}
@@ -162,14 +118,14 @@ def job_cmd(args, name: str, variant: str, tmp: Path, out: Path) -> tuple[list[s
     """The mpirun command line of one contender and its environment."""
     slow = variant == "slow"
     ranks = 1 if name == "single" else args.nodes or RANKS
-    cmd = [mpirun_exe(args.mpirun), "-n", str(ranks), "--bind-to", "none"]
-    threads = max(1, cores() // args.nodes) if args.nodes else 0  # 0: hpc_asgd's default
+    cmd = [h.mpirun_exe(args.mpirun), "-n", str(ranks), "--bind-to", "none"]
+    threads = max(1, h.cores() // args.nodes) if args.nodes else 0  # 0: hpc_asgd's default
     if args.nodes:  # one rank per emulated node, started in it by the launch agent
         cmd += ["--hostfile", str(tmp / "hosts"), "--map-by", "node", "--prtemca"]
-        cmd += ["plm_ssh_agent", str(ROOT / "scripts" / "node_agent.sh")]
+        cmd += ["plm_ssh_agent", str(h.ROOT / "scripts" / "node_agent.sh")]
     else:
         cmd.append("--oversubscribe")
-    env = mpi_env()
+    env = h.mpi_env()
     common = {"dataset": args.dataset, "data_dir": args.data_dir, "model": args.model,
               "batch_size": args.batch_size, "lr": args.lr, "momentum": args.momentum,
               "epochs": args.epochs, "eval_every": args.eval_every, "seed": 0}  # fmt: skip
@@ -186,7 +142,7 @@ def job_cmd(args, name: str, variant: str, tmp: Path, out: Path) -> tuple[list[s
     flags.update(ours_flags(name, args), out=out, **{"threads-per-worker": threads or None})
     if slow:
         flags.update({"slow-rank": SLOW_RANK, "slow-factor": SLOW_FACTOR})
-    return [*cmd, *train_cmd(flags)], env
+    return [*cmd, *h.train_cmd(flags)], env
 
 
 def read_ours(out: Path) -> dict:
@@ -207,14 +163,14 @@ def launch(args: argparse.Namespace, name: str, variant: str, tmp: Path) -> dict
     ranks = 1 if name == "single" else args.nodes or RANKS
     res: dict = {"load_before": os.getloadavg()[0], "command": shlex.join(cmd)}
     t0 = time.monotonic()
-    proc = run_tree(cmd, args.run_timeout, env)  # its own session: killed whole on a timeout
+    proc = h.run_tree(cmd, args.run_timeout, env)  # its own session: killed whole on a timeout
     res["job_s"] = round(time.monotonic() - t0, 2)
     if proc is None:
         return {**res, "error": f"ran past --run-timeout {args.run_timeout} s"}
     if proc.returncode != 0:
         return {**res, "error": f"rc {proc.returncode}: {(proc.stdout + proc.stderr)[-2000:]}"}
     try:  # a node taken down under the job (slurm_local.sh stop) can leave no summary
-        res.update(result_line(proc.stdout, PEER_MARK) if name in PEERS else read_ours(out))
+        res.update(h.result_line(proc.stdout, PEER_MARK) if name in PEERS else read_ours(out))
     except (OSError, ValueError, KeyError, TypeError) as e:
         return {**res, "error": f"no result: {e!r} {proc.stdout[-2000:]}"}
     shutil.rmtree(out, ignore_errors=True)
@@ -247,12 +203,12 @@ def summarise(runs: list[dict]) -> dict:
     out: dict = {"runs_ok": len(ok), "runs_failed": len(runs) - len(ok)}
     for key in MEDIANS:
         vals = [v for v in (r.get(key) for r in ok) if v is not None]
-        out[key] = median(vals)
+        out[key] = h.median(vals)
         out[key + "_range"] = [min(vals), max(vals)] if vals else None
     out["reached_target"] = sum(r.get("time_to_target_s") is not None for r in ok)
     n = max((len(r["wait_share"]) for r in ok), default=0)
-    out["wait_share"] = [median([r["wait_share"][i] for r in ok]) for i in range(n)]
-    out["averaging_rounds"] = median([r.get("averaging_rounds") for r in ok])
+    out["wait_share"] = [h.median([r["wait_share"][i] for r in ok]) for i in range(n)]
+    out["averaging_rounds"] = h.median([r.get("averaging_rounds") for r in ok])
     return out
 
 
@@ -263,15 +219,15 @@ def goals(report: dict) -> list[dict]:
 
     def goal(text, num, den, key, op, threshold, note=""):
         keys = [f"{n}|{VARIANT.get(v, v)}" for n, v in (num, den)]
-        value = ratio(*(res.get(k, {}).get(key) for k in keys))
+        value = h.ratio(*(res.get(k, {}).get(key) for k in keys))
         per_rep = [[None if "error" in r else r.get(key) for r in raw.get(k, [])] for k in keys]
         met = value is not None and {">=": value >= threshold, "<=": value <= threshold,
                                      "<": value < threshold}[op]  # fmt: skip
-        return {"goal": text, "value": value, "paired": paired(*per_rep), "threshold": threshold,
+        return {"goal": text, "value": value, "paired": h.paired(*per_rep), "threshold": threshold,
                 "met": met, "note": note, "needs": (num[0], den[0])}  # fmt: skip
 
     def r(num, den, key="samples_per_s"):
-        return fmt(ratio(*(res.get(f"{n}|{v}", {}).get(key) for n, v in (num, den))), ".2f")
+        return h.fmt(h.ratio(*(res.get(f"{n}|{v}", {}).get(key) for n, v in (num, den))), ".2f")
 
     out = []
     for link in (v for v, _ in report["variants"] if a["nodes"] and v in LINKS[1:]):
@@ -288,7 +244,7 @@ def goals(report: dict) -> list[dict]:
                 f"aggregate (sum of per-rank rates) ratio: {agg}",
             ))  # fmt: skip
         note = "against none in the rank's own process: "
-        note += fmt(ratio(*(res.get(f"{n}|even", {}).get("samples_per_s")
+        note += h.fmt(h.ratio(*(res.get(f"{n}|even", {}).get("samples_per_s")
                             for n in ("local-async", "none"))), ".3f")  # fmt: skip
         la, ddp = ("local-async", False), ("torch-ddp", False)
         out += [
@@ -305,6 +261,25 @@ def goals(report: dict) -> list[dict]:
     return [g for g in out if ran.issuperset(g.pop("needs"))]
 
 
+def row(name: str, s: dict) -> list[str]:
+    """A contender's cells in a variant's table (``summarise``'s medians)."""
+    rng, f = s["samples_per_s_range"], h.fmt
+    reach = f" ({s['reached_target']}/{s['runs_ok']} reached)"
+    failed = f" ({s['runs_failed']} run(s) failed)" if s["runs_failed"] else ""
+    return [
+        name,
+        f(s["samples_per_s"], ".0f") + (f" [{rng[0]:.0f}-{rng[1]:.0f}]" if rng else ""),
+        f(s["aggregate_samples_per_s"], ".0f"),
+        f(s["time_to_target_s"]) + (reach if s["reached_target"] < s["runs_ok"] else ""),
+        f(s["train_to_target_s"]),
+        f(s["setup_s"]),
+        f(s["final_test_acc"], ".3f"),
+        " / ".join(f(x) for x in s["wait_share"]),
+        f(s["averaging_rounds"], ".0f"),
+        f(s["others_cores"]) + failed,
+    ]
+
+
 def markdown(report: dict) -> str:
     a, n = report["args"], report["ranks"]
     where = f"{n} ranks under `mpirun --oversubscribe --bind-to none`, "
@@ -317,8 +292,8 @@ def markdown(report: dict) -> str:
         )
     title = "Compare: hpc_asgd synchronisers against torch DDP / post-local SGD / hierarchical "
     title += "averaging" + (f", {n} nodes with capped links" if a["nodes"] else "")
-    lines = header(report, title)
-    lines[-2] += f" Median load average before each run {fmt(report['load_median_runs'])}."
+    lines = h.header(report, title)
+    lines[-2] += f" Median load average before each run {h.fmt(report['load_median_runs'])}."
     lines += [
         where + f"{report['threads_per_rank']} torch thread(s) per rank (cores // ranks; "
         "local-async's worker gets the rank's thread, its main process averages). "
@@ -343,10 +318,10 @@ def markdown(report: dict) -> str:
             f"{report['round_bytes'] / 4:.0f} floats ({report['round_bytes'] / 1e6:.2f} MB); a "
             "ring allreduce sends 2(N-1)/N of it each way per rank, "
             f"{report['ring_bytes'] / 1e6:.2f} MB: at least {wire_ms:.0f} ms on the wire at "
-            f"{a['cap']}, against {fmt(step_ms, '.1f')} ms per step of the fastest uncapped "
+            f"{a['cap']}, against {h.fmt(step_ms, '.1f')} ms per step of the fastest uncapped "
             "contender (about the computation alone). Sync waits for a round every step, so "
             "at this cap it is communication-bound, while the periodic averagers have K steps "
-            f"({fmt(step_ms and step_ms * a['period'], '.0f')} ms) to hide one round (at "
+            f"({h.fmt(step_ms and step_ms * a['period'], '.0f')} ms) to hide one round (at "
             f"1gbit: {report['ring_bytes'] * 8e-6:.0f} ms). Model "
             f"`{a['model']}` on `{a['dataset']}`, not resnet20: a ResNet-20 step is far slower "
             f"on {report['nproc']} cores shared by {n} ranks, too slow for every (contender, "
@@ -354,55 +329,35 @@ def markdown(report: dict) -> str:
             "averaged.",
             "",
         ]
-    share = " / ".join(f"r{i}" for i in range(n))
-    cols = (
-        f"| contender | samples/s | aggregate samples/s | wall to {a['target']} (s) | train to "
-        f"{a['target']} (s) | set-up (s) | final acc | wait share {share} | rounds | others' "
-        "CPU (cores) |"
-    )
+    t = a["target"]
+    cols = ["contender", "samples/s", "aggregate samples/s", f"wall to {t} (s)"]
+    cols += [f"train to {t} (s)", "set-up (s)", "final acc"]
+    cols += ["wait share " + " / ".join(f"r{i}" for i in range(n)), "rounds", "others' CPU (cores)"]
     for variant, title in report["variants"]:
-        lines += [f"## {title}", "", cols, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for name in report["contenders"]:
-            if (s := report["results"].get(f"{name}|{variant}")) is None:
-                continue
-            rng = s["samples_per_s_range"]
-            sps = fmt(s["samples_per_s"], ".0f") + (f" [{rng[0]:.0f}-{rng[1]:.0f}]" if rng else "")
-            reach = f" ({s['reached_target']}/{s['runs_ok']} reached)"
-            reach = reach if s["reached_target"] < s["runs_ok"] else ""
-            lines.append(
-                f"| {name} | {sps} | {fmt(s['aggregate_samples_per_s'], '.0f')} | "
-                f"{fmt(s['time_to_target_s'])}{reach} | {fmt(s['train_to_target_s'])} | "
-                f"{fmt(s['setup_s'])} | {fmt(s['final_test_acc'], '.3f')} | "
-                f"{' / '.join(fmt(x) for x in s['wait_share'])} | "
-                f"{fmt(s['averaging_rounds'], '.0f')} | {fmt(s['others_cores'])} |"
-                + (f" {s['runs_failed']} run(s) failed" if s["runs_failed"] else "")
-            )
-        lines.append("")
+        rows = [row(name, s) for name in report["contenders"]
+                if (s := report["results"].get(f"{name}|{variant}")) is not None]  # fmt: skip
+        lines += [f"## {title}", "", *h.table(cols, rows, "lr"), ""]
     links = [x for x, _ in report["variants"]] if a["nodes"] else []
     if links:
         head = [f"samples/s {x}" for x in links] + [f"{x} / uncapped" for x in links[1:]]
-        head += [f"to {a['target']} {x} (s)" for x in links]
-        lines += ["## Capped / uncapped (ratios of medians)", ""]
-        lines += ["| contender | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
+        head += [f"to {t} {x} (s)" for x in links]
+        rows = []
         for name in report["contenders"]:
             r = [report["results"].get(f"{name}|{x}", {}) for x in links]
             sps = [x.get("samples_per_s") for x in r]
-            cells = [fmt(x, ".0f") for x in sps] + [fmt(ratio(x, sps[0])) for x in sps[1:]]
-            cells += [fmt(x.get("time_to_target_s")) for x in r]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        lines.append("")
-    lines += [
-        "## Goals" + (" (the issue's hypothesis, tested)" if a["nodes"] else ""),
-        "",
-        "| goal | measured (ratio of medians) | paired | met |",
-        "|---|---:|---:|---|",
-    ]
-    for g in report["goals"]:
-        note = f" ({g['note']})" if g["note"] else ""
-        met = "yes" if g["met"] else "no"
-        lines.append(f"| {g['goal']} | {fmt(g['value'])}{note} | {fmt(g['paired'])} | {met} |")
-    lines += ["", "## Contenders", "", "| contender | what runs |", "|---|---|"]
-    lines += [f"| {n} | {WHAT[n]} |" for n in report["contenders"]]
+            cells = [h.fmt(x, ".0f") for x in sps] + [h.fmt(h.ratio(x, sps[0])) for x in sps[1:]]
+            rows.append([name, *cells, *(h.fmt(x.get("time_to_target_s")) for x in r)])
+        lines += ["## Capped / uncapped (ratios of medians)", ""]
+        lines += [*h.table(["contender", *head], rows, "lr"), ""]
+    goals = [
+        [g["goal"], h.fmt(g["value"]) + (f" ({g['note']})" if g["note"] else ""),
+         h.fmt(g["paired"]), "yes" if g["met"] else "no"]
+        for g in report["goals"]
+    ]  # fmt: skip
+    lines += ["## Goals" + (" (the issue's hypothesis, tested)" if a["nodes"] else ""), ""]
+    lines += h.table(["goal", "measured (ratio of medians)", "paired", "met"], goals, "lrrl")
+    lines += ["", "## Contenders", ""]
+    lines += h.table(["contender", "what runs"], [[n, WHAT[n]] for n in report["contenders"]], "l")
     lines += [
         "",
         "samples/s: all ranks' samples / the slowest rank's training time (summary.json's "
@@ -423,12 +378,12 @@ def markdown(report: dict) -> str:
 # ---- driver -----------------------------------------------------------------------------------
 def emulated_nodes(args) -> tuple[list[str], list[tuple[str, str]]]:
     """The first N emulated nodes (rank r runs on nodes[r]) and the --links variants."""
-    found = run_tree(["bash", "scripts/slurm_local.sh", "hostfile"], 60)
+    found = h.run_tree(["bash", "scripts/slurm_local.sh", "hostfile"], 60)
     nodes = [ln.split()[0] for ln in found.stdout.splitlines()][: args.nodes] if found else []
     if len(nodes) < args.nodes:
         sys.exit(f"compare.py: {args.nodes} emulated nodes needed, found {nodes}: run "
                  f"scripts/slurm_local.sh start --nodes {args.nodes} (as root)")  # fmt: skip
-    shown = [run_tree(c, 10) for x in nodes for c in link_tc(x, "show")]
+    shown = [h.run_tree(c, 10) for x in nodes for c in link_tc(x, "show")]
     if any(r is None or "tbf" in r.stdout for r in shown):  # left by a killed run
         sys.exit('compare.py: a tbf is on a node\'s link already, "uncapped" would be capped '
                  "(tc qdisc del dev hv-NODE root, and on its eth0):\n"
@@ -441,7 +396,7 @@ def emulated_nodes(args) -> tuple[list[str], list[tuple[str, str]]]:
 def driver(args: argparse.Namespace, argv: list[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):  # through the jobs' (and links') cleanup
         signal.signal(sig, lambda *_: sys.exit(143))
-    report = new_report("compare", argv, args)
+    report = h.new_report("compare", argv, args)
     if report["load_before"] and report["load_before"][0] > args.max_load:
         print(f"  warning: load average {report['load_before'][0]:.2f} > {args.max_load}: "
               "other work is running, figures will be noisy", flush=True)  # fmt: skip
@@ -473,9 +428,9 @@ def driver(args: argparse.Namespace, argv: list[str]) -> int:
 
     try:
         for rep in range(args.repeats):
-            for name, variant in rotated(pairs, rep * 3):
+            for name, variant in h.rotated(pairs, rep * 3):
                 key = f"{name}|{variant}"
-                res = quietest(
+                res = h.quietest(
                     lambda n=name, v=variant: launch_on(n, v),
                     args.retry_noisy, args.max_others, args.wait_quiet, f"[{rep}] {key}",
                     "others_cores",
@@ -486,7 +441,7 @@ def driver(args: argparse.Namespace, argv: list[str]) -> int:
                     print(f"  [{rep}] {key}: FAILED {res['error'][:400]}", flush=True)
                     continue
                 print(f"  [{rep}] {key}: {res['samples_per_s']:.0f} samples/s, to target "
-                      f"{fmt(res['time_to_target_s'])} s, acc {res['final_test_acc']:.3f}, job "
+                      f"{h.fmt(res['time_to_target_s'])} s, acc {res['final_test_acc']:.3f}, job "
                       f"{res['job_s']:.1f} s, load {res['load_before']:.2f}, others "
                       f"{res['others_cores']:.2f} cores", flush=True)  # fmt: skip
     finally:
@@ -497,91 +452,59 @@ def driver(args: argparse.Namespace, argv: list[str]) -> int:
     report.update(
         ranks=ranks,
         node_names=nodes,
-        hosts=sorted({h for rs in runs.values() for r in rs for h in r.get("hosts") or []}),
+        hosts=sorted({x for rs in runs.values() for r in rs for x in r.get("hosts") or []}),
         variants=variants,
         round_bytes=4 * floats,  # float32, the flat buffer every averaging round reduces
         ring_bytes=4 * floats * 2 * (ranks - 1) / ranks,  # each way per rank, ring
-        threads_per_rank=max(1, cores() // ranks),
+        threads_per_rank=max(1, h.cores() // ranks),
         input_shape=list(data.input_shape),
         steps_per_rank=max(1, math.ceil(args.epochs * spe)),
         contenders=list(args.contenders),
-        load_median_runs=median([r.get("load_before") for rs in runs.values() for r in rs]),
+        load_median_runs=h.median([r.get("load_before") for rs in runs.values() for r in rs]),
         runs=runs,
         results={key: summarise(rs) for key, rs in runs.items()},
     )
     report["goals"] = goals(report)
-    write_report(report, markdown, args.stem, mpi=True)
+    h.write_report(report, markdown, args.stem, mpi=True)
     return 0
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
-        "--contenders",
-        nargs="+",
-        choices=(*CONTENDERS, *KEEPING),
+        "--contenders", nargs="+", choices=(*CONTENDERS, *KEEPING),
         help="default: all but the -keep ones; with --nodes: " + " ".join(NODE_CONTENDERS),
-    )
-    p.add_argument(
-        "--nodes",
-        type=int,
-        default=0,
-        help="N > 1: one rank on each of N emulated nodes "
-        "(scripts/slurm_local.sh start --nodes N), each contender once per --links setting "
-        "instead of the straggler (root only)",
-    )
+    )  # fmt: skip
+    nodes = "N > 1: one rank per emulated node (slurm_local.sh), --links for the straggler"
+    h.options(p, ("--nodes", 0, nodes + " (root only)"))
     p.add_argument("--links", nargs="+", choices=LINKS, default=list(LINKS), help="with --nodes")
-    p.add_argument(
-        "--cap",
-        default="100mbit",
-        help="tc rate of a capped link (with --nodes); the "
-        "default makes sync communication-bound with cnn (see the Markdown)",
+    h.options(
+        p,
+        ("--cap", "100mbit", "tc rate of a capped link (with --nodes): sync is bound by it"),
+        ("--group-size", 0, "S: ranks per hier-avg group (and torch-hier's); 0: 1, or N / 2"),
+        ("--repeats", 3),
+        ("--epochs", 16.0, "passes over each rank's shard"),
+        ("--quick", False, "smoke run: 1 repeat of 3 epochs"),
+        ("--no-straggler", False, "skip the 2x-straggler runs"),
+        ("--target", 0.90, "test accuracy to time"),
+        ("--dataset", "digits", "digits (default) or mnist with --data-dir"),
+        ("--data-dir", None),
+        ("--model", "cnn"),
+        ("--batch-size", 16, "per rank"),
+        ("--lr", 0.02),
+        ("--momentum", 0.9),
+        ("--eval-every", 0.5, "epochs between evaluations"),
+        ("--period", 8, "K: steps between model averages"),
+        ("--local-period", 2, "K1 of hier-avg / torch-hier"),
+        ("--max-load", 1.5, "warn above this load average"),
+        ("--max-others", 0.25, "cores other processes may take during a run before it is noisy"),
+        ("--wait-quiet", 0.0, "before each run, wait up to this many seconds for --max-others"),
+        ("--retry-noisy", 0, "repeat a noisy run up to N times, keep the quietest"),
+        h.OUT,
+        ("--stem", "compare", "output files <out>/<stem>.json and .md"),
+        h.MPIRUN,
+        ("--run-timeout", 300.0, "seconds per mpirun job"),
     )
-    p.add_argument(
-        "--group-size",
-        type=int,
-        default=0,
-        help="S: ranks per hier-avg group (torch-hier's first level); 0: 1, with --nodes N / 2",
-    )
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--epochs", type=float, default=16.0, help="passes over each rank's shard")
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 repeat of 3 epochs")
-    p.add_argument("--no-straggler", action="store_true", help="skip the 2x-straggler runs")
-    p.add_argument("--target", type=float, default=0.90, help="test accuracy to time")
-    p.add_argument("--dataset", default="digits", help="digits (default) or mnist with --data-dir")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--model", default="cnn")
-    p.add_argument("--batch-size", type=int, default=16, help="per rank")
-    p.add_argument("--lr", type=float, default=0.02)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--eval-every", type=float, default=0.5, help="epochs between evaluations")
-    p.add_argument("--period", type=int, default=8, help="K: steps between model averages")
-    p.add_argument("--local-period", type=int, default=2, help="K1 of hier-avg / torch-hier")
-    p.add_argument("--max-load", type=float, default=1.5, help="warn above this load average")
-    p.add_argument(
-        "--max-others",
-        type=float,
-        default=0.25,
-        help="cores' worth of CPU that other "
-        "processes may take during a run before it counts as noisy",
-    )
-    p.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=0.0,
-        help="before each run, wait up to this "
-        "many seconds for other processes to use at most --max-others cores",
-    )
-    p.add_argument(
-        "--retry-noisy",
-        type=int,
-        default=0,
-        help="repeat a noisy run up to N times, keep the quietest",
-    )
-    p.add_argument("--out", default="benchmarks/results", help="relative to the repository")
-    p.add_argument("--stem", default="compare", help="output files <out>/<stem>.json and .md")
-    p.add_argument("--mpirun", default=None, help="mpirun to use (default: the venv's, or PATH)")
-    p.add_argument("--run-timeout", type=float, default=300.0, help="seconds per mpirun job")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.epochs = 1, 3.0

@@ -1,36 +1,12 @@
 """Leashed-SGD's setting (Bäckström et al., IPDPS 2021): time to a target loss, staleness, CAS.
 
-The paper trains an MLP (3 hidden layers of 128) and a CNN (the PyTorch MNIST example's) on
-MNIST with W threads sharing one model, and compares Leashed-SGD (lock-free, consistent)
-with lock-based asynchronous SGD and HOGWILD!: it reports Leashed-SGD reaching a given loss
-20-80% (up to 4x) sooner than the lock-based baseline, and more stably than HOGWILD!.
-
-Here each (model, W, rule) is one ``python -m hpc_asgd.cli train`` run (W spawned workers
-sharing the model; W = 1 runs in the rank's own process) on MNIST-format data: real MNIST
-from ``--data-dir``, else scikit-learn's digits upscaled to 28x28 and written as IDX files
-(``_harness.write_mnist_like``). Every run uses the same seed, batch, step size and number of
-epochs, and evaluates every ``--eval-every`` epochs. From the outputs:
-
-- the loss curve: ``metrics.jsonl``'s ``train_loss`` (the mean minibatch loss of the steps
-  since the previous evaluation; a row whose interval saw no step reports 0.0 and is left
-  out) against the training clock. The training clock of a row is
-  ``train_s * step / total_steps`` (``train_s`` from ``summary.json``: from the moment every
-  worker is ready to the last step, with evaluations not counted at W = 1 and overlapping
-  the workers at W > 1), so worker start-up is left out alike for every W;
-- time to target: the first crossing of ``--target`` by that curve smoothed over ``--smooth``
-  evaluations (a trailing mean), interpolated linearly between two evaluations (``null`` if
-  never reached);
-- final loss (the last interval's mean training loss), final test loss and accuracy, and
-  the spread of the training loss over the last quarter of the run (stability);
-- the staleness distribution (updates by other workers between a worker's read and its
-  write), the CAS-tries distribution (leashed) and the time spent waiting for the lock
-  (locked), from ``summary.json["workers"]``.
-
-A repeat runs every rule once per (model, W), in an order rotated each repeat; a run during
-which other jobs used more than ``--max-foreign`` cores is retried (``--retries``). With
-``--repeats`` > 1 the figures are medians. Outputs: ``<out>/leashed_repro.json`` (every row of
-every run, command, versions, host), ``<out>/leashed_repro.md`` (tables) and
-``<out>/leashed_repro.png`` (loss vs time per rule and W; staleness and CAS-tries histograms).
+Each (model, W, rule) is one ``python -m hpc_asgd.cli train`` run (W workers sharing one
+model) on MNIST-format data, at the same seed, batch, step size and epochs. From its
+``metrics.jsonl`` and ``summary.json``: the training-loss curve on the training clock, the
+time to ``--target`` (first crossing of the smoothed curve), final loss and tail spread, test
+accuracy, staleness and CAS-tries histograms, lock wait. Rules run in rotated order per
+repeat, disturbed runs retried; medians over repeats. Outputs ``<out>/leashed_repro.json``,
+``.md`` and ``.png``; benchmarks/README.md defines each figure.
 """
 
 from __future__ import annotations
@@ -44,23 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _harness import (
-    add_guard_args,
-    disturbance,
-    disturbance_line,
-    fmt,
-    guarded,
-    header,
-    median,
-    mnist_data,
-    new_report,
-    out_dir,
-    ratio,
-    rotated,
-    run_child,
-    train_cmd,
-    write_report,
-)
+import _harness as h
 
 RULES = ("hogwild", "locked", "leashed")
 # Per model: epochs and the target training loss (digits-28 defaults; see the README).
@@ -134,13 +94,13 @@ def analyse_run(summary: dict, rows: list[dict], target: float, batch: int, smoo
         out["cas_tries_mean"] = hist_mean(w["cas_tries_hist"], offset=1)
     if "lock_wait_s" in w:
         out["lock_wait_s"] = sum(w["lock_wait_s"][0])
-        out["lock_wait_frac"] = ratio(out["lock_wait_s"], train_s * summary["workers_per_rank"])
+        out["lock_wait_frac"] = h.ratio(out["lock_wait_s"], train_s * summary["workers_per_rank"])
     return out
 
 
 def run_one(args, model: str, workers: int, rule: str, data: tuple, tmp: Path) -> dict:
     out = tmp / f"{model}-{workers}-{rule}"
-    cmd = train_cmd({
+    cmd = h.train_cmd({
         "dataset": "mnist", "data-dir": data[0], "no-verify": not data[2], "model": model,
         "workers": workers, "update": rule, "batch-size": args.batch_size,
         "epochs": args.epochs[model], "eval-every": args.eval_every, "lr": args.lr,
@@ -150,19 +110,19 @@ def run_one(args, model: str, workers: int, rule: str, data: tuple, tmp: Path) -
 
     def once() -> dict:
         t0 = time.monotonic()
-        run_child(cmd, args.run_timeout)
+        h.run_child(cmd, args.run_timeout)
         summary = json.loads((out / "summary.json").read_text())
         rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln]
         res = analyse_run(summary, rows, args.target[model], args.batch_size, args.smooth)
         res["run_s"] = round(time.monotonic() - t0, 2)
         return res
 
-    return guarded(once, args, f"{model} W={workers} {rule}")
+    return h.guarded(once, args, f"{model} W={workers} {rule}")
 
 
 def combine(reps: list[dict]) -> dict:
     """Medians over repeats of the scalar figures; histograms summed; curves kept per repeat."""
-    out: dict = {k: median([r.get(k) for r in reps]) for k in MEDIANS if k in reps[0]}
+    out: dict = {k: h.median([r.get(k) for r in reps]) for k in MEDIANS if k in reps[0]}
     reached = sum(r["t_target_s"] is not None for r in reps)
     out["reached"] = f"{reached}/{len(reps)}"
     if reached < len(reps) / 2:  # the median run did not reach the target
@@ -191,60 +151,67 @@ def comparisons(results: dict) -> dict:
                 ("hogwild", "t_target_s", "hogwild/leashed time to target"),
                 ("hogwild", "tail_loss_std", "hogwild/leashed tail spread"),
             ):
-                if (r := ratio(row.get(other, {}).get(key), le[key])) is not None:
+                if (r := h.ratio(row.get(other, {}).get(key), le[key])) is not None:
                     c[name] = r
     return out
 
 
+COLUMNS = ("model", "W", "rule", "samples/s", "train s", "time to target s", "final train loss",
+           "tail spread", "test acc", "mean staleness", "mean CAS tries", "lock wait")  # fmt: skip
+# run figure, format (one per column from "samples/s" to "mean CAS tries")
+CELLS = (("samples_per_s", ".0f"), ("train_s", ".1f"), ("t_target_s", ".2f"),
+         ("final_train_loss", ".3f"), ("tail_loss_std", ".3f"), ("final_test_acc", ".3f"),
+         ("staleness_mean", ".2f"), ("cas_tries_mean", ".2f"))  # fmt: skip
+RATIOS = ("locked/leashed time to target", "hogwild/leashed time to target",
+          "hogwild/leashed tail spread")  # fmt: skip
+
+
 def markdown(report: dict) -> str:
     a = report["args"]
+    every = [(m, w, rule, row[rule]) for m, by_w in report["results"].items()
+             for w, row in by_w.items() for rule in a["rules"] if rule in row]  # fmt: skip
+    rows = []
+    for model, w, rule, r in every:
+        wait = "-"
+        if r.get("lock_wait_s") is not None and r.get("lock_wait_frac") is not None:
+            wait = f"{r['lock_wait_s']:.2f} s ({100 * r['lock_wait_frac']:.0f}%)"
+        rows.append([model, w, rule, *(h.fmt(r.get(k), spec) for k, spec in CELLS), wait])
+    ratios = [
+        [model, w, *(h.fmt(c.get(k)) for k in RATIOS)]
+        for model, by_w in report["comparisons"].items()
+        for w, c in by_w.items()
+    ]
+    ratio_head = ["model", "W", "locked / leashed time", "hogwild / leashed time"]
     lines = [
-        *header(report, "Leashed-SGD reproduction: time to a target loss, staleness and CAS tries"),
+        *h.header(
+            report, "Leashed-SGD reproduction: time to a target loss, staleness and CAS tries"
+        ),
         f"Data: {report['data']}. Batch {a['batch_size']}, step size {a['lr']}, momentum "
         f"{a['momentum']}, persistence bound {a['persistence'] or 'unbounded'}, seed "
         f"{a['seed']}; epochs {a['epochs']}; evaluation every {a['eval_every']} epochs; "
         f"repeats {a['repeats']} (medians). Targets (training loss): {a['target']}.",
         "",
-        disturbance_line(report),
+        h.disturbance_line(report),
         "",
         f"Time to target: the first crossing of the target by the trailing mean of "
         f"{a['smooth']} evaluations, on the training clock (worker start-up excluded; see the "
         "README); '-' = not reached. Tail spread: standard deviation of the interval training loss "
         "over the last quarter of the evaluations.",
         "",
-        "| model | W | rule | samples/s | train s | time to target s | final train loss | "
-        "tail spread | test acc | mean staleness | mean CAS tries | lock wait |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    every = [(m, w, rule, row[rule]) for m, by_w in report["results"].items()
-             for w, row in by_w.items() for rule in a["rules"] if rule in row]  # fmt: skip
-    for model, w, rule, r in every:
-        wait = "-"
-        if r.get("lock_wait_s") is not None and r.get("lock_wait_frac") is not None:
-            wait = f"{r['lock_wait_s']:.2f} s ({100 * r['lock_wait_frac']:.0f}%)"
-        lines.append(
-            f"| {model} | {w} | {rule} | {fmt(r['samples_per_s'], '.0f')} | "
-            f"{fmt(r['train_s'], '.1f')} | {fmt(r['t_target_s'], '.2f')} | "
-            f"{fmt(r['final_train_loss'], '.3f')} | {fmt(r['tail_loss_std'], '.3f')} | "
-            f"{fmt(r['final_test_acc'], '.3f')} | {fmt(r['staleness_mean'], '.2f')} | "
-            f"{fmt(r.get('cas_tries_mean'), '.2f')} | {wait} |"
-        )
-    lines += [
+        *h.table(list(COLUMNS), rows, "llr"),
         "",
         "Ratios: > 1 means Leashed-SGD reached the target sooner (time) or had a steadier "
         "tail (spread).",
         "",
-        "| model | W | locked / leashed time | hogwild / leashed time | hogwild / leashed spread |",
-        "|---|---:|---:|---:|---:|",
+        *h.table([*ratio_head, "hogwild / leashed spread"], ratios, "lr"),
+        "",
+        "Staleness histograms (bins 0..14, >=15), summed over repeats:",
+        "",
+        *(f"- {m} W={w} {rule}: {r['staleness_hist']}" for m, w, rule, r in every if int(w) > 1),
+        "",
+        "CAS-tries histograms of leashed (bins 1..15, >=16):",
+        "",
     ]
-    for model, by_w in report["comparisons"].items():
-        for w, c in by_w.items():
-            keys = ("locked/leashed time to target", "hogwild/leashed time to target")
-            cells = [fmt(c.get(k)) for k in (*keys, "hogwild/leashed tail spread")]
-            lines.append(f"| {model} | {w} | " + " | ".join(cells) + " |")
-    lines += ["", "Staleness histograms (bins 0..14, >=15), summed over repeats:", ""]
-    lines += [f"- {m} W={w} {rule}: {r['staleness_hist']}" for m, w, rule, r in every if int(w) > 1]
-    lines += ["", "CAS-tries histograms of leashed (bins 1..15, >=16):", ""]
     lines += [f"- {m} W={w}: {r['cas_tries_hist']}" for m, w, rule, r in every
               if rule == "leashed" and "cas_tries_hist" in r]  # fmt: skip
     return "\n".join([*lines, "", f"Plot: `{report['plot']}`.", ""])
@@ -253,9 +220,11 @@ def markdown(report: dict) -> str:
 def bars(ax, hists: dict, first: int, colors: dict) -> None:
     """Side-by-side bars of each histogram as fractions of its total, bins from ``first``."""
     width = 0.8 / max(1, len(hists))
-    for k, (label, h) in enumerate(hists.items()):
-        x = [first + i + k * width for i in range(len(h))]
-        ax.bar(x, [c / max(1, sum(h)) for c in h], width, color=colors.get(label), label=label)
+    for k, (label, hist) in enumerate(hists.items()):
+        x = [first + i + k * width for i in range(len(hist))]
+        ax.bar(
+            x, [c / max(1, sum(hist)) for c in hist], width, color=colors.get(label), label=label
+        )
 
 
 def plot(report: dict, path: Path) -> None:
@@ -312,37 +281,32 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def show(res: dict) -> str:
+    return (
+        f"{res['samples_per_s']:.0f} samples/s, target "
+        f"{h.fmt(res['t_target_s'], '.2f', 'not reached')} s, final loss "
+        f"{h.fmt(res['final_train_loss'], '.3f', 'diverged')} (run {res['run_s']} s)"
+    )
+
+
 def driver(args: argparse.Namespace, argv: list[str]) -> int:
-    report = new_report("leashed_repro", argv, args)
+    report = h.new_report("leashed_repro", argv, args)
     with tempfile.TemporaryDirectory(prefix="leashed_repro-") as tmp_name:
         tmp = Path(tmp_name)
-        data = mnist_data(args.data_dir, tmp, copies=args.copies)
-        raw = {m: {str(w): {r: [] for r in args.rules} for w in args.workers} for m in args.models}
-        for rep in range(args.repeats):
-            for model in args.models:
-                for w in args.workers:
-                    for rule in rotated(list(args.rules), rep + w):
-                        res = run_one(args, model, w, rule, data, tmp)
-                        raw[model][str(w)][rule].append(res)
-                        print(
-                            f"  repeat {rep + 1}/{args.repeats} {model} W={w} {rule}: "
-                            f"{res['samples_per_s']:.0f} samples/s, target "
-                            f"{fmt(res['t_target_s'], '.2f', 'not reached')} s, final loss "
-                            f"{fmt(res['final_train_loss'], '.3f', 'diverged')} "
-                            f"(run {res['run_s']} s)",
-                            flush=True,
-                        )
+        data = h.mnist_data(args.data_dir, tmp, copies=args.copies)
+        raw, disturbed = h.sweep(
+            args, args.rules, lambda m, w, r: run_one(args, m, w, r, data, tmp), show
+        )
     report["data"] = data[1]
     report["results"] = {
         m: {w: {r: combine(v) for r, v in row.items()} for w, row in by_w.items()}
         for m, by_w in raw.items()
     }
     report["comparisons"] = comparisons(report["results"])
-    runs = [r for by_w in raw.values() for row in by_w.values() for v in row.values() for r in v]
-    report["disturbance"] = disturbance(runs)
-    report["plot"] = str(out_dir(args.out) / "leashed_repro.png")
+    report["disturbance"] = disturbed
+    report["plot"] = str(h.out_dir(args.out) / "leashed_repro.png")
     plot(report, Path(report["plot"]))
-    write_report(report, markdown, "leashed_repro")
+    h.write_report(report, markdown, "leashed_repro")
     return 0
 
 
@@ -351,30 +315,32 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", choices=list(DEFAULTS), default=list(DEFAULTS))
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES))
-    p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--data-dir", help="real MNIST IDX files (default: digits upscaled to 28x28)")
-    p.add_argument(
-        "--copies", type=int, default=8, help="digits data: shifted copies of the 1,437 "
-        "training digits"
-    )  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--momentum", type=float, default=0.0)
-    p.add_argument("--persistence", type=int, default=0, help="Leashed-SGD B; 0 = unbounded")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=float, default=0.1, help="epochs between evaluations")
-    p.add_argument(
-        "--smooth", type=int, default=3, help="time to target: first crossing of the trailing "
-        "mean of this many evaluations"
-    )  # fmt: skip
-    for model, d in DEFAULTS.items():
-        p.add_argument(f"--epochs-{model}", type=float, default=d["epochs"])
-        p.add_argument(f"--target-{model}", type=float, default=d["target"],
-                       help=f"target training loss of {model}")  # fmt: skip
-    p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores/W)")
-    p.add_argument("--out", default="benchmarks/results", help="relative to the repository")
-    p.add_argument("--run-timeout", type=float, default=600.0)
-    add_guard_args(p)
+    h.options(
+        p,
+        ("--repeats", 1),
+        ("--data-dir", None, "real MNIST IDX files (default: digits upscaled to 28x28)"),
+        ("--copies", 8, "digits data: shifted copies of the 1,437 training digits"),
+        ("--batch-size", 16),
+        ("--lr", 0.05),
+        ("--momentum", 0.0),
+        ("--persistence", 0, "Leashed-SGD B; 0 = unbounded"),
+        ("--seed", 0),
+        ("--eval-every", 0.1, "epochs between evaluations"),
+        ("--smooth", 3, "time to target: first crossing of the mean of this many evaluations"),
+    )
+    for m, d in DEFAULTS.items():
+        h.options(
+            p,
+            (f"--epochs-{m}", d["epochs"]),
+            (f"--target-{m}", d["target"], f"target training loss of {m}"),
+        )
+    h.options(
+        p,
+        ("--threads", 0, "torch threads per worker (0: cores/W)"),
+        h.OUT,
+        ("--run-timeout", 600.0),
+        *h.GUARD,
+    )
     args = p.parse_args(argv)
     if args.repeats < 1 or min(args.workers) < 1:
         p.error("--repeats and --workers must be positive")

@@ -1,37 +1,12 @@
 """Samples/s of W shared-memory workers (one rank) against a PyTorch ``mnist_hogwild`` peer.
 
-Contenders, per (model, W), all measured in one invocation of this script:
-
-  hogwild, leashed,      ``python -m hpc_asgd.cli train --update RULE --workers W ...``: the
-  locked, partitioned    rank's own process at W = 1, W spawned workers otherwise; the figure is
-                         ``summary.json["samples_per_s"]`` (training time only: from the moment
-                         every worker is ready to the last step)
-  peer                   ``peers/hogwild.py``, in the style of pytorch/examples
-                         ``mnist_hogwild``: ``model.share_memory()``, W spawned processes, each
-                         with its own ``torch.optim.SGD`` over the shared parameters; timed
-                         from a start barrier (all W ready) to the end of the last process
-
-Every contender trains the same model (``build_model``, seed 0) on the same data in the same
-batch order (``ShardSampler``, seed 0), the same number of steps of batch ``--batch-size``,
-with SGD ``--lr`` / ``--momentum`` (momentum private to each process), and the same torch
-threads per process: ``--threads`` (default 1, so that W measures the scaling of W processes,
-as the issue's peer figure of 1.92x at W = 2 implies; with ``--threads 0`` each process gets
-``cores // W``, so the one process of W = 1 already uses every core through intra-op
-parallelism). mlp and cnn run on MNIST-format 1x28x28 data (real MNIST from ``--data-dir``,
-else scikit-learn's digits upscaled to 28x28 as IDX files in a temporary folder); resnet20 on
-the 3x32x32 synthetic dataset. A repeat runs every contender once per (model, W), in an order
-rotated each repeat; every run is a fresh process tree, and a run during which other jobs used
-more than ``--max-foreign`` cores is retried (``--retries``), keeping the least disturbed. The
-figure is the median over ``--repeats``; ratios are ratios of medians, and ``ours / peer``
-also has a paired ratio (the median over repeats of the per-repeat ratio).
-
-Outputs: ``<out>/shm_scaling.json`` (every raw number, medians, ratios, goals, command,
-versions, host) and ``<out>/shm_scaling.md`` (tables).
-
-``--profile RULE`` instead runs one case (``--models``/``--workers``, first of each) of our
-trainer with cProfile inside every spawned worker (a ``sitecustomize`` written to a temporary
-folder on ``PYTHONPATH``, active only in this script's own child processes) and prints the top
-functions of worker 0, next to a cProfile of the peer's worker 0.
+Contenders per (model, W): our update rules (``python -m hpc_asgd.cli train --update RULE
+--workers W``, ``summary.json["samples_per_s"]``: training time only) and ``peers/hogwild.py``
+(timed from a start barrier to the end of its last process), with the same model, data, batch
+order, steps, SGD and torch threads per process. Every repeat runs each contender once, in
+rotated order, as a fresh process tree; disturbed runs are retried. Medians, paired ratios.
+Outputs ``<out>/shm_scaling.json`` and ``.md``. ``--profile RULE`` prints cProfile tables of
+our worker 0 and the peer's. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -45,23 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _harness import (
-    ROOT,
-    add_guard_args,
-    cores,
-    disturbance,
-    disturbance_line,
-    guarded,
-    header,
-    mnist_data,
-    new_report,
-    paired,
-    result_line,
-    rotated,
-    run_child,
-    train_cmd,
-    write_report,
-)
+import _harness as h
 from peers.hogwild import MARK
 
 RULES = ("hogwild", "leashed", "locked", "partitioned")
@@ -91,7 +50,7 @@ def make_case(args, model: str, data_dir: str, verify: bool) -> dict:
 def ours_cmd(args, case: dict, workers: int, rule: str, out: Path) -> list[str]:
     # epochs such that ceil(epochs * steps_per_epoch) == steps; evaluate only at the end
     epochs = case["steps"] / (case["n_train"] // args.batch_size)
-    return train_cmd({
+    return h.train_cmd({
         "dataset": case["dataset"], "data-dir": case["data_dir"], "no-verify": not case["verify"],
         "model": case["model"], "workers": workers, "update": rule,
         "batch-size": args.batch_size, "epochs": repr(epochs), "eval-every": repr(max(epochs, 1.0)),
@@ -104,7 +63,7 @@ def ours_cmd(args, case: dict, workers: int, rule: str, out: Path) -> list[str]:
 def peer_cmd(args, case: dict, workers: int, profile: bool = False) -> list[str]:
     opts = {k: case[k] for k in ("dataset", "data_dir", "verify", "synthetic_size", "steps")}
     opts.update(model=case["model"], workers=workers, batch_size=args.batch_size, lr=args.lr)
-    opts.update(momentum=args.momentum, threads=args.threads or max(1, cores() // workers))
+    opts.update(momentum=args.momentum, threads=args.threads or max(1, h.cores() // workers))
     return [sys.executable, PEER, json.dumps({**opts, "profile": profile})]
 
 
@@ -112,10 +71,10 @@ def run_one(args, case: dict, workers: int, contender: str, tmp: Path) -> dict:
     def once() -> dict:
         t0 = time.monotonic()
         if contender == "peer":
-            res = result_line(run_child(peer_cmd(args, case, workers), args.run_timeout), MARK)
+            res = h.result_line(h.run_child(peer_cmd(args, case, workers), args.run_timeout), MARK)
         else:
             out = tmp / f"{case['model']}-{workers}-{contender}"
-            run_child(ours_cmd(args, case, workers, contender, out), args.run_timeout)
+            h.run_child(ours_cmd(args, case, workers, contender, out), args.run_timeout)
             s = json.loads((out / "summary.json").read_text())
             if s["steps_per_rank"] != case["steps"]:
                 sys.exit(f"shm_scaling.py: ours ran {s['steps_per_rank']} steps, not {case}")
@@ -127,7 +86,7 @@ def run_one(args, case: dict, workers: int, contender: str, tmp: Path) -> dict:
         res["run_s"] = round(time.monotonic() - t0, 2)
         return res
 
-    return guarded(once, args, f"{case['model']} W={workers} {contender}")
+    return h.guarded(once, args, f"{case['model']} W={workers} {contender}")
 
 
 def summarise(reps: list[dict]) -> dict:
@@ -156,7 +115,7 @@ def analyse(results: dict, contenders: list[str]) -> dict:
             peer = row["peer"]
             vs_peer[model][w] = {
                 c: {"ratio_of_medians": row[c]["median"] / peer["median"],
-                    "paired": paired(rates(row[c]), rates(peer))}
+                    "paired": h.paired(rates(row[c]), rates(peer))}
                 for c in contenders
                 if c != "peer" and c in row
             }  # fmt: skip
@@ -177,93 +136,83 @@ def analyse(results: dict, contenders: list[str]) -> dict:
 
 def markdown(report: dict) -> str:
     a, cs, an = report["args"], report["args"]["contenders"], report["analysis"]
+
+    def rate(e: dict) -> str:
+        return f"{e['median']:.0f} [{e['min']:.0f}-{e['max']:.0f}]"
+
+    def pair(r: dict | None) -> str:
+        return f"{r['ratio_of_medians']:.2f} ({r['paired']:.2f})" if r else "-"
+
+    rows = [
+        [model, report["steps"][model], w, *(rate(row[c]) if c in row else "-" for c in cs)]
+        for model, by_w in report["results"].items()
+        for w, row in by_w.items()
+    ]
+    speedups = [
+        [model, w, *(f"{by_c[c][w]:.2f}" if w in by_c.get(c, {}) else "-" for c in cs)]
+        for model, by_c in an["speedup"].items()
+        for w in sorted({w for d in by_c.values() for w in d}, key=int)
+    ]
     title = "Shared-memory workers: samples/s vs W, ours vs an mnist_hogwild-style peer"
     lines = [
-        *header(report, title),
+        *h.header(report, title),
         f"Batch {a['batch_size']}, lr {a['lr']}, momentum {a['momentum']}; torch threads per "
         f"process: {report['threads']}. Data: {report['data']}.",
         "",
-        disturbance_line(report),
+        h.disturbance_line(report),
         "",
         f"Samples/s (training only), median over {a['repeats']} repeats, [min-max] below each.",
         "",
-        "| model | steps | W | " + " | ".join(cs) + " |",
-        "|---|---:|---:|" + "---:|" * len(cs),
+        *h.table(["model", "steps", "W", *cs], rows, "lr"),
+        "",
+        "Speedup over W=1 of the same contender (ratio of medians).",
+        "",
+        *h.table(["model", "W", *cs], speedups, "lr"),
     ]
-    for model, by_w in report["results"].items():
-        for w, row in by_w.items():
-            cells = [
-                f"{row[c]['median']:.0f} [{row[c]['min']:.0f}-{row[c]['max']:.0f}]"
-                if c in row
-                else "-"
-                for c in cs
-            ]
-            lines.append(f"| {model} | {report['steps'][model]} | {w} | {' | '.join(cells)} |")
-    lines += ["", "Speedup over W=1 of the same contender (ratio of medians).", ""]
-    lines += ["| model | W | " + " | ".join(cs) + " |", "|---|---:|" + "---:|" * len(cs)]
-    for model, by_c in an["speedup"].items():
-        for w in sorted({w for d in by_c.values() for w in d}, key=int):
-            cells = [f"{by_c[c][w]:.2f}" if w in by_c.get(c, {}) else "-" for c in cs]
-            lines.append(f"| {model} | {w} | " + " | ".join(cells) + " |")
     ours = [c for c in cs if c != "peer"]
     if "peer" in cs and ours:
-        lines += [
-            "",
-            "Ours / peer samples/s at the same W (ratio of medians; paired in brackets).",
-            "",
-            "| model | W | " + " | ".join(ours) + " |",
-            "|---|---:|" + "---:|" * len(ours),
+        vs_peer = [
+            [model, w, *(pair(row.get(c)) for c in ours)]
+            for model, by_w in an["ours_over_peer"].items()
+            for w, row in by_w.items()
         ]
-        for model, by_w in an["ours_over_peer"].items():
-            for w, row in by_w.items():
-                cells = [
-                    f"{row[c]['ratio_of_medians']:.2f} ({row[c]['paired']:.2f})"
-                    if c in row
-                    else "-"
-                    for c in ours
-                ]
-                lines.append(f"| {model} | {w} | " + " | ".join(cells) + " |")
-    lines += ["", "Goals (from the issue):", "", "| goal | contender | value | met |"]
-    lines += ["|---|---|---:|---|"]
-    for g in an["goals"]:
-        met = "yes" if g["met"] else "NO"
-        lines.append(f"| {g['goal']} | {g['contender']} | {g['value']:.2f} | {met} |")
+        lines += ["", "Ours / peer samples/s at the same W (ratio of medians; paired in brackets)."]
+        lines += ["", *h.table(["model", "W", *ours], vs_peer, "lr")]
+    goals = [
+        [g["goal"], g["contender"], f"{g['value']:.2f}", "yes" if g["met"] else "NO"]
+        for g in an["goals"]
+    ]
     reference = ", ".join(f"{m} W=2 {s}x" for m, s in PEER_REFERENCE.items())
+    lines += ["", "Goals (from the issue):", ""]
+    lines += h.table(["goal", "contender", "value", "met"], goals, "llrl")
     lines += ["", f"The issue author's own peer-style measurement at batch 16: {reference}.", ""]
     return "\n".join(lines)
 
 
 def driver(args: argparse.Namespace, argv: list[str]) -> int:
-    report = new_report("shm_scaling", argv, args)
+    report = h.new_report("shm_scaling", argv, args)
     cs = list(args.contenders)
     with tempfile.TemporaryDirectory(prefix="shm_scaling-") as tmp_name:
         tmp = Path(tmp_name)
-        data_dir, note, verify = mnist_data(args.data_dir, tmp, copies=4)
+        data_dir, note, verify = h.mnist_data(args.data_dir, tmp, copies=4)
         if "resnet20" in args.models:
             note += "; resnet20: the 3x32x32 synthetic dataset"
         cases = {m: make_case(args, m, data_dir, verify) for m in args.models}
-        raw = {m: {str(w): {c: [] for c in cs} for w in args.workers} for m in args.models}
-        for r in range(args.repeats):
-            for model in args.models:
-                for w in args.workers:
-                    for c in rotated(cs, r + w):
-                        res = run_one(args, cases[model], w, c, tmp)
-                        raw[model][str(w)][c].append(res)
-                        print(f"  repeat {r + 1}/{args.repeats} {model} W={w} {c}: "
-                              f"{res['samples_per_s']:.0f} samples/s (run {res['run_s']} s)",
-                              flush=True)  # fmt: skip
+        raw, disturbed = h.sweep(
+            args, cs, lambda m, w, c: run_one(args, cases[m], w, c, tmp),
+            lambda res: f"{res['samples_per_s']:.0f} samples/s (run {res['run_s']} s)",
+        )  # fmt: skip
     results = {
         m: {w: {c: summarise(v) for c, v in row.items()} for w, row in by_w.items()}
         for m, by_w in raw.items()
     }
     report["data"] = note
-    report["threads"] = {str(w): args.threads or max(1, cores() // w) for w in args.workers}
+    report["threads"] = {str(w): args.threads or max(1, h.cores() // w) for w in args.workers}
     report["steps"] = {m: c["steps"] for m, c in cases.items()}
     report["results"] = results
     report["analysis"] = analyse(results, cs)
-    runs = [r for by_w in raw.values() for row in by_w.values() for v in row.values() for r in v]
-    report["disturbance"] = disturbance(runs)
-    write_report(report, markdown, "shm_scaling")
+    report["disturbance"] = disturbed
+    h.write_report(report, markdown, "shm_scaling")
     return 0
 
 
@@ -293,15 +242,15 @@ def profile(args: argparse.Namespace) -> int:
     model, w, rule = args.models[0], args.workers[0], args.profile
     with tempfile.TemporaryDirectory(prefix="shm_scaling-prof-") as tmp_name:
         tmp = Path(tmp_name)
-        data_dir, _, verify = mnist_data(args.data_dir, tmp, copies=4)
+        data_dir, _, verify = h.mnist_data(args.data_dir, tmp, copies=4)
         case = make_case(args, model, data_dir, verify)
         (tmp / "site").mkdir()
         (tmp / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
         (tmp / "prof").mkdir()
-        path = [str(tmp / "site"), str(ROOT), os.environ.get("PYTHONPATH")]
+        path = [str(tmp / "site"), str(h.ROOT), os.environ.get("PYTHONPATH")]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}
         env["SHM_SCALING_PROFILE_DIR"] = str(tmp / "prof")
-        run_child(ours_cmd(args, case, w, rule, tmp / "ours"), args.run_timeout, env)
+        h.run_child(ours_cmd(args, case, w, rule, tmp / "ours"), args.run_timeout, env)
         s = json.loads((tmp / "ours" / "summary.json").read_text())
         print(f"ours ({rule}, {model}, W={w}): {s['samples_per_s']} samples/s over "
               f"{max(s['train_s'])} s; cProfile of worker 0 (includes start-up):")  # fmt: skip
@@ -310,7 +259,7 @@ def profile(args: argparse.Namespace) -> int:
             pstats.Stats(str(profs[0])).sort_stats("tottime").print_stats(args.profile_top)
         else:
             print("  (no worker profile: W = 1 runs in the rank's own process)")
-        stdout = run_child(peer_cmd(args, case, w, profile=True), args.run_timeout)
+        stdout = h.run_child(peer_cmd(args, case, w, profile=True), args.run_timeout)
         print(f"peer ({model}, W={w}), cProfile of worker 0 (timed loop only):\n{stdout}")
     return 0
 
@@ -323,23 +272,24 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--contenders", nargs="+", choices=CONTENDERS, default=["hogwild", "leashed", "peer"],
         help="'all' is not a choice: list them (hogwild leashed locked partitioned peer)",
     )  # fmt: skip
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--momentum", type=float, default=0.5)
-    p.add_argument(
-        "--steps-scale", type=float, default=1.0,
-        help="multiply every model's step count (mlp 3000, cnn 200, resnet20 64)",
-    )  # fmt: skip
-    p.add_argument(
-        "--threads", type=int, default=1,
-        help="torch threads per process (default 1); 0 = cores // W, at least 1",
-    )  # fmt: skip
-    p.add_argument("--data-dir", default=None, help="real MNIST IDX files (default: digits)")
-    p.add_argument("--synthetic-size", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--out", default="benchmarks/results", help="relative to the repository")
-    p.add_argument("--run-timeout", type=float, default=300.0)
-    add_guard_args(p)
+    h.options(
+        p,
+        ("--repeats", 3),
+        ("--batch-size", 16),
+        ("--lr", 0.01),
+        ("--momentum", 0.5),
+        (
+            "--steps-scale",
+            1.0,
+            "multiply every model's step count (mlp 3000, cnn 200, resnet20 64)",
+        ),
+        ("--threads", 1, "torch threads per process (default 1); 0 = cores // W, at least 1"),
+        ("--data-dir", None, "real MNIST IDX files (default: digits)"),
+        ("--synthetic-size", 0, argparse.SUPPRESS),
+        h.OUT,
+        ("--run-timeout", 300.0),
+        *h.GUARD,
+    )
     p.add_argument(
         "--profile", choices=RULES, default=None,
         help="profile one case of ours (first --models, first --workers) and the peer",

@@ -1,24 +1,13 @@
 """torch.distributed (Gloo) peers: one rank of a training job, and one model-averaging round.
 
-Run by ``compare.py`` as ``mpirun -n R python benchmarks/peers/ddp.py NAME JSON``: rank and
-size from Open MPI's variables, rendezvous from MASTER_ADDR / MASTER_PORT (set by the driver),
-as a user's mpirun script would do. NAME is one of
-
-  torch-ddp        DistributedDataParallel + torch.optim.SGD
-  torch-postlocal  DDP + post_localSGD_hook(PostLocalSGDState(start_localSGD_iter=0,
-                   post_local_gradient_allreduce=False)) + PostLocalSGDOptimizer(SGD,
-                   PeriodicModelAverager(period=K, warmup_steps=0))
-  torch-hier       DDP + the same hook + SGD, then HierarchicalModelAverager(
-                   OrderedDict([(K1, S), (K, ranks)]), warmup_steps=0).average_parameters(...)
-                   after every optimizer step
-
-with the model, data (``ShardSampler`` shards and batch order), SGD, evaluation schedule and
-straggler rule (rank ``slow_rank`` sleeps (F - 1) x the measured step time after every step)
-of hpc_asgd's runs. Time blocked in communication: DDP's default allreduce hook wrapped to
-time each bucket from launch to completion, or the ``average_parameters`` calls, and the final
-average. Rank 0 prints ``COMPARE_PEER_JSON {...}``.
-
-``averager_round`` is ``allreduce.py``'s ``torch-averager`` contender.
+``compare.py`` runs ``mpirun -n R python benchmarks/peers/ddp.py NAME JSON`` (rank and size
+from Open MPI's variables, rendezvous from MASTER_ADDR / MASTER_PORT) with NAME torch-ddp
+(DDP + SGD), torch-postlocal (DDP + post_localSGD_hook + PostLocalSGDOptimizer with a
+PeriodicModelAverager of period K) or torch-hier (the same hook, then a
+HierarchicalModelAverager {K1: S, K: ranks} after every step), with hpc_asgd's model, data,
+SGD, evaluation schedule and straggler rule. Communication time: DDP's allreduce hook timed
+from launch to completion, or the ``average_parameters`` calls. Rank 0 prints the result.
+``averager_round`` is ``allreduce.py``'s torch-averager.
 """
 
 from __future__ import annotations

@@ -1,12 +1,7 @@
-"""The pytorch/examples ``mnist_hogwild`` peer: ``model.share_memory()``, W processes
-(``torch.multiprocessing``, spawn), each with its own ``torch.optim.SGD`` over the shared
-parameters, each looping over its share of the batches (node step s goes to process s mod W).
-
-Run by ``shm_scaling.py`` as ``python benchmarks/peers/hogwild.py JSON`` with the model,
-data, batch order (``ShardSampler``, seed 0), steps, SGD and torch threads of hpc_asgd's run.
-Timed from a start barrier (all W processes built and ready) to the end of the last process;
-prints ``SHM_SCALING_JSON {...}``. With ``"profile": true``, process 0 prints a cProfile of
-its timed loop.
+"""The pytorch/examples ``mnist_hogwild`` peer of ``shm_scaling.py``: ``model.share_memory()``,
+W spawned processes, each with its own ``torch.optim.SGD`` over the shared parameters and its
+share of the batches (step s to process s mod W), timed from a start barrier to the end of the
+last process. With ``"profile": true`` process 0 prints a cProfile of its timed loop.
 """
 
 from __future__ import annotations
