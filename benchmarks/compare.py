@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import json
 import math
+import operator
 import os
 import re
 import shlex
@@ -59,6 +60,7 @@ WHAT = {
     "torch-postlocal": "DDP + post-local hook + PostLocalSGDOptimizer(PeriodicModelAverager K)",
     "torch-hier": "DDP + post-local hook + HierarchicalModelAverager {K1: S, K: ranks}",
 }
+OPS = {">=": operator.ge, "<=": operator.le, "<": operator.lt}
 MEDIANS = ("samples_per_s", "aggregate_samples_per_s", "time_to_target_s", "train_to_target_s",
            "setup_s", "final_test_acc", "wall_s", "job_s", "others_cores")  # fmt: skip
 
@@ -221,13 +223,12 @@ def goals(report: dict) -> list[dict]:
         keys = [f"{n}|{VARIANT.get(v, v)}" for n, v in (num, den)]
         value = h.ratio(*(res.get(k, {}).get(key) for k in keys))
         per_rep = [[None if "error" in r else r.get(key) for r in raw.get(k, [])] for k in keys]
-        met = value is not None and {">=": value >= threshold, "<=": value <= threshold,
-                                     "<": value < threshold}[op]  # fmt: skip
+        met = value is not None and OPS[op](value, threshold)
         return {"goal": text, "value": value, "paired": h.paired(*per_rep), "threshold": threshold,
                 "met": met, "note": note, "needs": (num[0], den[0])}  # fmt: skip
 
-    def r(num, den, key="samples_per_s"):
-        return h.fmt(h.ratio(*(res.get(f"{n}|{v}", {}).get(key) for n, v in (num, den))), ".2f")
+    def r(num, den, key="samples_per_s", spec=".2f"):
+        return h.fmt(h.ratio(*(res.get(f"{n}|{v}", {}).get(key) for n, v in (num, den))), spec)
 
     out = []
     for link in (v for v, _ in report["variants"] if a["nodes"] and v in LINKS[1:]):
@@ -244,8 +245,7 @@ def goals(report: dict) -> list[dict]:
                 f"aggregate (sum of per-rank rates) ratio: {agg}",
             ))  # fmt: skip
         note = "against none in the rank's own process: "
-        note += h.fmt(h.ratio(*(res.get(f"{n}|even", {}).get("samples_per_s")
-                            for n in ("local-async", "none"))), ".3f")  # fmt: skip
+        note += r(("local-async", "even"), ("none", "even"), spec=".3f")
         la, ddp = ("local-async", False), ("torch-ddp", False)
         out += [
             goal("local-async loses <= 5 % samples/s against --algo none (same W = 1, spawned "

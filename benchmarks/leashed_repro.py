@@ -198,7 +198,7 @@ def markdown(report: dict) -> str:
         "README); '-' = not reached. Tail spread: standard deviation of the interval training loss "
         "over the last quarter of the evaluations.",
         "",
-        *h.table(list(COLUMNS), rows, "llr"),
+        *h.table(list(COLUMNS), rows, "lrlr"),
         "",
         "Ratios: > 1 means Leashed-SGD reached the target sooner (time) or had a steadier "
         "tail (spread).",

@@ -4,6 +4,7 @@ tables for the 2-rank and the slow-link (--nodes) modes from made-up runs."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -22,6 +23,16 @@ def test_statistics_and_commands():
     assert h.strict_json({"a": [float("nan"), 1.0]}) == {"a": [None, 1.0]}
     cmd = h.train_cmd({"algo": "sync", "period": None, "keep-training": False, "no-verify": True})
     assert cmd[-4:] == ["train", "--algo", "sync", "--no-verify"]
+
+
+def test_table_and_options():
+    assert h.table(["a", "b", "c"], [[1, "x", 2.5]], "lr") == [
+        "| a | b | c |", "|---|---:|---:|", "| 1 | x | 2.5 |"
+    ]  # fmt: skip
+    p = argparse.ArgumentParser()
+    h.options(p, ("--n", 2), ("--x", 0.5), ("--flag", False), ("--s", None), h.OUT)
+    a = p.parse_args(["--n", "3", "--x", "1", "--flag"])
+    assert (a.n, a.x, a.flag, a.s, a.out) == (3, 1.0, True, None, "benchmarks/results")
 
 
 def test_quietest_keeps_the_least_disturbed_attempt(monkeypatch):
