@@ -1,74 +1,44 @@
 """Time one model-averaging round (allreduce-sum of a flat float32 buffer, then / world size).
 
-Contenders, per (ranks, buffer size), all measured in one invocation of this script:
-
-  ours-mpi             ``comm.iallreduce_(flat).wait(); flat.div_(size)`` (hpc_asgd mpi engine)
-  raw-mpi4py           ``COMM_WORLD.Iallreduce(IN_PLACE, arr, SUM).Wait(); arr /= size``
-                       on a numpy view of the same buffer
-  ours-gloo            the same round as ours-mpi through the hpc_asgd gloo engine
-  ours-horovod         the same round through the hpc_asgd Horovod engine (allreduce_async_ +
-                       poll; skipped with a note when Horovod is not installed)
-  torch-averager       ``PeriodicModelAverager(period=1, warmup_steps=0).average_parameters``
-                       on a real ResNet (gloo process group); it flattens by copying each round
-  ours-mpi-blocking    ``comm.allreduce_(flat); flat.div_(size)``: the blocking round the
-                       synchronisers use (MPI_Allreduce under the watchdog's deadline)
-  raw-mpi4py-blocking  ``COMM_WORLD.Allreduce(IN_PLACE, arr, SUM); arr /= size``
-  copy-floor           ``dst.copy_(src)`` of the same buffer in one process: the memory bound
-
-The driver (``python benchmarks/allreduce.py``) measures the floor itself, then launches
-``mpirun -n R --oversubscribe python benchmarks/allreduce.py --worker ...`` once per rank
-count R. Each job brings up both engines (the gloo process group bootstraps over MPI) and
-times every contender after a warm-up; a repeat is the mean seconds per round over ``iters``
-rounds, after a barrier, and the contenders are interleaved repeat by repeat (order rotated)
-so that slow phases of a shared machine hit them alike. Rank 0 gathers every rank's times
-and prints one JSON line. A repeat counts the slowest rank; the figure is the median over
-``--repeats`` repeats.
-
-Outputs: ``<out>/allreduce.json`` (every raw number, medians, ratios, command, versions, host)
-and ``<out>/allreduce.md`` (a table of medians in ms and the ratios).
+Contenders per (ranks, buffer): ours-mpi, ours-mpi-blocking, ours-gloo, ours-horovod (hpc_asgd
+engines), raw-mpi4py(-blocking), torch-averager (``peers/ddp.py``) and copy-floor (one process).
+The driver times copy-floor, then runs ``mpirun -n R python benchmarks/allreduce.py --worker``
+per rank count R: every contender is checked to average, warmed up, and timed ``--repeats``
+times in rotated order. A repeat counts the slowest rank; figures are medians over repeats,
+with paired ratios. Outputs ``<out>/allreduce.json`` and ``.md``; see benchmarks/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import json
 import os
 import shlex
-import socket
 import statistics
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(ROOT))
-
-from _common import mpi_env, mpirun_exe, run_tree, versions  # noqa: E402
+import _harness as h
 
 # name -> (model, input shape, classes, parameters); the buffer is the model's parameter count.
 SIZES = {
     "resnet20": ("resnet20", (3, 32, 32), 10, 269_722),
     "resnet50": ("resnet50", (3, 224, 224), 1000, 25_557_032),
 }
-DISTRIBUTED = (
-    "ours-mpi",
-    "raw-mpi4py",
-    "ours-mpi-blocking",
-    "raw-mpi4py-blocking",
-    "ours-gloo",
-    "ours-horovod",
-    "torch-averager",
-)
+DISTRIBUTED = ("ours-mpi", "raw-mpi4py", "ours-mpi-blocking", "raw-mpi4py-blocking",
+               "ours-gloo", "ours-horovod", "torch-averager")  # fmt: skip
 CONTENDERS = (*DISTRIBUTED, "copy-floor")
 MARK = "ALLREDUCE_BENCH_JSON "  # prefix of the worker's result line on stdout
-TARGET_S = 0.5  # seconds one timed measurement should take when --iters is automatic
 MAX_ITERS = 2000
+GOALS = (("ours-mpi", "raw-mpi4py"), ("ours-mpi-blocking", "raw-mpi4py-blocking"),
+         ("ours-gloo", "torch-averager"), ("ours-mpi", "torch-averager"),
+         ("ours-horovod", "ours-mpi"), ("ours-horovod", "ours-gloo"))  # fmt: skip
+PAIRS = (*GOALS, ("ours-mpi-blocking", "torch-averager"), *((c, "copy-floor") for c in DISTRIBUTED))
 
 
-# ---- timing helpers (driver and workers) -------------------------------------------------
+# ---- timing (driver and workers) -----------------------------------------------------------
 def timed(step, iters: int) -> float:
     """Mean seconds per call of ``step`` over ``iters`` calls."""
     t0 = time.perf_counter()
@@ -90,13 +60,81 @@ def warm_up(step, max_s: float = 0.2, max_calls: int = 5) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def choose_iters(per_call_s: float, fixed: int, target_s: float) -> int:
-    if fixed > 0:
-        return fixed
-    return max(1, min(MAX_ITERS, round(target_s / max(per_call_s, 1e-9))))
+def choose_iters(per_call_s: float, args) -> int:
+    if args.iters > 0:
+        return args.iters
+    return max(1, min(MAX_ITERS, round(args.target_s / max(per_call_s, 1e-9))))
 
 
 # ---- worker: one rank of one mpirun job ---------------------------------------------------
+def measure(args, size_name: str, comms: dict, world, mpi) -> dict:
+    """Check, warm up and time every wanted contender on one buffer size, on every rank."""
+    import numpy as np
+    import torch
+
+    rank, size = world.Get_rank(), world.Get_size()
+    model_name, shape, classes, n = SIZES[size_name]
+    gen = torch.Generator().manual_seed(1234 + rank)
+    flat = torch.randn(n, generator=gen, dtype=torch.float32)
+    arr = flat.numpy()  # the same memory, seen by numpy
+
+    def ours(engine: str, blocking: bool = False):
+        comm = comms[engine]
+
+        def step():
+            comm.allreduce_(flat) if blocking else comm.iallreduce_(flat).wait()
+            flat.div_(size)
+
+        return step
+
+    def raw(call):  # Allreduce returns nothing, Iallreduce a request
+        def step():
+            req = call(mpi.IN_PLACE, arr, op=mpi.SUM)
+            if req is not None:
+                req.Wait()
+            np.divide(arr, size, out=arr)
+
+        return step
+
+    steps = {  # made on demand: only the wanted engines are up
+        "ours-mpi": lambda: ours("mpi"),
+        "raw-mpi4py": lambda: raw(world.Iallreduce),
+        "ours-mpi-blocking": lambda: ours("mpi", blocking=True),
+        "raw-mpi4py-blocking": lambda: raw(world.Allreduce),
+        "ours-gloo": lambda: ours("gloo"),
+        "ours-horovod": lambda: ours("horovod"),
+    }
+    steps = {c: steps[c]() for c in args.contenders if c in steps}
+    tensors = {c: [flat] for c in steps}
+    if "torch-averager" in args.contenders:
+        from peers.ddp import averager_round
+
+        steps["torch-averager"], tensors["torch-averager"] = averager_round(
+            model_name, shape, classes, n, 1234 + rank
+        )
+    # Correctness first: one round on rank-valued data must leave the mean everywhere.
+    mean = (size + 1) / 2
+    for name, step in steps.items():
+        with torch.no_grad():
+            for t in tensors[name]:
+                t.fill_(rank + 1)
+        step()
+        if not all(torch.allclose(t, torch.full_like(t, mean)) for t in tensors[name]):
+            raise SystemExit(f"rank {rank}: {name} did not average (expected {mean})")
+    flat.copy_(torch.randn(n, generator=gen))
+    iters = {}  # per contender: the slowest rank's warm-up estimate, agreed by all
+    for name, step in steps.items():
+        world.Barrier()
+        iters[name] = choose_iters(world.allreduce(warm_up(step), op=mpi.MAX), args)
+    reps: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(args.repeats):
+        for name in h.rotated(list(steps), r):
+            world.Barrier()
+            reps[name].append(timed(steps[name], iters[name]))
+    world.Barrier()
+    return {c: {"iters": iters[c], "per_rank_s": world.gather(reps[c], root=0)} for c in steps}
+
+
 def worker(args: argparse.Namespace) -> int:
     import torch
 
@@ -104,125 +142,26 @@ def worker(args: argparse.Namespace) -> int:
     from hpc_asgd.comm import make_comm
 
     launch = env.detect()
-    nproc = os.cpu_count() or 1
-    torch.set_num_threads(max(1, nproc // max(1, launch.local_size)))
-    wanted = [c for c in DISTRIBUTED if c in args.contenders]
-    # Both engines live in this one job: gloo's process group bootstraps over MPI, and each
-    # engine sits idle (no progress thread spinning) while the other one is being timed.
-    comm_mpi = make_comm("mpi", launch, timeout=60.0)
-    comm_gloo = (
-        make_comm("gloo", launch, timeout=60.0)
-        if {"ours-gloo", "torch-averager"} & set(wanted)
-        else None
-    )
-    # Horovod (scripts/install_horovod.sh): its background thread runs only while it has work.
-    comm_hvd = make_comm("horovod", launch, timeout=60.0) if "ours-horovod" in wanted else None
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, launch.local_size)))
+    # Every engine lives in this one job: gloo's process group bootstraps over MPI, and each
+    # engine sits idle (no progress thread spinning) while another one is being timed;
+    # Horovod's background thread runs only while it has work.
+    wanted = set(args.contenders)
+    comms = {"mpi": make_comm("mpi", launch, timeout=60.0)}
+    if {"ours-gloo", "torch-averager"} & wanted:
+        comms["gloo"] = make_comm("gloo", launch, timeout=60.0)
+    if "ours-horovod" in wanted:
+        comms["horovod"] = make_comm("horovod", launch, timeout=60.0)
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
-    rank, size = world.Get_rank(), world.Get_size()
-    assert (comm_mpi.rank, comm_mpi.size) == (rank, size)
-
-    out: dict = {"ranks": size, "torch_threads": torch.get_num_threads(), "results": {}}
-    for size_name in args.sizes:
-        model_name, shape, classes, n = SIZES[size_name]
-        gen = torch.Generator().manual_seed(1234 + rank)
-        flat = torch.randn(n, generator=gen, dtype=torch.float32)
-        arr = flat.numpy()  # the same memory, seen by numpy
-
-        def ours_mpi(flat=flat):
-            comm_mpi.iallreduce_(flat).wait()
-            flat.div_(size)
-
-        def raw_mpi4py(arr=arr):
-            world.Iallreduce(MPI.IN_PLACE, arr, op=MPI.SUM).Wait()
-            arr /= size
-
-        def ours_blocking(flat=flat):
-            comm_mpi.allreduce_(flat)
-            flat.div_(size)
-
-        def raw_blocking(arr=arr):
-            world.Allreduce(MPI.IN_PLACE, arr, op=MPI.SUM)
-            arr /= size
-
-        def ours_horovod(flat=flat):
-            comm_hvd.iallreduce_(flat).wait()
-            flat.div_(size)
-
-        def ours_gloo(flat=flat):
-            comm_gloo.iallreduce_(flat).wait()
-            flat.div_(size)
-
-        steps = {
-            "ours-mpi": ours_mpi,
-            "raw-mpi4py": raw_mpi4py,
-            "ours-mpi-blocking": ours_blocking,
-            "raw-mpi4py-blocking": raw_blocking,
-            "ours-gloo": ours_gloo,
-            "ours-horovod": ours_horovod,
-        }
-        model = None
-        if "torch-averager" in wanted:
-            from torch.distributed.algorithms.model_averaging.averagers import (
-                PeriodicModelAverager,
-            )
-
-            from hpc_asgd.models import build_model
-
-            torch.manual_seed(1234 + rank)
-            model = build_model(model_name, shape, classes)
-            n_model = sum(p.numel() for p in model.parameters())
-            assert n_model == n, f"{model_name} has {n_model} parameters, expected {n}"
-            for p in model.parameters():  # torch averages only parameters that have a grad,
-                p.grad = torch.zeros_like(p)  # as they do after a training step's backward
-            averager = PeriodicModelAverager(period=1, warmup_steps=0)
-
-            def torch_averager(model=model, averager=averager):
-                averager.average_parameters(model.parameters())
-
-            steps["torch-averager"] = torch_averager
-        steps = {c: steps[c] for c in wanted}
-
-        # Correctness first: one round on rank-valued data must leave the mean everywhere.
-        mean = (size + 1) / 2
-        for name, step in steps.items():
-            tensors = list(model.parameters()) if name == "torch-averager" else [flat]
-            with torch.no_grad():
-                for t in tensors:
-                    t.fill_(rank + 1)
-            step()
-            tensors = list(model.parameters()) if name == "torch-averager" else [flat]
-            bad = [t for t in tensors if not torch.allclose(t, torch.full_like(t, mean))]
-            if bad:
-                raise SystemExit(f"rank {rank}: {name} did not average (expected {mean})")
-        flat.copy_(torch.randn(n, generator=gen))
-
-        # Warm up every contender and agree on its iterations (the slowest rank's estimate).
-        iters = {}
-        for name, step in steps.items():
-            world.Barrier()
-            per_call = world.allreduce(warm_up(step), op=MPI.MAX)
-            iters[name] = choose_iters(per_call, args.iters, args.target_s)
-        # Interleave: every repeat times each contender once, in an order rotated per repeat,
-        # so slow phases of a shared machine hit all contenders alike.
-        reps: dict[str, list[float]] = {name: [] for name in steps}
-        names = list(steps)
-        for r in range(args.repeats):
-            k = r % len(names)
-            for name in names[k:] + names[:k]:
-                world.Barrier()
-                reps[name].append(timed(steps[name], iters[name]))
-        world.Barrier()
-        res = out["results"][size_name] = {}
-        for name in names:
-            res[name] = {"iters": iters[name], "per_rank_s": world.gather(reps[name], root=0)}
-        del flat, arr, steps, model
-
+    assert (comms["mpi"].rank, comms["mpi"].size) == (world.Get_rank(), world.Get_size())
+    out: dict = {"ranks": world.Get_size(), "torch_threads": torch.get_num_threads()}
+    out["results"] = {s: measure(args, s, comms, world, MPI) for s in args.sizes}
     world.Barrier()
-    if rank == 0:
+    if world.Get_rank() == 0:
         print(MARK + json.dumps(out), flush=True)
-    if comm_gloo is not None:
+    if "gloo" in comms:
         import torch.distributed as dist
 
         dist.destroy_process_group()
@@ -230,158 +169,97 @@ def worker(args: argparse.Namespace) -> int:
 
 
 # ---- driver --------------------------------------------------------------------------------
-def copy_floor(n: int, repeats: int, fixed_iters: int, target_s: float, threads: int) -> dict:
+def copy_floor(n: int, args) -> dict:
     import torch
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(args.floor_threads)
     src = torch.randn(n, dtype=torch.float32)
     dst = torch.empty_like(src)
-
-    def step():
-        dst.copy_(src)
-
-    iters = choose_iters(warm_up(step), fixed_iters, target_s)
-    reps = [timed(step, iters) for _ in range(repeats)]
-    return {"iters": iters, "per_rank_s": [reps], "torch_threads": threads}
+    iters = choose_iters(warm_up(lambda: dst.copy_(src)), args)
+    reps = [timed(lambda: dst.copy_(src), iters) for _ in range(args.repeats)]
+    return {"iters": iters, "per_rank_s": [reps], "torch_threads": args.floor_threads}
 
 
 def launch_job(args: argparse.Namespace, ranks: int) -> tuple[dict, list[str]]:
-    cmd = [
-        mpirun_exe(args.mpirun),
-        "-n",
-        str(ranks),
-        "--oversubscribe",
-        "--bind-to",
-        "none",
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--worker",
-        "--sizes",
-        *args.sizes,
-        "--contenders",
-        *args.contenders,
-        "--repeats",
-        str(args.repeats),
-        "--iters",
-        str(args.iters),
-        "--target-s",
-        str(args.target_s),
-    ]
+    cmd = [h.mpirun_exe(args.mpirun), "-n", str(ranks), "--oversubscribe", "--bind-to", "none"]
+    cmd += [sys.executable, str(Path(__file__).resolve()), "--worker", "--sizes", *args.sizes]
+    cmd += ["--contenders", *args.contenders, "--repeats", str(args.repeats)]
+    cmd += ["--iters", str(args.iters), "--target-s", str(args.target_s)]
     t0 = time.monotonic()
-    proc = run_tree(cmd, args.job_timeout, mpi_env())
-    if proc is None:
-        sys.exit(f"allreduce.py: {shlex.join(cmd)} ran past --job-timeout {args.job_timeout} s")
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
-    if proc.returncode != 0 or len(lines) != 1:
-        sys.stderr.write(proc.stdout + proc.stderr)
-        sys.exit(f"allreduce.py: {shlex.join(cmd)} failed (rc {proc.returncode})")
+    out = h.result_line(h.run_child(cmd, args.job_timeout, h.mpi_env()), MARK)
+    if out is None:
+        sys.exit(f"allreduce.py: {shlex.join(cmd)} printed no result")
     print(f"  mpirun -n {ranks}: {time.monotonic() - t0:.1f} s", flush=True)
-    return json.loads(lines[0][len(MARK) :]), cmd
+    return out, cmd
 
 
-def summarise(entry: dict) -> None:
+def summarise(entry: dict) -> dict:
     """Per repeat, the slowest rank's time; then the median (and range) over repeats."""
     per_rep = [max(col) for col in zip(*entry["per_rank_s"], strict=True)]
-    entry["per_repeat_s"] = per_rep
-    entry["median_s"] = statistics.median(per_rep)
-    entry["min_s"], entry["max_s"] = min(per_rep), max(per_rep)
-
-
-GOALS = (
-    ("ours-mpi", "raw-mpi4py"),
-    ("ours-mpi-blocking", "raw-mpi4py-blocking"),
-    ("ours-gloo", "torch-averager"),
-    ("ours-mpi", "torch-averager"),
-    ("ours-horovod", "ours-mpi"),
-    ("ours-horovod", "ours-gloo"),
-)
+    entry.update(per_repeat_s=per_rep, median_s=statistics.median(per_rep))
+    entry.update(min_s=min(per_rep), max_s=max(per_rep))
+    return entry
 
 
 def ratios(row: dict[str, dict]) -> dict[str, dict[str, float]]:
     """``ratio_of_medians``; for contenders timed in the same job also ``paired``: the median
     over repeats of the per-repeat ratio (both timed back to back, so a noisy phase cancels)."""
     out = {}
-    pairs = [*GOALS, ("ours-mpi-blocking", "torch-averager")]
-    pairs += [(c, "copy-floor") for c in DISTRIBUTED]
-    for num, den in pairs:
+    for num, den in PAIRS:
         if num in row and den in row:
             r = {"ratio_of_medians": row[num]["median_s"] / row[den]["median_s"]}
-            if den != "copy-floor":
-                per = [
-                    a / b
-                    for a, b in zip(row[num]["per_repeat_s"], row[den]["per_repeat_s"], strict=True)
-                ]
-                r["paired"] = statistics.median(per)
             out[f"{num} / {den}"] = r
+            if den != "copy-floor":
+                r["paired"] = h.paired(row[num]["per_repeat_s"], row[den]["per_repeat_s"])
     return out
 
 
 def markdown(report: dict) -> str:
-    v = report["versions"]
     shown = [c for c in CONTENDERS if any(c in row for row in report["results"].values())]
+
+    def ms(e: dict) -> str:
+        return f"{e['median_s'] * 1e3:.3g} [{e['min_s'] * 1e3:.3g}-{e['max_s'] * 1e3:.3g}]"
+
+    rows = []
+    for key, row in report["results"].items():
+        ranks, size = key.split("x", 1)
+        rows.append(
+            [ranks, size, f"{SIZES[size][3]:,}", *(ms(row[c]) if c in row else "-" for c in shown)]
+        )
+    names = [f"{a} / {b}" for a, b in PAIRS if b != "copy-floor" or a in shown]
+
+    def cell(r: dict) -> str:
+        return f"{r['ratio_of_medians']:.2f}" + (f" ({r['paired']:.2f})" if "paired" in r else "")
+
+    ratio_rows = [
+        [*key.split("x", 1), *(cell(r[k]) if k in r else "-" for k in names)]
+        for key, r in report["ratios"].items()
+    ]
+    a, jobs = report["args"], report["jobs"]
+    iters = "; ".join(
+        f"{key}: " + ", ".join(f"{c} {e['iters']}" for c, e in row.items())
+        for key, row in report["results"].items()
+    )
     lines = [
-        "# Allreduce: time per model-averaging round",
-        "",
-        f"Command: `{report['command']}`",
-        "",
-        f"Host `{report['hostname']}`, {report['nproc']} cores, {report['date']}; "
-        f"torch {v['torch']}, mpi4py {v['mpi4py']}, {v['mpi_library'].split(',')[0]}, "
-        f"Python {v['python']}; wall time {report['wall_s']} s.",
-        "",
+        *h.header(report, "Allreduce: time per model-averaging round"),
         "Median over repeats of the mean time per round, in ms (a repeat counts the slowest "
         "rank); [min-max] over repeats below each.",
         "",
-        "| ranks | buffer | floats | " + " | ".join(shown) + " |",
-        "|---:|---|---:|" + "---:|" * len(shown),
-    ]
-    for key, row in report["results"].items():
-        ranks, size_name = key.split("x", 1)
-        cells = [
-            f"{row[c]['median_s'] * 1e3:.3g} [{row[c]['min_s'] * 1e3:.3g}-"
-            f"{row[c]['max_s'] * 1e3:.3g}]"
-            if c in row
-            else "-"
-            for c in shown
-        ]
-        head = f"| {ranks} | {size_name} | {SIZES[size_name][3]:,} | "
-        lines.append(head + " | ".join(cells) + " |")
-    names = [f"{a} / {b}" for a, b in GOALS]
-    names += ["ours-mpi-blocking / torch-averager"]
-    names += [f"{c} / copy-floor" for c in DISTRIBUTED if c in shown]
-    lines += [
+        *h.table(["ranks", "buffer", "floats", *shown], rows, "rlr"),
         "",
         "Ratios of the medians; in brackets the paired ratio (median over repeats of the "
         "ratio of two contenders timed back to back). Goals: ours-mpi / raw-mpi4py <= 1.10, "
         "ours-mpi-blocking / raw-mpi4py-blocking <= 1.10, "
         "ours-gloo / torch-averager < 1, ours-mpi / torch-averager < 1.",
         "",
-        "| ranks | buffer | " + " | ".join(names) + " |",
-        "|---:|---|" + "---:|" * len(names),
-    ]
-    for key, r in report["ratios"].items():
-        ranks, size_name = key.split("x", 1)
-        cells = []
-        for k in names:
-            if k not in r:
-                cells.append("-")
-            elif "paired" in r[k]:
-                cells.append(f"{r[k]['ratio_of_medians']:.2f} ({r[k]['paired']:.2f})")
-            else:
-                cells.append(f"{r[k]['ratio_of_medians']:.2f}")
-        lines.append(f"| {ranks} | {size_name} | " + " | ".join(cells) + " |")
-    iters = {key: {c: e["iters"] for c, e in row.items()} for key, row in report["results"].items()}
-    lines += [
+        *h.table(["ranks", "buffer", *names], ratio_rows, "rlr"),
         "",
-        f"Repeats: {report['args']['repeats']}. Iterations per repeat (chosen so a repeat "
-        f"takes about {report['args']['target_s']} s unless `--iters` is given): "
-        + "; ".join(
-            f"{k}: " + ", ".join(f"{c} {i}" for c, i in row.items()) for k, row in iters.items()
-        )
-        + ".",
+        f"Repeats: {a['repeats']}. Iterations per repeat (chosen so a repeat takes about "
+        f"{a['target_s']} s unless `--iters` is given): {iters}.",
         "",
         f"`copy-floor`: `dst.copy_(src)` of the buffer in one process with "
-        f"{report['args']['floor_threads']} torch thread(s); every rank runs "
-        f"{report['jobs'][0]['torch_threads'] if report['jobs'] else '?'} torch thread(s). "
+        f"{a['floor_threads']} torch thread(s); every rank runs "
+        f"{jobs[0]['torch_threads'] if jobs else '?'} torch thread(s). "
         "`ours-mpi-blocking` is the round the synchronisers run (`comm.allreduce_`: "
         "`MPI_Allreduce` under the watchdog's deadline); `raw-mpi4py-blocking` is "
         "`MPI.Allreduce` on the same buffer.",
@@ -391,61 +269,33 @@ def markdown(report: dict) -> str:
 
 
 def driver(args: argparse.Namespace, argv: list[str]) -> int:
-    started = time.monotonic()
-    command = shlex.join(["python", "benchmarks/allreduce.py", *argv])
-    print(f"allreduce benchmark: {command}", flush=True)
+    report = h.new_report("allreduce", argv, args)
     if "ours-horovod" in args.contenders and importlib.util.find_spec("horovod") is None:
         print("  ours-horovod skipped: Horovod is not installed (scripts/install_horovod.sh)")
         args.contenders = [c for c in args.contenders if c != "ours-horovod"]
     floor = {}
     if "copy-floor" in args.contenders:
-        for size_name in args.sizes:
-            n = SIZES[size_name][3]
-            floor[size_name] = copy_floor(
-                n, args.repeats, args.iters, args.target_s, args.floor_threads
-            )
-            summarise(floor[size_name])
+        floor = {s: summarise(copy_floor(SIZES[s][3], args)) for s in args.sizes}
         print("  copy floor measured", flush=True)
-
     results: dict[str, dict] = {}
     jobs = []
-    distributed = [c for c in args.contenders if c in DISTRIBUTED]
     for ranks in args.ranks:
-        out: dict = {"results": {}, "torch_threads": None}
-        if distributed:
+        out: dict = {"results": {}}
+        if any(c in DISTRIBUTED for c in args.contenders):
             out, cmd = launch_job(args, ranks)
-            jobs.append(
-                {"ranks": ranks, "command": shlex.join(cmd), "torch_threads": out["torch_threads"]}
-            )
+            jobs.append({"ranks": ranks, "command": shlex.join(cmd)})
+            jobs[-1]["torch_threads"] = out["torch_threads"]
         for size_name in args.sizes:
-            row = results[f"{ranks}x{size_name}"] = {}
-            for name, entry in out["results"].get(size_name, {}).items():
-                summarise(entry)
-                row[name] = entry
+            row = out["results"].get(size_name, {})
+            row = {name: summarise(entry) for name, entry in row.items()}
             if size_name in floor:
                 row["copy-floor"] = floor[size_name]
-
-    report = {
-        "benchmark": "allreduce",
-        "command": command,
-        "args": vars(args),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "hostname": socket.gethostname(),
-        "nproc": os.cpu_count(),
-        "versions": versions(mpi=True),
-        "sizes": {k: v[3] for k, v in SIZES.items() if k in args.sizes},
-        "jobs": jobs,
-        "results": results,
-        "ratios": {key: ratios(row) for key, row in results.items()},
-        "wall_s": round(time.monotonic() - started, 1),
-    }
-    out_dir = ROOT / args.out  # an absolute --out stays as given
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "allreduce.json").write_text(json.dumps(report, indent=2) + "\n")
-    md = markdown(report)
-    (out_dir / "allreduce.md").write_text(md)
-    print(md)
-    print(f"wrote {out_dir / 'allreduce.json'} and {out_dir / 'allreduce.md'}")
+            results[f"{ranks}x{size_name}"] = row
+    report["sizes"] = {k: v[3] for k, v in SIZES.items() if k in args.sizes}
+    report["jobs"] = jobs
+    report["results"] = results
+    report["ratios"] = {key: ratios(row) for key, row in results.items()}
+    h.write_report(report, markdown, "allreduce", mpi=True)
     return 0
 
 
@@ -454,18 +304,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     p.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
     p.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument(
-        "--iters",
-        type=int,
-        default=0,
-        help="rounds per repeat; 0 (default) picks them so a repeat takes ~--target-s",
+    h.options(
+        p,
+        ("--repeats", 5),
+        ("--iters", 0, "rounds per repeat; 0 (default) picks them so a repeat takes ~--target-s"),
+        ("--target-s", 0.5),
+        h.OUT,
+        ("--floor-threads", 1, "torch threads of copy-floor"),
+        h.MPIRUN,
+        ("--job-timeout", 600.0),
     )
-    p.add_argument("--target-s", type=float, default=TARGET_S)
-    p.add_argument("--out", default="benchmarks/results", help="relative to the repository")
-    p.add_argument("--floor-threads", type=int, default=1, help="torch threads of copy-floor")
-    p.add_argument("--mpirun", default=None, help="mpirun to use (default: the venv's, or PATH)")
-    p.add_argument("--job-timeout", type=float, default=600.0)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.repeats < 1 or args.iters < 0 or min(args.ranks) < 2:
