@@ -279,6 +279,7 @@ class Checkpointer:
             ):
                 os.kill(os.getpid(), signal.SIGKILL)
 
+        assert self.root is not None  # callers save only with checkpointing on (at() says so)
         folder = save(
             self.root, step, self.comm, state, self.run, before_commit=killed_while_writing
         )
@@ -334,13 +335,15 @@ class Checkpointer:
 
     def _newest(self) -> dict | None:
         """This run's newest checkpoint every rank reads; older ones past unreadable ones."""
+        assert self.root is not None  # resume() looks only with checkpointing on
         mine = self.run[0]
         bound = math.inf
         err = None
         while True:
             # Agree on the step (each rank lists the folder itself: listings may lag on a
             # shared file system): MAX of minus the newest below ``bound`` = the MIN of them.
-            steps = [s for s in map(_parse, complete(self.root, mine)) if s[0] < bound]
+            parsed = map(_parse, complete(self.root, mine))  # complete() lists parsed names only
+            steps = [s for s in parsed if s is not None and s[0] < bound]
             cand = torch.tensor([-(steps[-1][0] if steps else -1.0)], dtype=torch.float64)
             self.comm.allreduce_(cand, op="max")
             step = -int(cand[0])
@@ -375,6 +378,7 @@ class Checkpointer:
         failed = torch.tensor([float(state is None)], dtype=torch.float64)
         self.comm.allreduce_(failed, op="max")
         if not bool(failed[0]):
+            assert state is not None  # no rank failed, this one included
             if self.comm.rank == 0:  # the log of a requeued job says where it went on from
                 print(f"hpc-asgd: resuming from node step {state['step']} ({folder})", flush=True)
             return state, None

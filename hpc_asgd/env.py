@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 
@@ -64,7 +65,7 @@ def _int(env: dict[str, str], *names: str) -> int | None:
     return None
 
 
-def _mpi_pmi_present(env: dict[str, str]) -> bool:
+def _mpi_pmi_present(env: Mapping[str, str]) -> bool:
     return any(k.startswith(("PMI_", "PMIX_")) for k in env)
 
 

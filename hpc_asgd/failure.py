@@ -55,9 +55,10 @@ def record(launch: Launch, err: BaseException, line: str, step: int | None) -> d
         "slurm_job_id": launch.slurm_job_id,
     }
     worker = getattr(err, "worker", None)
-    if worker is not None:  # a worker died, raised or stalled: its own facts
-        code = err.exitcode
-        rec.update(worker=worker, pid=err.pid, exit_code=code)  # None: it was still running
+    if worker is not None:  # a worker died, raised or stalled (WorkerError): its own facts
+        code = getattr(err, "exitcode", None)
+        # exit_code None: it was still running
+        rec.update(worker=worker, pid=getattr(err, "pid", None), exit_code=code)
         if code is not None and code < 0:
             rec.update(exit_code=None, signal=signal.Signals(-code).name)
     return rec

@@ -46,9 +46,9 @@ class FlatModel:
         self.n_buffers = sum(b.numel() for _, _, b in buffers)
         n = self.n_params + self.n_buffers
         adopt = data is not None
-        if adopt and data.numel() != n:
+        if data is not None and data.numel() != n:
             raise ValueError(f"flat buffer has {data.numel()} elements, the model needs {n}")
-        self.data = data if adopt else torch.zeros(n, dtype=torch.float32, device=device)
+        self.data = data if data is not None else torch.zeros(n, dtype=torch.float32, device=device)
         self.grad = torch.zeros(self.n_params, dtype=torch.float32, device=device)
         if shared and not adopt:
             self.data.share_memory_()

@@ -34,6 +34,7 @@ class FlatSGD:
         if self.weight_decay:
             d = d.add_(params, alpha=self.weight_decay)
         if self.momentum:
+            assert self.buf is not None  # made above on the first step
             buf = self.buf if block is None else self.buf[block]
             buf.mul_(self.momentum).add_(d)
             d = d.add_(buf, alpha=self.momentum) if self.nesterov else buf

@@ -12,8 +12,16 @@ default action it would kill the rank with nothing saved, and SLURM would not re
 from __future__ import annotations
 
 import signal
+from typing import Any, TypedDict
 
-_state = {"usr1": False, "installed": False, "old": {}}
+
+class _State(TypedDict):
+    usr1: bool
+    installed: bool
+    old: dict[signal.Signals, Any]  # the handlers ``install`` replaced
+
+
+_state: _State = {"usr1": False, "installed": False, "old": {}}
 
 
 class StoppedError(Exception):
@@ -41,7 +49,7 @@ def install() -> bool:
         signal.SIGTERM: signal.signal(signal.SIGTERM, _on_sigterm),
         signal.SIGUSR1: signal.signal(signal.SIGUSR1, _on_usr1),
     }
-    _state.update(installed=True, usr1=False)
+    _state.update({"installed": True, "usr1": False})
     return True
 
 
@@ -49,4 +57,4 @@ def restore() -> None:
     """Put back the handlers ``install`` replaced (library callers of ``train.run``)."""
     for sig, old in _state["old"].items():
         signal.signal(sig, old)
-    _state.update(installed=False, old={})
+    _state.update({"installed": False, "old": {}})

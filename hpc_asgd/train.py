@@ -16,6 +16,7 @@ evaluation follow as usual.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -93,12 +94,19 @@ def _run(cfg: Config, launch: Launch, comm: Comm | None, tracker: Tracker) -> di
     if device.type == "cuda":
         device = torch.device("cuda", launch.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
-    load = {"verify": d.verify, "synthetic_size": d.synthetic_size, "seed": r.seed}
+    load = functools.partial(
+        load_dataset,
+        d.dataset,
+        d.data_dir,
+        verify=d.verify,
+        synthetic_size=d.synthetic_size,
+        seed=r.seed,
+    )
     if d.download:  # rank 0 fetches (once, onto the shared file system); the others wait
         if comm.rank == 0:
-            load_dataset(d.dataset, d.data_dir, download=True, **load)
+            load(download=True)
         comm.barrier()
-    data = load_dataset(d.dataset, d.data_dir, download=False, **load)
+    data = load(download=False)
     torch.manual_seed(r.seed)
     model = build_model(cfg.model.model, data.input_shape, data.num_classes)
     spawn = spawns_workers(cfg)

@@ -20,11 +20,13 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.multiprocessing as mp
 
 from hpc_asgd import worker_entry
+from hpc_asgd.data import Dataset
 from hpc_asgd.driver import Events, Job
 from hpc_asgd.env import Launch
 from hpc_asgd.errors import HpcAsgdError
@@ -32,6 +34,9 @@ from hpc_asgd.flat import FlatModel
 from hpc_asgd.models import build_model
 from hpc_asgd.rules.base import AtomicArray, UpdateRule
 from hpc_asgd.stats import check_finite
+
+if TYPE_CHECKING:
+    from multiprocessing.queues import SimpleQueue
 
 # Control cells: next unclaimed node step, steps done, the limit workers may not pass (0 until
 # every worker is ready, so that none starts seconds ahead), stop request, workers ready.
@@ -77,7 +82,7 @@ class WorkerSpec:
     launch: Launch
     rank: int
     world: int
-    data: object  # hpc_asgd.data.Dataset
+    data: Dataset
     flat_data: torch.Tensor  # the rank's shared flat buffer
     rule: UpdateRule
     ctl: AtomicArray
@@ -85,7 +90,8 @@ class WorkerSpec:
     total: int
     threads: int
     device: str
-    errors: object  # a spawn-context SimpleQueue of (worker, message): written synchronously
+    # a spawn-context SimpleQueue of (worker, message): written synchronously
+    errors: SimpleQueue[tuple[int, str]]
     # (W,) int64, shared: 1 + the node step each worker is in, 0 between steps (WorkerPool sets it)
     busy: torch.Tensor | None = None
 
@@ -129,6 +135,7 @@ def worker_main(index: int, spec: WorkerSpec) -> None:
             slow_factor(cfg, spec.rank),
         )
         model.train()
+        assert spec.busy is not None  # WorkerPool set it before spawning
         busy = spec.busy.numpy()
         spec.ctl[READY].inc()
         while (s := claim(spec.ctl, spec.total)) is not None:
@@ -211,6 +218,7 @@ class WorkerPool:
         only if it lasted throughout."""
         now = time.monotonic() if now is None else now
         ctl, limit = self.spec.ctl, self.stall_timeout
+        assert self.spec.busy is not None  # set in __init__
         busy = self.spec.busy.tolist()
         # Any change restarts the node's clock (a worker inside a step has a clock of its own).
         node = (ctl[DONE].load(), ctl[LIMIT].load(), *busy)

@@ -36,6 +36,8 @@ fi
 echo "[test] ruff"
 ruff check hpc_asgd tests benchmarks scripts
 ruff format --check hpc_asgd tests benchmarks scripts
+echo "[test] mypy"
+python -m mypy  # [tool.mypy] in pyproject.toml: basic checks of hpc_asgd
 
 echo "[test] pytest"
 exec python -m pytest -q -p no:cacheprovider "$@"

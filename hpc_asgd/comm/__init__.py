@@ -38,7 +38,7 @@ def make_comm(engine: str, launch: Launch, timeout: float) -> Comm:
             raise ConfigError(f"comm: 'mpi' needs mpi4py ({e}); pip install 'hpc_asgd[mpi]'") from e
         mpi_module()  # MPI_Init: the launcher's own start-up, before any deadline of ours
         _startup_fault(launch)
-        comm = MpiComm(timeout=timeout)
+        comm: Comm = MpiComm(timeout=timeout)
         if comm.size != launch.size:
             raise ConfigError(
                 f"comm: MPI sees {comm.size} rank(s) but the launcher said {launch.size}: "

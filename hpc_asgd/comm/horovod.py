@@ -96,7 +96,7 @@ class HorovodWork:
     def __init__(self, comm: HorovodComm, handle: int, seq: int, what: str, after=None):
         self.comm, self.handle, self.seq, self.what, self.after = comm, handle, seq, what, after
         self.done = False
-        self.result = None
+        self.result: torch.Tensor | None = None  # set by _finish (allgather's output)
 
     def _finish(self) -> None:
         hvd = _hvd()
@@ -268,6 +268,7 @@ class HorovodComm:
 
         work = self._post("allgather", start, lambda out: out.to(t.device))
         work.wait()
+        assert work.result is not None  # wait() returned: _finish set it
         return work.result
 
     def barrier(self, timeout: float | None = None) -> None:
@@ -284,7 +285,7 @@ class HorovodComm:
     # ---- groups --------------------------------------------------------------------------
     def split(self, color: int, key: int) -> HorovodComm:
         pairs = self.allgather(torch.tensor([color, key], dtype=torch.int64)).tolist()
-        groups = {}
+        groups: dict[int, list[tuple[int, int]]] = {}
         for i, (c, k) in enumerate(pairs):
             groups.setdefault(c, []).append((k, self.members[i]))
         # Horovod sorts a set's ranks: members in ascending global rank, whatever the keys.

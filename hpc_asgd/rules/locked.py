@@ -49,6 +49,7 @@ class Locked(RuleDefaults):
     def read(self) -> torch.Tensor:
         if self.local is None:
             self.attach(0)
+        assert self.local is not None  # attach() made it
         waited = self._acquire()
         try:
             self.local.copy_(self.params)

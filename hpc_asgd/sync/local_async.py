@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hpc_asgd.comm import Comm
+from hpc_asgd.comm import Comm, Work
 from hpc_asgd.flat import FlatModel
 from hpc_asgd.registry import SYNCHRONIZERS
 from hpc_asgd.rules.base import UpdateRule
@@ -55,7 +55,7 @@ class LocalAsync(Periodic):
         self.round = AsyncRound(own, flat, rule)
         self.agree_comm = own
         self.agree_buf = torch.zeros(2, dtype=torch.float64)  # [node steps, still training]
-        self.agree = None
+        self.agree: Work | None = None
         self.agree_posted = 0.0
         self.next = self._k(0)
         self.over = False
