@@ -20,6 +20,7 @@ import tomllib
 from hpc_asgd.errors import ConfigError
 from hpc_asgd.registry import SYNCHRONIZERS, UPDATE_RULES
 
+FILE_DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100", "imagenet")  # need --data-dir
 SCHEDULES = ("constant", "step", "cosine")
 DEVICES = ("cpu", "cuda")
 
@@ -312,10 +313,7 @@ class Config:
             raise ConfigError("checkpoint_dir: checkpoints and --resume auto need --checkpoint-dir")
         if r.slow_factor < 1:
             raise ConfigError(f"slow_factor: must be >= 1, got {r.slow_factor}")
-        if (
-            d.dataset in ("mnist", "fashion-mnist", "cifar10", "cifar100", "imagenet")
-            and not d.data_dir
-        ):
+        if d.dataset in FILE_DATASETS and not d.data_dir:
             raise ConfigError(f"data_dir: dataset {d.dataset!r} needs --data-dir")
         if r.device == "cuda":
             import torch
@@ -328,7 +326,8 @@ class Config:
         exist do, and the output folders can be written (created if missing, then probed),
         so that a run never trains for hours to fail at its first write."""
         d, r = self.data, self.run
-        if d.data_dir and not d.download and not Path(d.data_dir).is_dir():
+        # digits and synthetic read no files: a --data-dir given to them (a sweep may) is unused
+        if d.dataset in FILE_DATASETS and not d.download and not Path(d.data_dir or "").is_dir():
             raise ConfigError(f"data_dir: no such folder {d.data_dir} (add --download?)")
         if r.resume not in (None, "auto") and not (Path(r.resume) / "manifest.json").is_file():
             raise ConfigError(

@@ -108,7 +108,7 @@ CASES = {
         "no-such-folder",
         "local-sgd",
         {"MODEL": "mlp", "ALGO": "local-sgd"},
-        error="cifar-100-python: not found",
+        error="hpc-asgd: error: data_dir: no such folder",  # refused before the engine starts
     ),
     "error-group-size": Case(
         "cifar10_hier_avg.sh",
