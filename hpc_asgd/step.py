@@ -106,10 +106,13 @@ class Stepper:
             t_hook = time.perf_counter() - t_hook
         row = self.stats
         row[STEPS] += 1
-        # A non-finite step is skipped before it reaches the momentum or the model (one pass
-        # over the gradient, (n_params,), well below the backward's cost). Under sync the test
-        # is on the averaged gradient, identical on every rank: all skip together.
-        if not bool(torch.isfinite(grad if block is None else grad[block]).all()):
+        # A non-finite step is skipped before it reaches the momentum or the model. The test
+        # is one reduction over the gradient, (n_params,): its sum is NaN or infinite when an
+        # element is (a finite sum overflows only for gradients near float32's limit, which
+        # is divergence too); isfinite().all() measured 30x slower (0.3 ms for 118k
+        # parameters, a bool tensor of n elements). Under sync the test is on the averaged
+        # gradient, identical on every rank: all skip together.
+        if not math.isfinite(float((grad if block is None else grad[block]).sum())):
             row[NONFINITE] += 1
             row[NF_FIRST] = row[NF_FIRST] or s + 1
             row[NF_LAST] = s + 1
