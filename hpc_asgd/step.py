@@ -76,8 +76,9 @@ class Stepper:
         self.epoch_cached = -1
         self.batches: list[torch.Tensor] = []
 
-    def step(self, s: int, poison: bool = False) -> None:
-        """Node step ``s``; ``poison`` (fault injection) makes its loss NaN."""
+    def step(self, s: int, poison: bool = False) -> bool:
+        """Node step ``s``; False if it was skipped for a non-finite loss or gradient.
+        ``poison`` (fault injection) makes its loss NaN."""
         t0 = time.perf_counter()
         e, i = divmod(s, self.spe)
         if e != self.epoch_cached:
@@ -116,7 +117,7 @@ class Stepper:
             row[NONFINITE] += 1
             row[NF_FIRST] = row[NF_FIRST] or s + 1
             row[NF_LAST] = s + 1
-            return
+            return False
         d = self.opt.direction(p, grad, block)
         res = self.rule.apply(d, self.sched(s / self.spe), block)
         row[APPLIED if res.applied else DROPPED] += 1
@@ -126,6 +127,7 @@ class Stepper:
         row[TRIES0 + bin_of(res.tries - 1)] += 1
         if self.slow > 1:  # sleep in proportion to the step's own work, not its comm wait
             time.sleep((self.slow - 1) * (time.perf_counter() - t0 - t_hook))
+        return True
 
 
 def slow_factor(cfg: Config, rank: int) -> float:

@@ -35,6 +35,7 @@ from hpc_asgd.env import Launch, is_tty
 from hpc_asgd.evaluate import Evaluator
 from hpc_asgd.flat import FlatModel
 from hpc_asgd.models import build_model
+from hpc_asgd.registry import SYNCHRONIZERS
 from hpc_asgd.rules import make_rule
 from hpc_asgd.stats import NSTATS, check_finite
 from hpc_asgd.step import Stepper, inject, slow_factor
@@ -48,8 +49,6 @@ def spawns_workers(cfg: Config) -> bool:
     """Whether the rank spawns worker processes (sharing its model through the update rule)
     or takes every step itself (W = 1: no update rule in play). A synchroniser that averages
     in the rank's main process while training goes on (local-async) needs workers."""
-    from hpc_asgd.registry import SYNCHRONIZERS
-
     w = cfg.workers
     return w.workers > 1 or w.spawn_workers or SYNCHRONIZERS.get(cfg.sync.algo).needs_workers
 
@@ -189,8 +188,8 @@ def _train_in_process(job: Job) -> float:
     flat.module.train()
     for s in range(start, job.total):
         job.tracker.step = s + 1  # node steps are named 1-based, as in the error lines
-        stepper.step(s, poison=inject(job.launch.fault, comm.rank, s))
-        check_finite(job.stats, job.cfg.run.max_nonfinite, job.cfg.optim.lr)
+        if not stepper.step(s, poison=inject(job.launch.fault, comm.rank, s)):
+            check_finite(job.stats, job.cfg.run.max_nonfinite, job.cfg.optim.lr)
         ev.complete(wait=False)
         events.round(s + 1)
         if sync.overlaps:  # the rounds' own cost (snapshot, progress, delta) stalls the steps

@@ -200,13 +200,15 @@ class WorkerPool:
                 f"rank {self.spec.rank} worker {i} (pid {p.pid}) {what}", i, p.pid, code
             )
 
-    def poll(self, every: float = 0.05) -> None:
+    def poll(self, every: float = 0.05) -> bool:
         """:meth:`check` and :meth:`watch`, at most once per ``every`` seconds (the
-        supervisor's loop is hot)."""
-        if time.monotonic() - self.checked > every:
-            self.check()
-            self.watch()
-            self.checked = time.monotonic()
+        supervisor's loop is hot); True when they ran."""
+        if time.monotonic() - self.checked <= every:
+            return False
+        self.check()
+        self.watch()
+        self.checked = time.monotonic()
+        return True
 
     def watch(self, now: float | None = None) -> None:
         """Raise WorkerError when node steps stopped for ``stall_timeout`` s: a worker has been
@@ -333,8 +335,8 @@ def train_workers(job: Job, ctx) -> float:
         ctl[LIMIT].store(events.next)
         pace = _Pace(cap=1e-3 if sync.overlaps else 2e-2)
         while True:
-            pool.poll()
-            check_finite(job.stats, cfg.run.max_nonfinite, cfg.optim.lr)
+            if pool.poll():  # the workers' divergence count, at the same (throttled) pace
+                check_finite(job.stats, cfg.run.max_nonfinite, cfg.optim.lr)
             event = events.next
             done = job.tracker.step = ctl[DONE].load()
             ev.complete(wait=False)
