@@ -33,7 +33,8 @@ import _harness as h
 from peers.ddp import MARK as PEER_MARK
 
 OURS = ("sync", "local-sgd", "local-async", "lasgd", "hier-avg", "hier-avg-nb")
-KEEPING = ("local-async-keep", "lasgd-keep")  # not run unless named in --contenders
+# fixed steps per rank (--budget rank, the old default): not run unless named in --contenders
+RANKED = ("local-async-rank", "lasgd-rank")
 BASELINES = ("none", "none-spawn", "single")
 PEERS = ("torch-ddp", "torch-postlocal", "torch-hier")
 CONTENDERS = (*OURS, *BASELINES, *PEERS)
@@ -42,15 +43,15 @@ SLOW_RANK, SLOW_FACTOR = 1, 2.0
 VARIANT = {False: "even", True: "slow"}  # a run's key: contender|variant
 LINKS = ("uncapped", "one-capped", "all-capped")  # --nodes: the link settings
 NODE_CONTENDERS = ("sync", "local-sgd", "local-async", "lasgd", "hier-avg", "torch-ddp")
-NONBLOCKING = ("local-async", "lasgd", "hier-avg-nb", *KEEPING)
+NONBLOCKING = ("local-async", "lasgd", "hier-avg-nb", *RANKED)
 PEER_SCRIPT = str(Path(__file__).resolve().parent / "peers" / "ddp.py")
 WHAT = {
     "sync": "`--algo sync` (gradient allreduce every step)",
     "local-sgd": "`--algo local-sgd --period K` (blocking)",
     "local-async": "`--algo local-async --period K` (W=1 spawned worker)",
     "lasgd": "`--algo lasgd --period K`",
-    "local-async-keep": "local-async as above, `--keep-training`",
-    "lasgd-keep": "lasgd as above, `--keep-training`",
+    "local-async-rank": "local-async as above, `--budget rank` (fixed steps per rank)",
+    "lasgd-rank": "lasgd as above, `--budget rank` (fixed steps per rank)",
     "hier-avg": "`--algo hier-avg --group-size S --local-period K1 --global-period K/K1`",
     "hier-avg-nb": "hier-avg as above, `--hier-mode nonblocking`",
     "none": "`--algo none` (no averaging, in process)",
@@ -103,7 +104,7 @@ def capped_links(nodes: list[str], rate: str):
 def ours_flags(name: str, args: argparse.Namespace) -> dict:
     hier = {"algo": "hier-avg", "group-size": args.group_size, "local-period": args.local_period}
     hier["global-period"] = args.period // args.local_period
-    base = name.removesuffix("-keep")
+    base = name.removesuffix("-rank")
     return {
         "hier-avg": hier,
         "hier-avg-nb": {**hier, "hier-mode": "nonblocking"},
@@ -112,7 +113,7 @@ def ours_flags(name: str, args: argparse.Namespace) -> dict:
     }.get(name) or {
         "algo": base,
         "period": args.period if base in ("local-sgd", "local-async", "lasgd") else None,
-        "keep-training": name in KEEPING,
+        "budget": "rank" if name in RANKED else None,
     }
 
 
@@ -183,7 +184,7 @@ def launch(args: argparse.Namespace, name: str, variant: str, tmp: Path) -> dict
     res["train_to_target_s"] = tta - setup if tta is not None and setup is not None else None
     train = res.get("train_s_per_rank")
     res["job_train_s"] = res["samples_processed"] / res["samples_per_s"]
-    # each rank's own samples: the same for all, unless --keep-training gave some extra steps
+    # each rank's own samples: they differ under the job budget (a fast rank takes more steps)
     extra = res.get("extra_steps") or [0] * ranks
     per_rank = [(res["steps_per_rank"] + x) * args.batch_size for x in extra]
     res["aggregate_samples_per_s"] = (
@@ -237,7 +238,7 @@ def goals(report: dict) -> list[dict]:
             text = f"{link}: {algo} keeps {op} {t} of its uncapped samples/s"
             out.append(goal(text, (algo, link), (algo, "uncapped"), "samples_per_s", op, t))
     if not a["nodes"]:  # the 2-rank goals compare runs that --nodes jobs do not have
-        for algo in ("local-async", "lasgd", *KEEPING):
+        for algo in ("local-async", "lasgd", *RANKED):
             agg = r((algo, "slow"), ("sync", "slow"), "aggregate_samples_per_s")
             out.append(goal(
                 f"2x straggler: {algo} samples/s >= 1.45x sync's (1.5x ideal)", (algo, True),
@@ -472,8 +473,8 @@ def driver(args: argparse.Namespace, argv: list[str]) -> int:
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
-        "--contenders", nargs="+", choices=(*CONTENDERS, *KEEPING),
-        help="default: all but the -keep ones; with --nodes: " + " ".join(NODE_CONTENDERS),
+        "--contenders", nargs="+", choices=(*CONTENDERS, *RANKED),
+        help="default: all but the -rank ones; with --nodes: " + " ".join(NODE_CONTENDERS),
     )  # fmt: skip
     nodes = "N > 1: one rank per emulated node (slurm_local.sh), --links for the straggler"
     h.options(p, ("--nodes", 0, nodes + " (root only)"))

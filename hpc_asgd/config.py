@@ -23,6 +23,7 @@ from hpc_asgd.registry import SYNCHRONIZERS, UPDATE_RULES
 FILE_DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100", "imagenet")  # need --data-dir
 SCHEDULES = ("constant", "step", "cosine")
 DEVICES = ("cpu", "cuda")
+BUDGETS = ("job", "rank")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -110,7 +111,19 @@ class WorkerConfig:
 class RunConfig:
     comm: str = _f("auto", "engine: auto | mpi | gloo | nccl | horovod | local")
     comm_timeout: float = _f(300.0, "deadline in seconds on every collective wait")
-    epochs: float = _f(1.0, "passes over each rank's shard")
+    epochs: float = _f(1.0, "passes over the training set (see --budget)")
+    budget: str = _f(
+        "job",
+        "job: the ranks together take --epochs passes over the whole training set, so with "
+        "a non-blocking --algo a fast rank trains on instead of idling while a slow one "
+        "finishes, and the LR schedule follows the job's progress; rank: each rank takes "
+        "exactly --epochs passes over its shard (reproducible step for step)",
+    )
+    time_budget: float = _f(
+        0.0,
+        "minutes of training after which the job ends, whatever --epochs says "
+        "(non-blocking algorithms and none; 0: off)",
+    )
     seed: int = _f(0, "seed of the model initialisation and the data order")
     device: str = _f("cpu", "cpu | cuda")
     eval_every: float = _f(1.0, "epochs between evaluations")
@@ -249,6 +262,7 @@ class Config:
         _choice("device", r.device, DEVICES)
         _choice("comm", r.comm, ENGINES)
         _choice("hier_mode", s.hier_mode, ("blocking", "nonblocking"))
+        _choice("budget", r.budget, BUDGETS)
         positive_ints = {
             "batch_size": d.batch_size,
             "period": s.period,
@@ -282,6 +296,7 @@ class Config:
             "checkpoint_every": r.checkpoint_every,
             "checkpoint_minutes": r.checkpoint_minutes,
             "stop_at_step": r.stop_at_step,
+            "time_budget": r.time_budget,
         }
         for name, value in non_negative.items():
             if value < 0:
@@ -297,6 +312,16 @@ class Config:
         rule.validate(self)
         if s.keep_training and not algo.keeps_training(self):
             raise keep_training_refused(s.algo)
+        if s.keep_training and r.budget == "job":
+            raise ConfigError(
+                "keep_training: --budget job (the default) already keeps every rank training "
+                "until the job's budget is spent; --keep-training is for --budget rank"
+            )
+        if r.time_budget and s.algo != "none" and not _non_blocking(self):
+            raise ConfigError(
+                f"time_budget: {s.algo!r} meets its peers at fixed node steps, so its ranks "
+                "cannot stop at different ones; use a non-blocking algorithm or none"
+            )
         if s.keep_training and o.lr_schedule == "cosine":
             raise ConfigError(
                 "keep_training: the cosine schedule ends at lr 0, so the steps past --epochs "
@@ -337,6 +362,20 @@ class Config:
         for name, folder in (("out", r.out), ("checkpoint_dir", r.checkpoint_dir)):
             if folder:
                 _probe_write(name, Path(folder))
+
+
+def _non_blocking(cfg: Config) -> bool:
+    """Whether the algorithm's ranks may take different numbers of node steps."""
+    try:
+        return SYNCHRONIZERS.get(cfg.sync.algo).keeps_training(cfg)
+    except ConfigError:  # a blocking mode of it
+        return False
+
+
+def shares_budget(cfg: Config, world_size: int) -> bool:
+    """Whether the ranks share the job's step budget (``--budget job``): a non-blocking
+    algorithm and more than one rank (otherwise every rank takes its own steps anyway)."""
+    return cfg.run.budget == "job" and world_size > 1 and _non_blocking(cfg)
 
 
 def keep_training_refused(algo: str, detail: str = "") -> ConfigError:

@@ -24,6 +24,7 @@ from hpc_asgd.evaluate import Evaluator
 from hpc_asgd.flat import FlatModel
 from hpc_asgd.rules.base import UpdateRule
 from hpc_asgd.sync import Synchronizer
+from hpc_asgd.sync.rounds import Budget
 
 
 @dataclass
@@ -57,9 +58,22 @@ class Job:
     resumed: dict | None  # the checkpoint this run resumes from
     tracker: Tracker
     spawn: bool = False  # W worker processes (else W = 1 steps in the rank's own process)
-    extra: int = 0  # --keep-training: node steps taken past ``total`` while slower ranks finished
+    # node steps taken minus ``total``: past it while the job's budget lasted (or, with
+    # --keep-training, while slower ranks finished); negative: stopped short, the budget spent
+    extra: int = 0
     t_start: float = 0.0  # perf_counter() when ``run`` began
     setup_s: float = 0.0  # from ``t_start`` to this rank's first training step (this session)
+
+    @property
+    def trains_on(self) -> bool:
+        """Whether this rank trains past its scheduled steps: until the job's budget is spent
+        (``--budget job``), or until the slowest rank finishes (``--keep-training``)."""
+        return self.cfg.sync.keep_training or bool(self.sync.budget.steps)
+
+    def start_budget(self, start: int, train_before: float) -> Budget:
+        """At the first step, ``start``: the budget counts from there."""
+        self.sync.budget.begin(start, self.cfg.run.time_budget, train_before)
+        return self.sync.budget
 
     def state(self, step: int, train_s: float, extra: dict | None = None) -> dict:
         """What a checkpoint holds (tensors and plain containers: ``weights_only``-safe)."""

@@ -70,6 +70,9 @@ class Evaluator:
         self.spe, self.batch_size, self.progress, self.out = spe, batch_size, progress, out
         self.t_start = t_start
         self.rows: list[dict] = []
+        # --budget job: ranks take different node steps, so a row's epoch is the job's
+        # (steps summed over the ranks / (ranks x steps per epoch)), not a rank's node step
+        self.job_epochs = False
         self.seen = torch.zeros(2, dtype=torch.float64)
         self.handles: list[Callable[[bool], bool]] = []  # sums in flight, oldest first
 
@@ -112,10 +115,12 @@ class Evaluator:
 
     def _record(self, step: int, at: float, st: torch.Tensor) -> None:
         before = self.rows[-1]["samples"] if self.rows else 0
+        samples = before + round(float(st[4])) * self.batch_size  # steps, all ranks
+        per_epoch = self.comm.size * self.spe * self.batch_size
         row = {
-            "epoch": round(step / self.spe, 4),
+            "epoch": round(samples / per_epoch if self.job_epochs else step / self.spe, 4),
             "time_s": at,
-            "samples": before + round(float(st[4])) * self.batch_size,  # steps, all ranks
+            "samples": samples,
             "train_loss": float(st[3] / max(float(st[4]), 1.0)),
             "test_acc": float(st[0] / st[2]),
             "test_loss": float(st[1] / st[2]),

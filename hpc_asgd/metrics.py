@@ -149,8 +149,9 @@ def summarise(job: Job, train_s: float, out: Path | None) -> dict:
     digest = bytes.fromhex(flat.checksum())
     sums = comm.allgather(torch.frombuffer(bytearray(digest), dtype=torch.uint8))
     finite = bool(torch.isfinite(flat.data).all())
-    mine = [sync.wait_s, train_s, sync.inflight_s, job.extra, job.setup_s, float(finite)]
-    waits = comm.allgather(torch.tensor(mine, dtype=torch.float64))  # (ranks, 6)
+    timed_out = sync.budget.ended_by == "time"
+    mine = [sync.wait_s, train_s, sync.inflight_s, job.extra, job.setup_s, finite, timed_out]
+    waits = comm.allgather(torch.tensor(mine, dtype=torch.float64))  # (ranks, 7)
     bad = [r for r in range(comm.size) if not waits[r, 5]]
     if bad:  # a non-finite model is never written as the result
         raise DivergedError(
@@ -161,7 +162,8 @@ def summarise(job: Job, train_s: float, out: Path | None) -> dict:
     extras = sync.metrics()  # collective where the synchroniser gathers (hier-avg's groups)
     all_stats = comm.allgather(job.stats)  # (ranks, W, NSTATS)
     extra = [round(float(x)) for x in waits[:, 3]]
-    samples = (total * comm.size + sum(extra)) * d.batch_size
+    taken = [total + x for x in extra]
+    samples = sum(taken) * d.batch_size
     train_s_max = float(waits[:, 1].max())
     rows = job.evaluator.rows
     summary = {
@@ -176,8 +178,17 @@ def summarise(job: Job, train_s: float, out: Path | None) -> dict:
         "dataset": d.dataset,
         "model": cfg.model.model,
         "epochs": cfg.run.epochs,
-        "steps_per_rank": total,
-        "extra_steps": extra,  # per rank, --keep-training: steps past total while others finished
+        # job: the ranks' node steps counted together against the budget (a fast rank takes
+        # more than steps_per_rank, a slow one fewer); rank: each rank takes steps_per_rank
+        "budget": "job" if sync.budget.steps else "rank",
+        "steps_per_rank": total,  # the schedule: --epochs passes over a rank's shard
+        "steps_taken": taken,  # per rank
+        "extra_steps": extra,  # per rank: steps_taken - steps_per_rank
+        # the steps taken over the job's budget (steps_per_rank x ranks); above 1: the steps
+        # taken while the round that found the budget spent was in flight
+        "budget_used": round(sum(taken) / (total * comm.size), 4),
+        "time_budget_min": cfg.run.time_budget or None,
+        "ended_by": "time" if waits[:, 6].max() > 0 else "steps",
         "samples_processed": samples,
         "wall_s": round(time.perf_counter() - job.t_start, 3),
         "hosts": hosts,  # per rank: where it ran

@@ -12,6 +12,7 @@ import os
 import signal
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -73,6 +74,9 @@ class Stepper:
         self.grads_hook = grads_hook  # synchronous SGD averages gradients here
         self.slow = slow  # straggler injection: each step takes ``slow`` times as long
         self.block: slice | None = None  # the last step's block (partial backprop)
+        # (1,) float64, shared: the job's progress minus this rank's node step (--budget job;
+        # set by the rounds), so that the LR schedule follows the job, not this rank
+        self.offset = np.zeros(1)
         self.epoch_cached = -1
         self.batches: list[torch.Tensor] = []
 
@@ -119,7 +123,7 @@ class Stepper:
             row[NF_LAST] = s + 1
             return False
         d = self.opt.direction(p, grad, block)
-        res = self.rule.apply(d, self.sched(s / self.spe), block)
+        res = self.rule.apply(d, self.sched((s + self.offset[0]) / self.spe), block)
         row[APPLIED if res.applied else DROPPED] += 1
         row[LOCK_WAIT] += res.lock_wait_s
         row[LOSS_SUM] += value

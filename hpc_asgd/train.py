@@ -28,7 +28,7 @@ import torch
 from hpc_asgd import metrics, signals
 from hpc_asgd.checkpoint import Checkpointer
 from hpc_asgd.comm import Comm, make_comm
-from hpc_asgd.config import Config
+from hpc_asgd.config import Config, shares_budget
 from hpc_asgd.data import ShardSampler, load_dataset
 from hpc_asgd.driver import Events, Job, Tracker
 from hpc_asgd.env import Launch, is_tty
@@ -119,11 +119,14 @@ def _run(cfg: Config, launch: Launch, comm: Comm | None, tracker: Tracker) -> di
     sync = make_synchronizer(cfg, comm, flat, rule, spe)
     sync.start()
     total = max(1, math.ceil(r.epochs * spe))
+    if shares_budget(cfg, comm.size):  # the ranks' node steps count together
+        sync.budget.steps, sync.budget.world = total * comm.size, comm.size
     every = max(1, round(r.eval_every * spe))
     stats = torch.zeros((w.workers, NSTATS), dtype=torch.float64)
     out = Path(r.out) if r.out else None
     progress = metrics.Progress(total, spe, comm.rank == 0, is_tty(sys.stderr))
     evaluator = Evaluator(data, comm, device, stats, spe, d.batch_size, progress, out, t_start)
+    evaluator.job_epochs = bool(sync.budget.steps)
     ck = Checkpointer(cfg, comm)
     resumed = ck.resume(total)
     job = Job(
@@ -175,6 +178,7 @@ def _train_in_process(job: Job) -> float:
     stepper = Stepper(
         job.cfg, job.data, flat, job.rule, job.sampler, gen, job.device, job.stats[0], hook, slow
     )
+    stepper.offset = sync.budget.offset.numpy()  # the job's progress, for the LR schedule
     start, train_s = 0, 0.0
     if job.resumed is not None:  # the rest of a W = 1 run's state: bitwise continuation
         start, train_s = job.resumed["step"], job.resumed["train_s"]
@@ -185,11 +189,18 @@ def _train_in_process(job: Job) -> float:
     job.begin(start)
     t_seg = time.perf_counter()
     job.setup_s = t_seg - job.t_start
+    budget = job.start_budget(start, train_s)
     flat.module.train()
-    for s in range(start, job.total):
-        job.tracker.step = s + 1  # node steps are named 1-based, as in the error lines
-        if not stepper.step(s, poison=inject(job.launch.fault, comm.rank, s)):
-            check_finite(job.stats, job.cfg.run.max_nonfinite, job.cfg.optim.lr)
+    s = start
+    while s < job.total:
+        if budget.spent(s):  # no more steps: this rank's remaining events still run, in order
+            if not job.extra:  # (its peers meet it there); the steps it did not take:
+                job.extra = s - job.total
+            s = events.next - 1
+        else:
+            job.tracker.step = s + 1  # node steps are named 1-based, as in the error lines
+            if not stepper.step(s, poison=inject(job.launch.fault, comm.rank, s)):
+                check_finite(job.stats, job.cfg.run.max_nonfinite, job.cfg.optim.lr)
         ev.complete(wait=False)
         events.round(s + 1)
         if sync.overlaps:  # the rounds' own cost (snapshot, progress, delta) stalls the steps
@@ -199,13 +210,13 @@ def _train_in_process(job: Job) -> float:
         job.progress.step(s + 1)
         if events.evaluation(s + 1):
             final = s + 1 == job.total
-            if final and job.cfg.sync.keep_training:
+            if final and job.trains_on and not budget.exhausted:
                 job.extra = _keep_training(job, stepper)
             train_s += time.perf_counter() - t_seg
             job.rule.publish()  # evaluate the latest parameters, in the flat buffer
             flat.bind_params(flat.params)
             if final:
-                sync.drain(job.total)  # wait for the other ranks' non-blocking rounds
+                sync.drain(job.total + job.extra)  # wait for the other ranks' rounds
                 sync.finish()  # the final exact average comes before the final evaluation
             ev.at(s + 1, flat.module, final=final)  # before the end: the sum completes later
             t_seg = time.perf_counter()
@@ -217,17 +228,23 @@ def _train_in_process(job: Job) -> float:
                 "torch_rng": torch.get_rng_state(),
             }
             job.checkpoint(s + 1, train_s + time.perf_counter() - t_seg, halt, state)
+        s += 1
     return train_s
 
 
 def _keep_training(job: Job, stepper: Stepper) -> int:
-    """In process, after the last scheduled step: extra steps while slower ranks finish."""
-    sync, x = job.sync, job.total
+    """In process, after the last scheduled step: steps past it, until the job's budget is
+    spent (``--budget job``) or, with ``--keep-training``, until the slower ranks finish."""
+    sync, x, budget = job.sync, job.total, job.sync.budget
     while True:
         t_poll = time.perf_counter()
-        settled = sync.settle(x)
+        if budget.steps:
+            sync.poll(x, x / job.spe)
+            over = budget.spent(x)
+        else:
+            over = sync.settle(x)
         sync.wait_s += time.perf_counter() - t_poll
-        if settled:
+        if over:
             return x - job.total
         stepper.step(x)
         job.evaluator.complete(wait=False)

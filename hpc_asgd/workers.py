@@ -34,6 +34,7 @@ from hpc_asgd.flat import FlatModel
 from hpc_asgd.models import build_model
 from hpc_asgd.rules.base import AtomicArray, UpdateRule
 from hpc_asgd.stats import check_finite
+from hpc_asgd.sync import Synchronizer
 
 if TYPE_CHECKING:
     from multiprocessing.queues import SimpleQueue
@@ -94,6 +95,8 @@ class WorkerSpec:
     errors: SimpleQueue[tuple[int, str]]
     # (W,) int64, shared: 1 + the node step each worker is in, 0 between steps (WorkerPool sets it)
     busy: torch.Tensor | None = None
+    # (1,) float64, shared: the job's progress minus the node step (``rounds.Budget.offset``)
+    offset: torch.Tensor | None = None
 
 
 def worker_main(index: int, spec: WorkerSpec) -> None:
@@ -134,6 +137,8 @@ def worker_main(index: int, spec: WorkerSpec) -> None:
             None,
             slow_factor(cfg, spec.rank),
         )
+        if spec.offset is not None:
+            stepper.offset = spec.offset.numpy()
         model.train()
         assert spec.busy is not None  # WorkerPool set it before spawning
         busy = spec.busy.numpy()
@@ -295,6 +300,8 @@ def train_workers(job: Job, ctx) -> float:
     cfg, flat, rule, sync, spe, total = job.cfg, job.flat, job.rule, job.sync, job.spe, job.total
     w, ev = cfg.workers, job.evaluator
     job.stats.share_memory_()
+    budget = sync.budget
+    budget.offset.share_memory_()
     ctl = AtomicArray(NCTL)
     threads = w.threads_per_worker or max(1, job.rank_threads // w.workers)
     spec = WorkerSpec(
@@ -307,10 +314,11 @@ def train_workers(job: Job, ctx) -> float:
         rule,
         ctl,
         job.stats,
-        KEEP_GOING if cfg.sync.keep_training else total,
+        KEEP_GOING if job.trains_on else total,
         threads,
         str(job.device),
         ctx.SimpleQueue(),
+        offset=budget.offset,
     )
     # The evaluation model: a private copy, filled from a snapshot of the shared one.
     shape, classes = job.data.input_shape, job.data.num_classes
@@ -332,6 +340,7 @@ def train_workers(job: Job, ctx) -> float:
         job.begin(start)
         t0 = train_end = time.perf_counter()  # training time starts when all may step
         job.setup_s = t0 - job.t_start
+        job.start_budget(start, train_before)
         ctl[LIMIT].store(events.next)
         pace = _Pace(cap=1e-3 if sync.overlaps else 2e-2)
         while True:
@@ -342,14 +351,16 @@ def train_workers(job: Job, ctx) -> float:
             ev.complete(wait=False)
             if sync.overlaps:  # this process is the averager: rounds overlap the workers
                 sync.poll(done, done / spe)
-            if done < event:
+            if budget.spent(done):  # the job's budget is spent: the workers end the step they
+                ctl[STOP].store(1)  # are in; this rank's remaining events still run, in order
+            elif done < event:
                 time.sleep(pace.nap(done, event - done))
                 continue
             events.round(event)  # workers are held at the limit: nothing is in flight
             if events.evaluation(event):
-                if event == total and cfg.sync.keep_training:  # extra steps, past the limit
+                if event == total and job.trains_on and not budget.exhausted:  # past the limit
                     ctl[LIMIT].store(KEEP_GOING)
-                    while not sync.settle(ctl[DONE].load()):
+                    while not _trained_on(sync, ctl[DONE].load(), spe):
                         ev.complete(wait=False)
                         pool.poll()
                         time.sleep(pace.cap)
@@ -358,7 +369,7 @@ def train_workers(job: Job, ctx) -> float:
                     train_end = time.perf_counter()
                     pool.join()
                     job.extra = ctl[DONE].load() - total
-                    sync.drain(total)  # wait for the other ranks' non-blocking rounds
+                    sync.drain(total + job.extra)  # wait for the other ranks' rounds
                     sync.finish()  # publishes the rule's latest version, then averages
                 # The workers are held at the evaluation step: the model evaluated is the one
                 # after exactly ``event`` node steps. They resume once this rank's own pass is
@@ -377,6 +388,15 @@ def train_workers(job: Job, ctx) -> float:
     finally:
         pool.stop()
         ctl.close()
+
+
+def _trained_on(sync: Synchronizer, done: int, spe: int) -> bool:
+    """Past the scheduled steps: whether the job's budget is spent (``--budget job``) or,
+    with ``--keep-training``, every rank has finished its own steps."""
+    if sync.budget.steps:
+        sync.poll(done, done / spe)
+        return sync.budget.spent(done)
+    return sync.settle(done)
 
 
 class _Pace:

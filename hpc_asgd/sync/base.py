@@ -32,6 +32,7 @@ import torch
 from hpc_asgd.comm import Comm
 from hpc_asgd.flat import FlatModel
 from hpc_asgd.rules.base import UpdateRule
+from hpc_asgd.sync.rounds import Budget
 
 if TYPE_CHECKING:
     from hpc_asgd.config import Config
@@ -44,6 +45,7 @@ class Synchronizer(Protocol):
     averages_gradients: bool  # True: needs grads_ready after every backward (W = 1 only)
     overlaps: bool  # True: rounds run in the background, driven by poll
     needs_workers: bool  # True: the rank's main process must be free to average (spawn)
+    budget: Budget  # the job's budget, as the rounds report it (``--budget job``, time budget)
     rounds: int  # averaging (or gradient-averaging) rounds done
     wait_s: float  # seconds the node spent blocked in this synchroniser's collectives
     inflight_s: float  # seconds collectives were in flight (= wait_s when blocking)
@@ -105,6 +107,7 @@ class Averaging:
 
     def __init__(self, comm: Comm, flat: FlatModel, rule: UpdateRule):
         self.comm, self.flat, self.rule = comm, flat, rule
+        self.budget = Budget()  # carried by the world stream's rounds, if the algorithm has one
         self.rounds = 0
         self.wait_s = 0.0
 

@@ -92,7 +92,7 @@ class HierAvg(Averaging):
         self.overlaps = nonblocking
         if nonblocking:
             self.local = AsyncRound(group, flat, rule)
-            self.world = AsyncRound(comm.split(0, comm.rank), flat, rule)
+            self.world = AsyncRound(comm.split(0, comm.rank), flat, rule, self.budget)
             self.next_local, self.next_world = self.k1, self.k1 * self.k2
 
     @property
@@ -127,25 +127,27 @@ class HierAvg(Averaging):
         for r in (self.local, self.world):
             if r.busy and r.test():
                 r.apply()
+            elif r.busy:
+                r.overdue()
         self.rounds, self.group_rounds = self.world.rounds, self.local.rounds
         if step >= self.next_world and not self.world.busy:
-            self.world.start(finished=False)
+            self.world.start(finished=False, step=step)
             self.next_world = step + self.k1 * self.k2
             self.next_local = step + self.k1
         elif step >= self.next_local and not self.local.busy:
-            self.local.start(finished=False)
+            self.local.start(finished=False, step=step)
             self.next_local = step + self.k1
 
     def drain(self, step: int) -> None:
         if not self.overlaps:
             return
-        self.wait_s += drain_all([self.local, self.world])
+        self.wait_s += drain_all([self.local, self.world], step)
         self.rounds, self.group_rounds = self.world.rounds, self.local.rounds
 
     def settle(self, step: int) -> bool:
         if not self.overlaps:
             return True
-        over = settle_all([self.local, self.world])
+        over = settle_all([self.local, self.world], step)
         self.rounds, self.group_rounds = self.world.rounds, self.local.rounds
         return over
 

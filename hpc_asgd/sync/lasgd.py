@@ -34,7 +34,7 @@ class LASGD(Periodic):
         post_local_epochs: float = 0.0,
     ):
         super().__init__(comm, flat, rule, period, post_local_epochs)
-        self.round = AsyncRound(comm.split(0, comm.rank), flat, rule)
+        self.round = AsyncRound(comm.split(0, comm.rank), flat, rule, self.budget)
         self.next = 0  # node step at or after which the next round may start
 
     def poll(self, step: int, epoch: float) -> None:
@@ -42,16 +42,18 @@ class LASGD(Periodic):
         if r.busy and r.test():
             r.apply()
             self.rounds += 1
+        elif r.busy:
+            r.overdue()  # a peer silent past --comm-timeout: its error, not training forever
         if not r.busy and step >= self.next and step > 0:
-            r.start(finished=False)
+            r.start(finished=False, step=step)
             self.next = step + self.period_at(epoch)
 
     def drain(self, step: int) -> None:
-        self.wait_s += self.round.drain()
+        self.wait_s += self.round.drain(step)
         self.rounds = self.round.rounds
 
     def settle(self, step: int) -> bool:
-        over = settle_all([self.round])
+        over = settle_all([self.round], step)
         self.rounds = self.round.rounds
         return over
 

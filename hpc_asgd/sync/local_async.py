@@ -52,7 +52,7 @@ class LocalAsync(Periodic):
         super().__init__(comm, flat, rule, period, post_local_epochs)
         self.spe = steps_per_epoch
         own = comm.split(0, comm.rank)  # agreement and model rounds: never mixed with evaluation
-        self.round = AsyncRound(own, flat, rule)
+        self.round = AsyncRound(own, flat, rule, self.budget)
         self.agree_comm = own
         self.agree_buf = torch.zeros(2, dtype=torch.float64)  # [node steps, still training]
         self.agree: Work | None = None
@@ -79,6 +79,8 @@ class LocalAsync(Periodic):
             if r.test():
                 r.apply()
                 self.rounds += 1
+            else:
+                r.overdue()
             return
         if self.agree is None:
             if time.perf_counter() - self.agree_posted < _AGREE_EVERY and not finished:
@@ -96,7 +98,7 @@ class LocalAsync(Periodic):
         elif top >= self.next:  # every rank saw the same maximum: all average now
             while self.next <= top:
                 self.next += self._k(self.next)
-            r.start(finished=False)
+            r.start(finished=False, step=step)
 
     def drain(self, step: int) -> None:
         """This rank has finished: keep agreeing (and averaging) until every rank has."""

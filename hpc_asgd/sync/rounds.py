@@ -6,9 +6,10 @@ goes on, and on completion adds ``mean(x_s) - x_s`` to the model that moved on:
 
     x  <-  x + (mean(x_s) - x_s)          (every update made meanwhile is kept)
 
-The round's buffer carries one extra element, this rank's "finished training" flag, so the
-ranks can end a stream of order-matched rounds together: when a round's flags sum to the world
-size, every rank has seen the same thing in the same round and stops after it.
+The round's buffer carries two extra elements: this rank's "finished training" flag, so the
+ranks can end a stream of order-matched rounds together (when a round's flags sum to the world
+size, every rank has seen the same thing in the same round and stops after it), and, for the
+job's budget (:class:`Budget`), its node step count.
 """
 
 from __future__ import annotations
@@ -23,15 +24,77 @@ from hpc_asgd.flat import FlatModel
 from hpc_asgd.rules.base import UpdateRule
 
 
+class Budget:
+    """When this rank stops training (``--budget``, ``--time-budget``).
+
+    ``--budget job`` (the default; non-blocking synchronisers, more than one rank): the job's
+    budget is ``steps`` node steps summed over the ranks (``--epochs`` passes over the whole
+    training set), not a fixed count per rank, so a fast rank never idles while a slow one
+    finishes. Each round of the world stream carries, besides the snapshot, this rank's node
+    step count when it posted the round; a completed round's sum ``seen`` plus the steps this
+    rank took since it posted (``step - at_post``) is a lower bound of the job's progress, and
+    a rank stops once that reaches the budget (:meth:`spent`). The ranks need not agree on the
+    moment: one that stopped only drains the rounds (flagged finished) until every rank has,
+    and learns of the others' steps meanwhile. So the job ends past its budget only by the
+    steps the other ranks took since they posted the round a rank last saw
+    (``summary.json`` ``budget_used``), and never short of it.
+
+    The same sums give each rank the job's progress for its learning-rate schedule: at the last
+    round the ranks had taken ``seen / world`` node steps on average, this rank ``at_post``, so
+    the job is about ``step + offset`` node steps in, ``offset = seen / world - at_post``
+    (``offset``: one float64, shared with the workers).
+
+    ``--time-budget``: each rank's own clock, from its first step (less a resumed run's time).
+    """
+
+    def __init__(self) -> None:
+        self.steps = 0  # node steps summed over the ranks; 0: each rank takes its own steps
+        self.world = 1
+        self.deadline: float | None = None  # time.monotonic() at which the time budget is spent
+        self.seen, self.at_post = 0.0, 0  # the last round's sum of steps; ours when posted
+        self.exhausted = False
+        self.ended_by: str | None = None  # "steps" | "time"
+        self.offset = torch.zeros(1, dtype=torch.float64)  # job progress - own node step
+
+    def begin(self, step: int, minutes: float, train_before: float) -> None:
+        """At this rank's first step ``step`` (all ranks start, or resume, at the same one)."""
+        self.seen, self.at_post = float(self.world * step), step
+        if minutes:
+            self.deadline = time.monotonic() + 60 * minutes - train_before
+
+    def timeup(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def spent(self, step: int) -> bool:
+        """Whether this rank, at node step ``step``, stops training (and stays stopped)."""
+        if not self.exhausted:
+            if self.steps and self.seen + step - self.at_post >= self.steps:
+                self.exhausted, self.ended_by = True, "steps"
+            elif self.timeup():
+                self.exhausted, self.ended_by = True, "time"
+        return self.exhausted
+
+    def record(self, steps: float, at_post: int) -> None:
+        """A round of the world stream completed: its sum of the ranks' node steps."""
+        self.seen, self.at_post = steps, at_post
+        if self.steps:
+            self.offset[0] = steps / self.world - at_post
+
+
+TAIL = 2  # [finished, node steps] after the snapshot
+
+
 class AsyncRound:
     """At most one round in flight on ``comm`` (a communicator of its own: its collectives
-    never interleave with the evaluation's)."""
+    never interleave with the evaluation's). ``budget``: the job's, for the world stream."""
 
-    def __init__(self, comm: Comm, flat: FlatModel, rule: UpdateRule):
-        self.comm, self.flat, self.rule = comm, flat, rule
+    def __init__(self, comm: Comm, flat: FlatModel, rule: UpdateRule, budget: Budget | None = None):
+        self.comm, self.flat, self.rule, self.budget = comm, flat, rule, budget
         n = len(flat)
-        self.buf = torch.zeros(n + 1, dtype=flat.data.dtype)  # [x_s (params, buffers), finished]
-        self.snap = torch.zeros(n + 1, dtype=flat.data.dtype)
+        # (n + 2,): [x_s (params, buffers), finished, node steps]
+        self.buf = torch.zeros(n + TAIL, dtype=flat.data.dtype)
+        self.snap = torch.zeros(n + TAIL, dtype=flat.data.dtype)
+        self.at_post = 0  # this rank's node step when the round in flight was posted
         self.work: Work | None = None
         self.posted_at = 0.0
         self.rounds = 0
@@ -42,12 +105,15 @@ class AsyncRound:
     def busy(self) -> bool:
         return self.work is not None
 
-    def start(self, finished: bool) -> None:
-        """Snapshot the model and post the allreduce of the snapshot."""
-        p = self.flat.n_params
+    def start(self, finished: bool, step: int) -> None:
+        """Snapshot the model and post the allreduce of the snapshot (at node step ``step``)."""
+        p, b = self.flat.n_params, self.budget
         self.rule.snapshot(self.buf[:p])
-        self.buf[p:-1].copy_(self.flat.data[p:])
-        self.buf[-1] = float(finished)
+        self.buf[p:-TAIL].copy_(self.flat.data[p:])
+        # a rank past the job's budget only helps the others end the stream
+        self.buf[-2] = float(finished or (b is not None and b.exhausted))
+        self.buf[-1] = float(step)
+        self.at_post = step
         self.snap.copy_(self.buf)
         self.posted_at = time.perf_counter()
         self.work = self.comm.iallreduce_(self.buf)
@@ -74,21 +140,23 @@ class AsyncRound:
         self.inflight_s += time.perf_counter() - self.posted_at
         self.rounds += 1
         size = self.comm.size
-        all_finished = round(float(self.buf[-1])) == size
+        all_finished = round(float(self.buf[-2])) == size
         self.closed = all_finished
+        if self.budget is not None:
+            self.budget.record(float(self.buf[-1]), self.at_post)
         self.buf.div_(size).sub_(self.snap)  # delta = mean - x_s
         p = self.flat.n_params
         self.rule.add_(self.buf[:p])
-        self.flat.data[p:].add_(self.buf[p:-1])
+        self.flat.data[p:].add_(self.buf[p:-TAIL])
         return all_finished
 
-    def drain(self) -> float:
+    def drain(self, step: int) -> float:
         """After this rank's last step: keep taking part in rounds (as finished) until every
         rank has finished. Returns the seconds spent waiting."""
-        return drain_all([self])
+        return drain_all([self], step)
 
 
-def settle_all(rounds: list[AsyncRound]) -> bool:
+def settle_all(rounds: list[AsyncRound], step: int) -> bool:
     """One non-blocking pass over round streams of a rank that has finished its steps: post a
     round flagged "finished" where none is in flight, apply those that completed. True once
     every stream has seen all ranks finished (the rank may keep training meanwhile: a round's
@@ -97,7 +165,7 @@ def settle_all(rounds: list[AsyncRound]) -> bool:
         if r.closed:
             continue
         if not r.busy:
-            r.start(finished=True)
+            r.start(finished=True, step=step)
         elif r.test():
             r.apply()
         else:
@@ -105,14 +173,14 @@ def settle_all(rounds: list[AsyncRound]) -> bool:
     return all(r.closed for r in rounds)
 
 
-def drain_all(rounds: list[AsyncRound]) -> float:
+def drain_all(rounds: list[AsyncRound], step: int) -> float:
     """Drain several round streams (on different communicators) TOGETHER: progress is driven
     on all of them at once, because a peer may be blocked on another stream's round that
     needs us (waiting for one stream after the other can deadlock). The streams are open
     again afterwards (a checkpoint drains mid-run). Returns seconds waited."""
     t0 = time.perf_counter()
     poll = Poller(None)  # the deadline is each round's own (``settle_all``)
-    while not settle_all(rounds):
+    while not settle_all(rounds, step):
         poll.idle()
     for r in rounds:
         r.closed = False

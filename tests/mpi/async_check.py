@@ -44,7 +44,7 @@ def no_lost_update(engine: str, kind: str) -> None:
     worker = ctx.Process(target=_worker_adds, args=(rule, flat.n_params, go, done))
     worker.start()
     r = AsyncRound(comm.split(0, comm.rank), flat, rule)
-    r.start(finished=True)  # snapshot x_s = r+1, allreduce posted
+    r.start(finished=True, step=0)  # snapshot x_s = r+1, allreduce posted
     go.set()  # the worker updates the live model while the round is in flight
     assert done.wait(60), "worker did not update"
     r.wait()

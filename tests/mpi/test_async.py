@@ -91,19 +91,65 @@ KEEP = {  # one case per process layout: in process, one spawned worker, W = 2 w
 
 
 @pytest.mark.parametrize("case", list(KEEP))
-def test_keep_training_fast_rank_trains_while_the_straggler_finishes(tmp_path, case: str):
-    """--keep-training: rank 0 (4x faster) takes extra steps while rank 1 finishes its own;
-    the extra work is counted, averaged in, and the run still ends in exact consensus."""
-    flags = [*DIGITS, *KEEP[case], "--epochs", "4", "--keep-training"]
+def test_job_budget_fast_rank_trains_on_and_the_straggler_stops_short(tmp_path, case: str):
+    """--budget job (the default): rank 0 (4x faster) takes more than its scheduled steps and
+    rank 1 fewer, until their sum reaches the job's budget (2 x 4 epochs); every step is
+    counted and averaged in, the rows' epochs are the job's, and the run ends in consensus."""
+    flags = [*DIGITS, *KEEP[case], "--epochs", "4", "--slow-rank", "1", "--slow-factor", "4"]
+    if case == "lasgd-1":  # ends at lr 0 at the job's end, not at a rank's --epochs node steps
+        flags += ["--lr-schedule", "cosine", "--lr", "0.1"]
+    flags += ["--out", str(tmp_path)]
+    res = train(2, *flags)
+    assert res.rc == 0, res.text
+    s = summary(tmp_path)
+    total, taken = s["steps_per_rank"], s["steps_taken"]
+    assert s["budget"] == "job" and s["ended_by"] == "steps", s
+    assert taken[0] > total > taken[1] and taken[0] > 2 * taken[1], taken
+    # the sum reaches the budget; past it only by what the ranks took while the round that
+    # showed it spent was in flight (a few rounds of K = 4 steps at most)
+    assert 1.0 <= s["budget_used"] == round(sum(taken) / (2 * total), 4) <= 1.35, s
+    batch = s["config"]["batch_size"]
+    assert s["samples_processed"] == sum(taken) * batch
+    rows = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["samples"] == s["samples_processed"]  # the final row counts them too
+    assert rows[-1]["epoch"] == pytest.approx(4 * s["budget_used"], abs=0.05)
+    assert [r["epoch"] for r in rows] == sorted(r["epoch"] for r in rows)
+    assert len(set(s["param_checksums"])) == 1 and s["final_test_acc"] >= 0.90, s
+
+
+def test_keep_training_in_rank_mode_trains_while_the_straggler_finishes(tmp_path) -> None:
+    """--budget rank --keep-training: each rank takes its scheduled steps; rank 0 (4x faster)
+    takes extra ones while rank 1 finishes its own, and they are counted and averaged in."""
+    flags = [*DIGITS, *KEEP["lasgd-1"], "--epochs", "4", "--budget", "rank", "--keep-training"]
     flags += ["--slow-rank", "1", "--slow-factor", "4", "--out", str(tmp_path)]
     res = train(2, *flags)
     assert res.rc == 0, res.text
     s = summary(tmp_path)
     total, extra = s["steps_per_rank"], s["extra_steps"]
     # rank 1 needs ~4x rank 0's time for its steps: rank 0 fills most of it with extra ones
-    assert extra[0] >= total and extra[1] < extra[0] / 4, extra
-    batch = s["config"]["batch_size"]
-    assert s["samples_processed"] == (2 * total + sum(extra)) * batch
-    rows = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["samples"] == s["samples_processed"]  # the final row counts them too
+    assert s["budget"] == "rank" and extra[0] >= total and extra[1] < extra[0] / 4, extra
+    assert s["samples_processed"] == (2 * total + sum(extra)) * s["config"]["batch_size"]
     assert len(set(s["param_checksums"])) == 1 and s["final_test_acc"] >= 0.90, s
+
+
+BUDGETED = {  # a rank meets its peers through rounds (lasgd), or not at all (none)
+    "lasgd": ["--algo", "lasgd", "--period", "4"],
+    "none-spawn": ["--algo", "none", "--spawn-workers"],
+}
+
+
+@pytest.mark.parametrize("case", list(BUDGETED))
+def test_time_budget_ends_the_job(tmp_path, case: str) -> None:
+    """--time-budget: 1,000 epochs asked for, 3 s of training given: the ranks stop, still
+    meet at their remaining evaluations, and write complete outputs."""
+    flags = [*DIGITS, *BUDGETED[case], "--epochs", "1000", "--eval-every", "50"]
+    res = train(2, *flags, "--time-budget", "0.05", "--out", str(tmp_path), timeout=120)
+    assert res.rc == 0, res.text
+    s = summary(tmp_path)
+    assert s["ended_by"] == "time" and s["time_budget_min"] == 0.05, s
+    assert all(3.0 <= t < 10.0 for t in s["train_s"]), s["train_s"]
+    assert 0 < s["budget_used"] < 0.5 and s["final_test_acc"] >= 0.90, s
+    rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 20, rows  # every scheduled evaluation, the last one final
+    if case == "lasgd":
+        assert len(set(s["param_checksums"])) == 1, s

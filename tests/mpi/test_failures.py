@@ -112,20 +112,24 @@ def test_rank_that_stops_answering_is_named(engine: str) -> None:
     assert_no_orphans(res.sid)
 
 
-ALGOS_KEEP = {
-    "lasgd": ["--algo", "lasgd", "--period", "4"],
-    "hier-avg-nb": ["--algo", "hier-avg", "--group-size", "1", "--hier-mode", "nonblocking"],
+ALGOS_KEEP = {  # (algorithm, budget): the job's, and --keep-training's in rank mode
+    "lasgd-job": ["--algo", "lasgd", "--period", "4"],
+    "hier-avg-nb-rank": [
+        *("--algo", "hier-avg", "--group-size", "1", "--hier-mode", "nonblocking"),
+        *("--budget", "rank", "--keep-training"),
+    ],
 }
 
 
 @pytest.mark.parametrize("algo", list(ALGOS_KEEP))
-def test_keep_training_rank_names_a_peer_that_stops_answering(algo: str) -> None:
-    """--keep-training: the finished rank trains on while it waits, but not past the deadline
-    of the rounds it still owes (in process: the stopped process is the rank itself)."""
+def test_training_rank_names_a_peer_that_stops_answering(algo: str) -> None:
+    """A rank that trains on (the job's budget is not spent; or --keep-training) does so
+    while it waits, but not past the deadline of the rounds it owes (in process: the stopped
+    process is the rank itself)."""
     res = train(
         2,
         *ALGOS_KEEP[algo],
-        *("--epochs", "3", "--keep-training"),
+        *("--epochs", "3"),
         *("--comm-timeout", "4"),
         env={"HPC_ASGD_FAULT": "stop@1:20"},
         timeout=60,

@@ -98,11 +98,23 @@ def test_config_validation_messages() -> None:
         ({"algo": "sync", "keep_training": True}, 2, "keep_training: only the non-blocking"),
         ({"algo": "hier-avg", "keep_training": True}, 2, r"not 'hier-avg' \(blocking\)"),
         (
-            {"algo": "lasgd", "keep_training": True, "lr_schedule": "cosine"},
+            {"algo": "lasgd", "keep_training": True, "budget": "rank", "lr_schedule": "cosine"},
             2,
             "keep_training: the cosine schedule ends at lr 0",
         ),
-        ({"algo": "lasgd", "keep_training": True, "lr_schedule": "step"}, 2, None),
+        ({"algo": "lasgd", "keep_training": True, "budget": "rank"}, 2, None),
+        ({"algo": "lasgd", "keep_training": True}, 2, "keep_training: --budget job .* already"),
+        ({"algo": "lasgd", "lr_schedule": "cosine"}, 2, None),  # the job's progress ends it
+        ({"budget": "node"}, 2, "budget: unknown value 'node'; choose one of job, rank"),
+        ({"algo": "lasgd", "time_budget": -1.0}, 2, "time_budget: must be >= 0"),
+        ({"algo": "sync", "time_budget": 5.0}, 2, "time_budget: 'sync' meets its peers"),
+        ({"algo": "hier-avg", "time_budget": 5.0}, 2, "time_budget: 'hier-avg' meets"),
+        ({"algo": "none", "time_budget": 5.0}, 2, None),
+        (
+            {"algo": "hier-avg", "hier_mode": "nonblocking", "group_size": 1, "time_budget": 5.0},
+            2,
+            None,
+        ),
     ]
     for values, world, message in cases:
         cfg = Config.from_flat(values)

@@ -123,8 +123,8 @@ def test_lasgd_settle_rounds_until_every_rank_finished_then_reopens() -> None:
             return self
 
         def iallreduce_(self, t, op="sum"):
-            t[:-1].add_(self.peer_value)
-            t[-1] += self.finished  # the peer's "finished" flag
+            t[:-2].add_(self.peer_value)
+            t[-2] += self.finished  # the peer's "finished" flag (then its node steps)
             return DoneWork()
 
     (flat, rule), comm = _flat(), Peer(2, peer_value=3.0)
@@ -139,3 +139,26 @@ def test_lasgd_settle_rounds_until_every_rank_finished_then_reopens() -> None:
     assert s.settle(104)  # and it stays over: no more rounds posted
     s.drain(104)
     assert s.rounds == 2 and not s.round.closed  # drained at once, the stream is open again
+
+
+def test_budget_stops_on_a_lower_bound_of_the_jobs_steps() -> None:
+    """--budget job: a rank stops once the last round's sum of the ranks' steps, plus its own
+    steps since it posted that round, reach the budget; the LR offset follows the average."""
+    from hpc_asgd.sync.rounds import Budget
+
+    b = Budget()
+    b.steps, b.world = 100, 2
+    b.begin(10, minutes=0.0, train_before=0.0)  # resumed at node step 10 on both ranks
+    assert not b.spent(89)  # 20 + 79 own steps: below 100
+    assert b.spent(90) and b.ended_by == "steps"
+    b = Budget()
+    b.steps, b.world = 100, 2
+    b.begin(0, 0.0, 0.0)
+    b.record(60.0, at_post=20)  # we had 20 when we posted; the peer 40
+    assert b.offset[0] == 10.0  # the job is 30 node steps in on average, we were at 20
+    assert not b.spent(59) and b.spent(60)  # 60 + (60 - 20) = 100
+    b.record(10.0, at_post=0)  # once spent, it stays spent
+    assert b.spent(1)
+    t = Budget()  # rank mode: no step budget, a time budget already spent (resumed run)
+    t.begin(0, minutes=1.0, train_before=61.0)
+    assert t.spent(0) and t.ended_by == "time" and t.offset[0] == 0.0
