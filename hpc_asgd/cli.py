@@ -96,7 +96,8 @@ def cmd_train(args: argparse.Namespace, launch: env.Launch) -> int:
 
     signals.install()  # before torch is imported: a USR1 or TERM at start-up is not lost
     from hpc_asgd.comm import make_comm
-    from hpc_asgd.train import Tracker, run
+    from hpc_asgd.train import Tracker, run, spawns_workers
+    from hpc_asgd.workers import start_early
 
     try:
         cfg = config_from_args(args)
@@ -117,6 +118,8 @@ def cmd_train(args: argparse.Namespace, launch: env.Launch) -> int:
     tracker = Tracker()
     failure.arm(launch, folders, lambda: tracker.step)
     try:
+        if spawns_workers(cfg):  # forked before MPI (and CUDA) start: see workers.start_early
+            start_early(fork=cfg.run.device == "cpu")
         comm = make_comm(cfg.run.comm, launch, cfg.run.comm_timeout)
         summary = run(cfg, launch, comm, tracker)
     except Preempted as e:  # every rank checkpointed at the same step: no abort

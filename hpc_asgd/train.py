@@ -40,7 +40,7 @@ from hpc_asgd.rules import make_rule
 from hpc_asgd.stats import NSTATS, check_finite
 from hpc_asgd.step import Stepper, inject, slow_factor
 from hpc_asgd.sync import make_synchronizer
-from hpc_asgd.workers import augment_seed, spawn_context, train_workers
+from hpc_asgd.workers import augment_seed, spawn_context, start_early, train_workers
 
 __all__ = ["Tracker", "run", "spawns_workers"]
 
@@ -85,6 +85,8 @@ def _run(cfg: Config, launch: Launch, comm: Comm | None, tracker: Tracker) -> di
     t_start = time.perf_counter()
     cfg.validate(launch.size, launch.local_size)
     cfg.check_paths()
+    if spawns_workers(cfg):  # the workers' fork server imports torch while the data loads
+        start_early()
     rank_threads = _threads_per_rank(launch)
     torch.set_num_threads(rank_threads)
     comm = comm or make_comm(cfg.run.comm, launch, cfg.run.comm_timeout)

@@ -1,8 +1,10 @@
-"""A spawned worker's first code: tie its life to the rank's main process, then become a worker.
+"""A worker's first code: tie its life to its parent, then become a worker.
 
+The parent is the rank's fork server (``workers.spawn_context``), itself tied to the rank's main
+process (``hpc_asgd.forkserver_guard``), or the main process itself under a spawn context.
 Kept free of torch (and of every hpc_asgd module that imports it) on purpose: multiprocessing
 unpickles a child's target and arguments before running it, and a worker's arguments hold
-tensors, whose unpickling imports torch (seconds). A main process killed during those seconds
+tensors, whose unpickling imports torch (seconds, in a spawned child). A parent killed then
 would leave the worker running under PID 1. So the worker's spec travels as bytes
 (:class:`Sealed`), the death signal is armed first, and only then is the spec unpickled.
 """
@@ -45,7 +47,8 @@ class Sealed:
 
 
 def main(index: int, parent_pid: int, sealed: bytes) -> None:
-    """Spawn target of worker ``index``: exit at once if orphaned, else run ``worker_main``."""
+    """Target of worker ``index``, whose parent has ``parent_pid``: exit at once if orphaned,
+    else run ``worker_main``."""
     if not arm_death_signal(parent_pid):
         os._exit(1)
     spec = pickle.loads(sealed)  # imports torch, rebuilds the shared tensors

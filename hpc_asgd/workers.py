@@ -18,9 +18,13 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import sys
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from multiprocessing import connection, forkserver, resource_tracker
+from multiprocessing import util as mp_util
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.multiprocessing as mp
@@ -181,9 +185,10 @@ class WorkerPool:
         # SIG_IGN through exec, so they are never killed by its default action.
         previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         try:
+            parent = _parent_pid(self.ctx)
             for i in range(self.n):
                 # The spec travels sealed: see hpc_asgd.worker_entry (orphans of a killed rank).
-                args = (i, os.getpid(), worker_entry.Sealed(self.spec))
+                args = (i, parent, worker_entry.Sealed(self.spec))
                 p = self.ctx.Process(target=worker_entry.main, args=args, name=f"hpc-asgd-w{i}")
                 p.start()
                 self.procs.append(p)
@@ -286,8 +291,118 @@ class WorkerPool:
                 p.join(2.0)
 
 
+# Imported once by the rank's fork server, so that no worker imports them (torch: seconds).
+# The guard comes first: it ties the server's life to the rank's main process.
+PRELOAD = (
+    "hpc_asgd.forkserver_guard",
+    "torch",
+    "hpc_asgd.workers",
+    "hpc_asgd.config",
+    "hpc_asgd.data",
+    "hpc_asgd.flat",
+    "hpc_asgd.models",
+    "hpc_asgd.step",
+)
+
+
 def spawn_context():
-    return mp.get_context("spawn")
+    """The workers' start method: a fork server per rank, and each worker a fork of it, ready
+    in a fraction of a second where a spawned interpreter took seconds to import torch.
+
+    The server never has MPI: the CLI forks it before MPI starts, with torch and hpc_asgd
+    imported (:func:`start_early`); otherwise multiprocessing starts it by exec, and it imports
+    torch and the worker's modules (:data:`PRELOAD`) once, while the rank loads its data. So
+    no worker imports mpi4py. Shared tensors, queues and locks reach the workers as for spawn
+    (their file descriptors travel through the server's socket)."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(list(PRELOAD))
+    return ctx
+
+
+def start_early(fork: bool = False) -> None:
+    """Start this process's fork server now (nothing if one runs).
+
+    By exec (default): the server's imports overlap the caller's next seconds. With ``fork``, a
+    fork of this process becomes the server, with torch and hpc_asgd already imported: no
+    import at all. Only before MPI, CUDA or any communication engine has started (the CLI,
+    before it starts the engine, on CPU): the server and its workers must share none of their
+    state; with mpi4py already imported it starts by exec all the same. Call from the main
+    thread, as the only thread running Python: the server dies with the thread that started it.
+    """
+    spawn_context()
+    # SLURM's USR1 (preemption warning) is for the rank's main process: the server, and
+    # through it every worker, inherits SIG_IGN, never its default action (death).
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        if fork and "mpi4py" not in sys.modules and _server_fields():
+            _fork_server()
+        else:
+            forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+_FIELDS = ("_lock", "_forkserver_address", "_forkserver_alive_fd", "_forkserver_pid")
+
+
+def _server_fields() -> bool:
+    """Whether multiprocessing's fork server has the fields :func:`_fork_server` fills (they
+    are internal; 3.11 to 3.13, and 3.14 with its authentication key); else it starts by exec."""
+    fs: Any = forkserver._forkserver  # multiprocessing's own (internal fields)
+    return all(hasattr(fs, f) for f in _FIELDS) and hasattr(forkserver, "main")
+
+
+def _fork_server() -> None:
+    """:meth:`multiprocessing.forkserver.ForkServer.ensure_running`, with the server forked from
+    this process instead of started by exec; multiprocessing then uses it as its own."""
+    fs: Any = forkserver._forkserver  # multiprocessing's own (internal fields)
+    with fs._lock:
+        if fs._forkserver_pid is not None:
+            pid, _ = os.waitpid(fs._forkserver_pid, os.WNOHANG)
+            if not pid:
+                return  # still running
+            os.close(fs._forkserver_alive_fd)
+            fs._forkserver_address = fs._forkserver_alive_fd = fs._forkserver_pid = None
+        resource_tracker.ensure_running()  # shared with the server, as with one started by exec
+        parent = os.getpid()
+        with socket.socket(socket.AF_UNIX) as listener:
+            address = connection.arbitrary_address("AF_UNIX")  # type: ignore[attr-defined]
+            listener.bind(address)
+            if not mp_util.is_abstract_socket_namespace(address):
+                os.chmod(address, 0o600)
+            listener.listen()
+            alive_r, alive_w = os.pipe()  # EOF for the server when this process ends
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:  # the server: never returns
+                code = 1
+                try:
+                    os.close(alive_w)
+                    if worker_entry.arm_death_signal(parent):
+                        # The handlers of the rank's main process are not the workers'.
+                        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                        signal.signal(signal.SIGINT, signal.SIG_IGN)
+                        forkserver.main(listener.fileno(), alive_r, [])
+                        code = 0
+                except SystemExit:  # the main process ended
+                    code = 0
+                finally:
+                    os._exit(code)
+            os.close(alive_r)
+        fs._forkserver_address, fs._forkserver_alive_fd, fs._forkserver_pid = address, alive_w, pid
+        if hasattr(fs, "_forkserver_authkey"):  # 3.14: no key, the socket is private (0600)
+            fs._forkserver_authkey = None
+
+
+def _parent_pid(ctx) -> int:
+    """The pid a worker's parent has: the fork server's, or this process's (spawn)."""
+    if ctx.get_start_method() != "forkserver":
+        return os.getpid()
+    start_early()  # the pid of the server that forks the workers (restarted if it died)
+    pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
+    assert isinstance(pid, int), pid
+    return pid
 
 
 KEEP_GOING = 1 << 62  # the workers' step bound with --keep-training: their STOP ends them

@@ -96,24 +96,29 @@ def test_stopped_worker_ends_the_rank_within_the_deadline() -> None:
     assert_no_orphans(res.sid)
 
 
-def _workers_of(sid: int, main: int) -> list[int]:
-    """Spawned workers in session ``sid`` (not multiprocessing's resource tracker)."""
-    out = []
+def _family(sid: int, main: int) -> tuple[list[int], list[int]]:
+    """The children of ``main`` in session ``sid`` but multiprocessing's resource tracker (the
+    fork server), and their children (the workers)."""
+    parents = {}
     for pid in session_members(sid):
         try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        if pid != main and b"spawn_main" in cmd and b"pipe_handle" in cmd:
-            out.append(pid)
-    return out
+        if b"resource_tracker" not in cmd:
+            parents[pid] = int(stat.rsplit(")", 1)[1].split()[1])
+    servers = [pid for pid, ppid in parents.items() if ppid == main]
+    return servers, [pid for pid, ppid in parents.items() if ppid in servers]
 
 
 @pytest.mark.mpi
 @pytest.mark.timeout(120)
-def test_rank_killed_while_its_workers_start_leaves_no_orphan() -> None:
-    """SIGKILL of the rank's main process while its workers still import torch: they must not
-    live on under PID 1 (the death signal used to be armed only after their imports)."""
+@pytest.mark.parametrize("when", ["start-up", "workers", "training"])
+def test_rank_killed_leaves_no_orphan(when: str) -> None:
+    """SIGKILL of the rank's main process while its fork server starts (the data loads), as
+    its workers start, and while they train: neither the server nor a worker may live on
+    under PID 1 (the death signal used to be armed only after the workers' imports)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "hpc_asgd.cli", "train", *DIGITS, "--epochs", "50", "--workers=2"],
         cwd=ROOT,
@@ -124,11 +129,15 @@ def test_rank_killed_while_its_workers_start_leaves_no_orphan() -> None:
     )
     try:
         deadline = time.monotonic() + 60
-        while not (seen := _workers_of(proc.pid, proc.pid)) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert seen, "no worker started"
-        time.sleep(0.3)  # workers exist, unpickling their spec (torch import: seconds)
-        assert _workers_of(proc.pid, proc.pid), "workers already gone: too late to test"
+        while time.monotonic() < deadline:
+            servers, workers = _family(proc.pid, proc.pid)
+            if servers if when == "start-up" else len(workers) == 2:
+                break
+            time.sleep(0.005)
+        assert servers and (when == "start-up" or len(workers) == 2), "nothing started"
+        if when == "training":
+            time.sleep(2.0)
+            assert len(_family(proc.pid, proc.pid)[1]) == 2, "workers gone: too late to test"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         assert_no_orphans(proc.pid, grace=8.0)

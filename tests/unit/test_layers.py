@@ -14,6 +14,7 @@ PKG = Path(__file__).resolve().parents[2] / "hpc_asgd"
 # (equal: within its own package).
 LAYERS = [
     ["errors", "registry", "signals", "worker_entry"],
+    ["forkserver_guard"],
     ["env", "stats"],
     ["config", "failure"],
     ["comm", "flat", "optim", "rules", "data", "models", "metrics"],
