@@ -66,6 +66,17 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return Config.from_flat(values, source=args.config or "flags")
 
 
+def _steps(summary: dict) -> str:
+    """Per rank, and how they were counted (``--budget``)."""
+    taken = summary["steps_taken"]
+    steps = " / ".join(map(str, taken)) if len(set(taken)) > 1 else f"{taken[0]} per rank"
+    if summary["budget"] == "job":
+        steps += f" (the job's budget, {summary['budget_used']:.2f}x used)"
+    if summary["ended_by"] == "time":
+        steps += f" (--time-budget {summary['time_budget_min']:g} min spent)"
+    return steps
+
+
 def _table(summary: dict) -> str:
     update = summary["update"] if summary["worker_processes"] else "none (in-process, W = 1)"
     rounds = summary["averaging_rounds"]
@@ -79,6 +90,7 @@ def _table(summary: dict) -> str:
         ),
         ("dataset / model", f"{summary['dataset']} / {summary['model']}"),
         ("epochs", summary["epochs"]),
+        ("node steps taken", _steps(summary)),
         ("samples processed", summary["samples_processed"]),
         ("samples/s (training)", summary["samples_per_s"]),
         ("wall time (s)", summary["wall_s"]),
