@@ -133,6 +133,7 @@ def worker_main(index: int, spec: WorkerSpec) -> None:
             spec.stats[index],
             None,
             slow_factor(cfg, spec.rank),
+            worker=index,
         )
         model.train()
         assert spec.busy is not None  # WorkerPool set it before spawning

@@ -14,7 +14,7 @@ PKG = Path(__file__).resolve().parents[2] / "hpc_asgd"
 # (equal: within its own package).
 LAYERS = [
     ["errors", "registry", "signals", "worker_entry"],
-    ["env", "stats"],
+    ["env", "stats", "delays"],
     ["config", "failure"],
     ["comm", "flat", "optim", "rules", "data", "models", "metrics"],
     ["step"],
