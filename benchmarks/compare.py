@@ -1,10 +1,13 @@
 """Train one model on 2 MPI ranks with every hpc_asgd synchroniser and with torch's own
 data-parallel tools (``peers/ddp.py``); compare samples/s, time to a target accuracy, final
-accuracy and the share of time blocked in communication, with and without a 2x straggler.
+accuracy and the share of time blocked in communication, with and without a 2x straggler, and
+(``--delay``, ``--pause-at``) under a real cluster's delays: random per-step delays on every rank
+and worker, or one rank pausing once (``hpc-asgd train --delay / --pause-rank``).
 
 Every contender (``WHAT``) gets the same model, data, batch order, SGD, evaluation schedule and
-core budget, and runs as a fresh ``mpirun`` job per variant (rank 1 slowed 2x or not), in an
-order rotated each repeat; noisy runs are repeated (``--retry-noisy``); medians over repeats.
+core budget, and runs as a fresh ``mpirun`` job per variant (rank 1 slowed 2x or not; random
+delays; rank 1's pause), in an order rotated each repeat; noisy runs are repeated
+(``--retry-noisy``); medians over repeats.
 ``--nodes N`` runs one rank on each of N emulated nodes instead, with the links uncapped or
 capped (``--links``, ``--cap``; root only). Outputs ``<out>/<stem>.json`` and ``.md``;
 benchmarks/README.md defines every column.
@@ -32,6 +35,9 @@ from pathlib import Path
 import _harness as h
 from peers.ddp import MARK as PEER_MARK
 
+from hpc_asgd.delays import parse_delay
+from hpc_asgd.errors import ConfigError
+
 OURS = ("sync", "local-sgd", "local-async", "lasgd", "hier-avg", "hier-avg-nb")
 # fixed steps per rank (--budget rank, the old default): not run unless named in --contenders
 RANKED = ("local-async-rank", "lasgd-rank")
@@ -41,6 +47,7 @@ CONTENDERS = (*OURS, *BASELINES, *PEERS)
 RANKS = 2
 SLOW_RANK, SLOW_FACTOR = 1, 2.0
 VARIANT = {False: "even", True: "slow"}  # a run's key: contender|variant
+NO_BASELINES = ("slow", "pause")  # variants that only make sense with 2 ranks that average
 LINKS = ("uncapped", "one-capped", "all-capped")  # --nodes: the link settings
 NODE_CONTENDERS = ("sync", "local-sgd", "local-async", "lasgd", "hier-avg", "torch-ddp")
 NONBLOCKING = ("local-async", "lasgd", "hier-avg-nb", *RANKED)
@@ -136,6 +143,7 @@ def job_cmd(args, name: str, variant: str, tmp: Path, out: Path) -> tuple[list[s
         opts = {**common, "period": args.period, "local_period": args.local_period}
         opts.update(group_size=args.group_size, threads=threads)
         opts.update(slow_rank=SLOW_RANK if slow else -1, slow_factor=SLOW_FACTOR if slow else 1.0)
+        opts.update(delay_flags(args, variant))
         master = (tmp / "hosts").read_text().split()[0] if args.nodes else "127.0.0.1"
         with socket.socket() as s:  # a free port for the rendezvous
             s.bind(("127.0.0.1", 0))
@@ -145,7 +153,17 @@ def job_cmd(args, name: str, variant: str, tmp: Path, out: Path) -> tuple[list[s
     flags.update(ours_flags(name, args), out=out, **{"threads-per-worker": threads or None})
     if slow:
         flags.update({"slow-rank": SLOW_RANK, "slow-factor": SLOW_FACTOR})
+    flags.update({k.replace("_", "-"): v for k, v in delay_flags(args, variant).items()})
     return [*cmd, *h.train_cmd(flags)], env
+
+
+def delay_flags(args: argparse.Namespace, variant: str) -> dict:
+    """``hpc-asgd train``'s delay fields for a variant (peers/ddp.py reads the same)."""
+    if variant == "delay":
+        return {"delay": args.delay}
+    if variant == "pause":
+        return {"pause_rank": SLOW_RANK, "pause_at": args.pause_at, "pause_s": args.pause_s}
+    return {}
 
 
 def read_ours(out: Path) -> dict:
@@ -408,12 +426,20 @@ def driver(args: argparse.Namespace, argv: list[str]) -> int:
     ranks = args.nodes or RANKS
     spe = ShardSampler(len(data.train), 0, ranks, args.batch_size, 0).steps_per_epoch
     variants = [("even", "No straggler")] + [("slow", "Rank 1 slowed 2x")] * (not args.no_straggler)
+    if args.delay:
+        variants.append(("delay", f"Random delays after every step, every rank ({args.delay} ms)"))
+    if args.pause_at:
+        title = f"Rank {SLOW_RANK} pauses {args.pause_s:g} s once, after node step {args.pause_at}"
+        variants.append(("pause", title))
     nodes: list[str] = []
     if args.nodes:
         nodes, variants = emulated_nodes(args)
     capped = {"one-capped": nodes[-1:], "all-capped": nodes}
     pairs = [
-        (n, x) for x, _ in variants for n in args.contenders if x != "slow" or n not in BASELINES
+        (n, x)
+        for x, _ in variants
+        for n in args.contenders
+        if x not in NO_BASELINES or n not in BASELINES
     ]
     runs: dict[str, list[dict]] = {f"{n}|{x}": [] for n, x in pairs}
     # each node has its own /tmp: the run folders of --nodes live where every node sees them
@@ -487,6 +513,19 @@ def parse(argv: list[str]) -> argparse.Namespace:
         ("--epochs", 16.0, "passes over each rank's shard"),
         ("--quick", False, "smoke run: 1 repeat of 3 epochs"),
         ("--no-straggler", False, "skip the 2x-straggler runs"),
+        (
+            "--delay",
+            "",
+            "also run every contender with random delays after each step on every "
+            "rank and worker: exp:MEAN_MS or lognormal:MEAN_MS[:SIGMA] (hpc-asgd train --delay)",
+        ),
+        (
+            "--pause-at",
+            0,
+            f"also run every contender (but the baselines) with rank {SLOW_RANK} "
+            "pausing once, after this node step (1-based; hpc-asgd train --pause-at)",
+        ),
+        ("--pause-s", 1.0, "the pause's length in seconds"),
         ("--target", 0.90, "test accuracy to time"),
         ("--dataset", "digits", "digits (default) or mnist with --data-dir"),
         ("--data-dir", None),
@@ -516,6 +555,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args.contenders = args.contenders or list(NODE_CONTENDERS if args.nodes else CONTENDERS)
     args.links = sorted(set(args.links), key=LINKS.index)  # uncapped first: the ratios' base
     args.group_size = args.group_size or max(1, args.nodes // 2)
+    try:
+        parse_delay(args.delay)
+    except ConfigError as e:
+        p.error(f"--{e}")
+    if args.pause_at < 0 or (args.pause_at and not args.pause_s > 0):
+        p.error("--pause-at must be >= 0, and --pause-s > 0 with it")
+    if args.nodes and (args.delay or args.pause_at):
+        p.error("--delay and --pause-at: not with --nodes (its variants are the links)")
     if args.nodes == 1 or (args.nodes and args.links[0] != "uncapped"):
         p.error("--nodes N needs N > 1 and the uncapped links among --links")
     if (args.nodes or RANKS) % args.group_size:

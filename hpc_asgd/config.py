@@ -17,6 +17,7 @@ from typing import Any
 
 import tomllib
 
+from hpc_asgd import delays
 from hpc_asgd.errors import ConfigError
 from hpc_asgd.registry import SYNCHRONIZERS, UPDATE_RULES
 
@@ -130,6 +131,19 @@ class RunConfig:
     out: str | None = _f(None, "output folder for summary.json, metrics.jsonl, model.pt")
     slow_rank: int = _f(-1, "straggler injection: this rank's steps are slowed")
     slow_factor: float = _f(1.0, "straggler injection: the slow rank's steps take F times as long")
+    delay: str = _f(
+        "",
+        "random delay after every step of every rank and worker: exp:MEAN_MS or "
+        "lognormal:MEAN_MS[:SIGMA] (sigma of log(delay), default 1); seeded from --seed, rank "
+        "and worker, apart from the training RNG",
+    )
+    pause_rank: int = _f(-1, "one-off pause (a node hiccup): this rank pauses once (-1: none)")
+    pause_at: int = _f(
+        0,
+        "the pause comes after the work of this node step (1-based, as --stop-at-step counts); "
+        "with W workers, the worker that takes that step pauses",
+    )
+    pause_s: float = _f(0.0, "the pause's length in seconds")
     checkpoint_dir: str | None = _f(None, "folder of checkpoints; enables USR1 preemption handling")
     checkpoint_every: int = _f(0, "checkpoint every N node steps (0: off)")
     checkpoint_minutes: float = _f(0.0, "checkpoint every M minutes (0: off)")
@@ -338,6 +352,7 @@ class Config:
             raise ConfigError("checkpoint_dir: checkpoints and --resume auto need --checkpoint-dir")
         if r.slow_factor < 1:
             raise ConfigError(f"slow_factor: must be >= 1, got {r.slow_factor}")
+        delays.validate(self, world_size)
         if d.dataset in FILE_DATASETS and not d.data_dir:
             raise ConfigError(f"data_dir: dataset {d.dataset!r} needs --data-dir")
         if r.device == "cuda":

@@ -9,6 +9,7 @@ at a step holding several, the round comes first, then the evaluation, then the 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ from hpc_asgd.errors import Preempted
 from hpc_asgd.evaluate import Evaluator
 from hpc_asgd.flat import FlatModel
 from hpc_asgd.rules.base import UpdateRule
+from hpc_asgd.stats import CPU_S
 from hpc_asgd.sync import Synchronizer
 from hpc_asgd.sync.rounds import Budget
 
@@ -63,6 +65,10 @@ class Job:
     extra: int = 0
     t_start: float = 0.0  # perf_counter() when ``run`` began
     setup_s: float = 0.0  # from ``t_start`` to this rank's first training step (this session)
+    # CPU seconds of this (main) process from the first training step to the last, without its
+    # evaluation passes: the averager's cost when workers train (``summary.json``)
+    averager_cpu_s: float | None = None
+    cpu_begin: float = 0.0  # process_time() at ``begin`` (this session)
 
     @property
     def trains_on(self) -> bool:
@@ -93,7 +99,9 @@ class Job:
         """Take back this rank's model, counters and metrics from a checkpoint."""
         self.flat.data.copy_(state["flat"])
         self.rule.load(self.flat.params)
-        self.stats.copy_(state["stats"])
+        saved = state["stats"]  # (checkpoints from before the CPU column have one fewer)
+        self.stats[:, : saved.shape[1]].copy_(saved)
+        self.stats[:, CPU_S] = 0.0  # CPU seconds count this session's, as averager_cpu_s does
         self.evaluator.load_state_dict(state)
         self.sync.load_state_dict(state)
 
@@ -101,12 +109,17 @@ class Job:
         """Right before the first step: a USR1 during start-up (data, model, workers) ends
         every rank for a requeue (they agree on it first); nothing is lost or needs saving."""
         self.tracker.step = start
+        self.cpu_begin = time.process_time() - self.evaluator.cpu_s
         if self.ck.root is None:
             return
         flag = torch.tensor([float(signals.usr1_seen())])
         self.comm.allreduce_(flag, op="max")
         if flag[0]:
             raise Preempted(start, saved=False)
+
+    def end_training(self) -> None:
+        """Right after the last training step (workers): the averager's CPU time."""
+        self.averager_cpu_s = time.process_time() - self.evaluator.cpu_s - self.cpu_begin
 
     def checkpoint(self, step: int, train_s: float, halt: bool, extra: dict | None = None):
         """Save at ``step`` (collective; workers held), then stop for a requeue if ``halt``."""

@@ -75,6 +75,7 @@ class Evaluator:
         self.job_epochs = False
         self.seen = torch.zeros(2, dtype=torch.float64)
         self.handles: list[Callable[[bool], bool]] = []  # sums in flight, oldest first
+        self.cpu_s = 0.0  # CPU seconds of this process's evaluation passes (not training)
 
     def state_dict(self) -> dict:
         return {"rows": list(self.rows), "seen": self.seen.clone()}
@@ -86,11 +87,13 @@ class Evaluator:
     def at(self, step: int, model: torch.nn.Module, final: bool = False) -> None:
         """Evaluate ``model`` on this rank's shard now, as the row of node step ``step``.
         ``final``: every earlier sum completes first, then this one, blocking."""
+        c0 = time.process_time()
         s = self.stats
         now = torch.stack([s[:, LOSS_SUM].sum(), (s[:, STEPS] - s[:, NONFINITE]).sum()])
         st = evaluate(model, self.data, self.comm, self.device, now - self.seen)  # (5,)
         self.seen.copy_(now)
         at = round(time.perf_counter() - self.t_start, 3)  # the time of this rank's pass
+        self.cpu_s += time.process_time() - c0
         if final:
             self.complete(wait=True)
             self.comm.allreduce_(st)

@@ -142,16 +142,19 @@ def summarise(job: Job, train_s: float, out: Path | None) -> dict:
     the per-rank figures); rank 0 writes the outputs. Raises rather than write a model with
     non-finite parameters."""
     from hpc_asgd.comm.base import gather_hosts
-    from hpc_asgd.stats import NONFINITE, DivergedError, worker_metrics
+    from hpc_asgd.stats import CPU_S, NONFINITE, DivergedError, worker_metrics
 
     cfg, comm, flat, sync, total = job.cfg, job.comm, job.flat, job.sync, job.total
     d, s = cfg.data, cfg.sync
     digest = bytes.fromhex(flat.checksum())
     sums = comm.allgather(torch.frombuffer(bytearray(digest), dtype=torch.uint8))
     finite = bool(torch.isfinite(flat.data).all())
-    timed_out = sync.budget.ended_by == "time"
-    mine = [sync.wait_s, train_s, sync.inflight_s, job.extra, job.setup_s, finite, timed_out]
-    waits = comm.allgather(torch.tensor(mine, dtype=torch.float64))  # (ranks, 7)
+    timed_out = float(sync.budget.ended_by == "time")
+    mine = [sync.wait_s, train_s, sync.inflight_s, job.extra, job.setup_s, float(finite)]
+    # in process (no workers) the rank's own process takes the steps: no averager to cost
+    mine.append(math.nan if job.averager_cpu_s is None else job.averager_cpu_s)
+    mine.append(timed_out)
+    waits = comm.allgather(torch.tensor(mine, dtype=torch.float64))  # (ranks, 8)
     bad = [r for r in range(comm.size) if not waits[r, 5]]
     if bad:  # a non-finite model is never written as the result
         raise DivergedError(
@@ -188,7 +191,7 @@ def summarise(job: Job, train_s: float, out: Path | None) -> dict:
         # taken while the round that found the budget spent was in flight
         "budget_used": round(sum(taken) / (total * comm.size), 4),
         "time_budget_min": cfg.run.time_budget or None,
-        "ended_by": "time" if waits[:, 6].max() > 0 else "steps",
+        "ended_by": "time" if waits[:, 7].max() > 0 else "steps",
         "samples_processed": samples,
         "wall_s": round(time.perf_counter() - job.t_start, 3),
         "hosts": hosts,  # per rank: where it ran
@@ -202,6 +205,11 @@ def summarise(job: Job, train_s: float, out: Path | None) -> dict:
         "averaging_rounds": sync.rounds,
         # per rank: steps skipped for a non-finite loss or gradient (--max-nonfinite)
         "nonfinite_steps": [int(x) for x in all_stats[:, :, NONFINITE].sum(1)],
+        # per rank, CPU seconds while training (this session): the rank's main process, the
+        # averager when workers train (evaluation passes excluded; null in process), and
+        # the steps of its workers (of the rank's own process in process)
+        "averager_cpu_s": [round(float(x), 4) for x in waits[:, 6]],
+        "worker_cpu_s": [round(float(x), 4) for x in all_stats[:, :, CPU_S].sum(1)],
         "comm_wait_s": [round(float(x), 4) for x in waits[:, 0]],
         "comm_inflight_s": [round(float(x), 4) for x in waits[:, 2]],
         # share of the communication time hidden behind computation, per rank

@@ -20,7 +20,10 @@ TRIES0 = STALE0 + HIST_BINS  # CAS-tries histogram: HIST_BINS columns (tries 1..
 # 0 = none): the divergence check's evidence.
 NONFINITE = TRIES0 + HIST_BINS
 NF_FIRST, NF_LAST = NONFINITE + 1, NONFINITE + 2
-NSTATS = NONFINITE + 3
+# CPU seconds of this worker's steps (the process's, its torch threads included; sleeps of
+# the injected delays are not CPU): ``summary.json``'s ``worker_cpu_s``, this session's.
+CPU_S = NONFINITE + 3
+NSTATS = CPU_S + 1
 
 
 def bin_of(value: int) -> int:

@@ -18,12 +18,14 @@ import torch.nn.functional as F
 
 from hpc_asgd.config import Config
 from hpc_asgd.data import Dataset, ShardSampler
+from hpc_asgd.delays import Delays
 from hpc_asgd.env import Fault
 from hpc_asgd.flat import FlatModel
 from hpc_asgd.optim import FlatSGD, Schedule
 from hpc_asgd.rules.base import UpdateRule
 from hpc_asgd.stats import (
     APPLIED,
+    CPU_S,
     DROPPED,
     LOCK_WAIT,
     LOSS_SUM,
@@ -63,6 +65,7 @@ class Stepper:
         stats: torch.Tensor,
         grads_hook=None,
         slow: float = 1.0,
+        worker: int = 0,
     ):
         o = cfg.optim
         self.data, self.flat, self.rule, self.sampler = data, flat, rule, sampler
@@ -73,6 +76,8 @@ class Stepper:
         self.spe = sampler.steps_per_epoch
         self.grads_hook = grads_hook  # synchronous SGD averages gradients here
         self.slow = slow  # straggler injection: each step takes ``slow`` times as long
+        # random delays and the one-off pause (hpc_asgd.delays); the sampler's shard is the rank
+        self.delays = Delays.from_config(cfg, sampler.shard, worker)
         self.block: slice | None = None  # the last step's block (partial backprop)
         # (1,) float64, shared: the job's progress minus this rank's node step (--budget job;
         # set by the rounds), so that the LR schedule follows the job, not this rank
@@ -82,7 +87,16 @@ class Stepper:
 
     def step(self, s: int, poison: bool = False) -> bool:
         """Node step ``s``; False if it was skipped for a non-finite loss or gradient.
-        ``poison`` (fault injection) makes its loss NaN."""
+        ``poison`` (fault injection) makes its loss NaN. The injected delays (``--delay``,
+        the pause) follow the step's work; its CPU time is counted in the stats row."""
+        c0 = time.process_time()
+        ok = self._step(s, poison)
+        self.stats[CPU_S] += time.process_time() - c0
+        if self.delays is not None:
+            self.delays.after(s)
+        return ok
+
+    def _step(self, s: int, poison: bool) -> bool:
         t0 = time.perf_counter()
         e, i = divmod(s, self.spe)
         if e != self.epoch_cached:

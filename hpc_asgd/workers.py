@@ -43,6 +43,8 @@ from hpc_asgd.sync import Synchronizer
 if TYPE_CHECKING:
     from multiprocessing.queues import SimpleQueue
 
+    from hpc_asgd.sync import Synchronizer
+
 # Control cells: next unclaimed node step, steps done, the limit workers may not pass (0 until
 # every worker is ready, so that none starts seconds ahead), stop request, workers ready.
 NEXT, DONE, LIMIT, STOP, READY = range(5)
@@ -140,6 +142,7 @@ def worker_main(index: int, spec: WorkerSpec) -> None:
             spec.stats[index],
             None,
             slow_factor(cfg, spec.rank),
+            worker=index,
         )
         if spec.offset is not None:
             stepper.offset = spec.offset.numpy()
@@ -457,7 +460,7 @@ def train_workers(job: Job, ctx) -> float:
         job.setup_s = t0 - job.t_start
         job.start_budget(start, train_before)
         ctl[LIMIT].store(events.next)
-        pace = _Pace(cap=1e-3 if sync.overlaps else 2e-2)
+        pace = _Pace(sync)
         while True:
             if pool.poll():  # the workers' divergence count, at the same (throttled) pace
                 check_finite(job.stats, cfg.run.max_nonfinite, cfg.optim.lr)
@@ -482,6 +485,7 @@ def train_workers(job: Job, ctx) -> float:
                     ctl[STOP].store(1)  # workers end the step they are in, then exit
                 if event == total:  # every step is done; the workers' exit is not training
                     train_end = time.perf_counter()
+                    job.end_training()  # the averager's CPU time
                     pool.join()
                     job.extra = ctl[DONE].load() - total
                     sync.drain(total + job.extra)  # wait for the other ranks' rounds
@@ -519,13 +523,20 @@ class _Pace:
 
     Polling at a fixed 0.2 ms woke this process 5,000 times a second on a node whose cores the
     workers need. The loop sleeps half the estimated time to the next event instead (seconds
-    per node step as seen here, times the steps left), between 0.2 ms and ``cap``: 1 ms when
-    this process drives overlapping rounds (their progress needs its polls), 20 ms otherwise.
+    per node step as seen here, times the steps left), between 0.2 ms and ``cap``: 50 ms, or
+    less when the synchroniser's rounds need this process sooner (``sync.nap_s``: 1 ms for
+    overlapping rounds, local-async's paced agreement rounds tell their own).
     """
 
-    def __init__(self, cap: float):
-        self.cap, self.step_s = cap, 0.0
+    CAP = 5e-2  # s: the workers' supervision (``WorkerPool.poll``) runs every 50 ms anyway
+
+    def __init__(self, sync: Synchronizer):
+        self.sync, self.step_s = sync, 0.0
         self.at: tuple[int, float] | None = None  # (steps done, time) at the last change
+
+    @property
+    def cap(self) -> float:
+        return min(self.CAP, self.sync.nap_s())
 
     def nap(self, done: int, remaining: int) -> float:
         now = time.perf_counter()
@@ -535,4 +546,7 @@ class _Pace:
             per = (now - self.at[1]) / (done - self.at[0])
             self.step_s = per if self.step_s == 0.0 else 0.8 * self.step_s + 0.2 * per
             self.at = (done, now)
-        return min(self.cap, max(2e-4, 0.5 * remaining * self.step_s))
+        cap = self.cap
+        if self.step_s == 0.0:  # the first step (start-up): 5 ms, not 5,000 wake-ups a second
+            return min(cap, 5e-3)
+        return min(cap, max(min(cap, 2e-4), 0.5 * remaining * self.step_s))

@@ -47,6 +47,18 @@ def averager_round(model_name: str, shape, classes: int, n: int, seed: int):
     return lambda: averager.average_parameters(model.parameters()), params
 
 
+def peer_delays(opts: dict, rank: int):
+    """compare.py's ``--delay`` / ``--pause-at`` variants: hpc_asgd's own delay model."""
+    from hpc_asgd.delays import Delays, parse_delay
+
+    dist, mean_s, sigma = parse_delay(opts.get("delay", "")) or (None, 0.0, 0.0)
+    pausing = opts.get("pause_rank", -1) == rank
+    if dist is None and not pausing:
+        return None
+    at, pause = (opts["pause_at"], opts["pause_s"]) if pausing else (0, 0.0)
+    return Delays(dist, mean_s, sigma, opts["seed"], rank, 0, at, pause)
+
+
 def train_rank(name: str, opts: dict) -> None:
     from collections import OrderedDict
 
@@ -133,6 +145,7 @@ def train_rank(name: str, opts: dict) -> None:
     pending = eval_steps(total, spe, opts["eval_every"])
     gen = torch.Generator().manual_seed(opts["seed"] * 7919 + rank)
     slow = opts["slow_factor"] if rank == opts["slow_rank"] else 1.0
+    delays = peer_delays(opts, rank)
     test = ShardSampler(len(data.test), rank, world, 512, 0, shuffle=False, drop_last=False)
     rows: list[dict] = []
     seen = [0.0, 0]  # train-loss sum and steps at the last evaluation
@@ -176,6 +189,8 @@ def train_rank(name: str, opts: dict) -> None:
         loss_sum += loss.detach().item()
         if slow > 1:  # straggler: sleep in proportion to the measured step time
             time.sleep((slow - 1) * (time.perf_counter() - t0))
+        if delays is not None:  # random delays and the one-off pause, as hpc_asgd's steps
+            delays.after(s)
         if averager is not None:
             averager.average_parameters(net.parameters())
         if s + 1 == pending[0]:

@@ -9,6 +9,7 @@ in node-step order and identically on every rank:
     next_stop(step, epoch)        the node step of the next blocking round (None: no more)
     step_done(stop, epoch)        at that node step; with workers, they are paused there
     poll(step, epoch)             often, never blocking: drive non-blocking rounds (overlaps)
+    nap_s()                       how long the averaging process may sleep before the next poll
     drain(step)                   after this rank's last step: finish the non-blocking rounds
     settle(step)                  (--keep-training) instead of drain, while this rank takes
                                   extra steps: one non-blocking look; True once all finished
@@ -86,6 +87,8 @@ class Synchronizer(Protocol):
 
     def poll(self, step: int, epoch: float) -> None: ...
 
+    def nap_s(self) -> float: ...
+
     def drain(self, step: int) -> None: ...
 
     def settle(self, step: int) -> bool: ...
@@ -120,6 +123,12 @@ class Averaging:
     @classmethod
     def validate(cls, cfg: Config, world_size: int, local_size: int) -> None:
         return None
+
+    def nap_s(self) -> float:
+        """Seconds the process driving :meth:`poll` (with workers: the rank's main process)
+        may sleep before the next call: 1 ms while rounds overlap the steps (their progress
+        needs the calls), no bound otherwise."""
+        return 1e-3 if self.overlaps else float("inf")
 
     @classmethod
     def keeps_training(cls, cfg: Config) -> bool:

@@ -8,10 +8,21 @@ MAX-allreduce of ``[node steps, still training]``: when the largest node step co
 the next multiple of K (``--period``, node-level steps; K = 1 before ``--post-local-epochs``),
 every rank, having seen the same maximum, snapshots ``x_s``, allreduces it while the workers
 keep updating, then applies ``x += mean(x_s) - x_s`` in place (no concurrent update is lost).
-Agreement rounds run back to back on a communicator of their own; when one shows that no rank
-is still training, the averagers stop together, and the final exact average gives consensus.
-With ``--keep-training`` a rank that has finished keeps training (its step count, still
-reported, may trigger more rounds) until that agreement.
+Agreement rounds run on a communicator of their own; when one shows that no rank is still
+training, the averagers stop together, and the final exact average gives consensus. With
+``--keep-training`` a rank that has finished keeps training (its step count, still reported,
+may trigger more rounds) until that agreement.
+
+Pacing (the averager shares the node's cores with the workers, and here each wake-up of it
+and each test of a collective costs tens of microseconds): an agreement is only useful about
+when the fastest rank crosses the next multiple of K. Each agreement also carries every rank's
+seconds per node step (MAX of its negative: the fastest rank's), so every rank computes the
+same time for the next one, when the fastest rank should have crossed by half a step (between
+``_AGREE_EVERY`` and ``_AGREE_MAX``; ``_AGREE_START`` apart until every rank has measured its
+step time): a rank that has finished posts at once. About one or two agreements per K node
+steps instead of up to 2,000 a second, and :meth:`nap_s` lets the main process sleep until
+the next one; collectives in flight are tested a few times in a row at each look, with a
+backoff of 2 to 8 ms between looks.
 """
 
 from __future__ import annotations
@@ -32,6 +43,16 @@ if TYPE_CHECKING:
     from hpc_asgd.config import Config
 
 _AGREE_EVERY = 5e-4  # s: at most ~2,000 agreement rounds a second, to leave the cores to workers
+_AGREE_MAX = 0.1  # s: at least 10 a second (a stale step time)
+_BURST = 4  # tests of a collective in flight at each look
+_AGREE_START = 1e-2  # s: between agreements until the step time is known
+
+
+def _tests(work, n: int = _BURST) -> bool:
+    """Up to ``n`` tests in a row: a collective progresses one step of its schedule per test
+    (the peers' next message may follow at once), and one wake-up of this process costs
+    more than several tests."""
+    return any(work.test() for _ in range(n))
 
 
 @SYNCHRONIZERS.register("local-async")
@@ -54,9 +75,15 @@ class LocalAsync(Periodic):
         own = comm.split(0, comm.rank)  # agreement and model rounds: never mixed with evaluation
         self.round = AsyncRound(own, flat, rule, self.budget)
         self.agree_comm = own
-        self.agree_buf = torch.zeros(2, dtype=torch.float64)  # [node steps, still training]
+        # [node steps, still training, -seconds per node step]: MAX gives the largest step
+        # count, whether any rank trains, and the fastest rank's step time
+        self.agree_buf = torch.zeros(3, dtype=torch.float64)
         self.agree: Work | None = None
         self.agree_posted = 0.0
+        self.agree_due = 0.0  # perf_counter() time to post the next agreement
+        self.seen: tuple[int, float] | None = None  # (this rank's node step, when) at a change
+        self.step_s = 0.0  # this rank's seconds per node step (0: not known yet)
+        self.moved = False  # the node step has moved since the first look
         self.next = self._k(0)
         self.over = False
 
@@ -75,30 +102,64 @@ class LocalAsync(Periodic):
         if self.over:
             return
         r = self.round
+        self._track(step)
         if r.busy:
-            if r.test():
+            if _tests(r):
                 r.apply()
                 self.rounds += 1
             else:
                 r.overdue()
             return
         if self.agree is None:
-            if time.perf_counter() - self.agree_posted < _AGREE_EVERY and not finished:
+            if time.perf_counter() < self.agree_due and not finished:
                 return
-            self.agree_buf[0], self.agree_buf[1] = float(step), float(not finished)
-            self.agree = self.agree_comm.iallreduce_(self.agree_buf, op="max")
+            buf = self.agree_buf
+            buf[0], buf[1], buf[2] = float(step), float(not finished), -self.step_s
+            self.agree = self.agree_comm.iallreduce_(buf, op="max")
             self.agree_posted = time.perf_counter()
             return
-        if not self.agree.test():
+        if not _tests(self.agree):
             return
         self.agree = None
         top, anyone_training = int(self.agree_buf[0]), bool(self.agree_buf[1])
         if not anyone_training:  # a round due now would only precede the final exact average
             self.over = True  # (and ranks that keep training would keep making rounds due)
-        elif top >= self.next:  # every rank saw the same maximum: all average now
+            return
+        if top >= self.next:  # every rank saw the same maximum: all average now
             while self.next <= top:
                 self.next += self._k(self.next)
             r.start(finished=False, step=step)
+        # The next agreement when the fastest rank should have crossed the next multiple of
+        # K, by half a step: the same time on every rank (the same maximum, the same fastest
+        # step time), so that they post about together.
+        fastest = -float(self.agree_buf[2])  # 0 while a rank has no estimate yet
+        wait = (self.next - top + 0.5) * fastest if fastest > 0 else _AGREE_START
+        self.agree_due = time.perf_counter() + min(_AGREE_MAX, max(_AGREE_EVERY, wait))
+
+    def _track(self, step: int) -> None:
+        """This rank's seconds per node step (a moving average over the changes seen)."""
+        now = time.perf_counter()
+        if self.seen is None or step < self.seen[0]:
+            self.seen = (step, now)
+        elif step > self.seen[0]:
+            # The first move is not measured: the first steps include start-up (~0.2 s here).
+            if self.moved:
+                per = (now - self.seen[1]) / (step - self.seen[0])
+                self.step_s = 0.5 * (self.step_s or per) + 0.5 * per
+            self.seen, self.moved = (step, now), True
+
+    def nap_s(self) -> float:
+        if self.over:
+            return float("inf")
+        now = time.perf_counter()
+        # Each test of a collective in flight costs this process tens of us (MPI progress,
+        # system calls) and each wake-up as much again: back off (a round or an agreement
+        # late by a few ms costs nothing but that).
+        if self.round.busy:
+            return min(8e-3, max(2e-3, now - self.round.posted_at))
+        if self.agree is not None:  # the peers post about now
+            return min(8e-3, max(2e-3, now - self.agree_posted))
+        return max(0.0, self.agree_due - now)
 
     def drain(self, step: int) -> None:
         """This rank has finished: keep agreeing (and averaging) until every rank has."""

@@ -15,7 +15,7 @@ PKG = Path(__file__).resolve().parents[2] / "hpc_asgd"
 LAYERS = [
     ["errors", "registry", "signals", "worker_entry"],
     ["forkserver_guard"],
-    ["env", "stats"],
+    ["env", "stats", "delays"],
     ["config", "failure"],
     ["comm", "flat", "optim", "rules", "data", "models", "metrics"],
     ["step"],

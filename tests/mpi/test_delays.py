@@ -1,0 +1,24 @@
+"""Injected delays on real ranks: random per-step delays everywhere and one rank's pause run
+to the end with consensus; the summary reports the averager's and the workers' CPU time."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import summary, train
+
+pytestmark = [pytest.mark.mpi, pytest.mark.timeout(150)]
+
+
+def test_random_delays_and_a_pause_with_workers(tmp_path) -> None:
+    """local-async (one spawned worker per rank): rank 1's worker pauses 1 s after node step
+    10; every step of both ranks sleeps ~2 ms more."""
+    flags = ["--dataset", "digits", "--model", "mlp", "--epochs", "1", "--algo", "local-async"]
+    flags += ["--period", "4", "--delay", "exp:2", "--pause-rank", "1", "--pause-at", "10"]
+    res = train(2, *flags, "--pause-s", "1", "--out", str(tmp_path), timeout=120)
+    assert res.rc == 0, res.text
+    s = summary(tmp_path)
+    assert s["consensus"] and s["averaging_rounds"] >= 1, s
+    assert s["train_s"][1] >= 1.0, s["train_s"]  # the pause is training time, on rank 1
+    assert all(x > 0 for x in s["worker_cpu_s"]), s["worker_cpu_s"]
+    assert all(x is not None and x >= 0 for x in s["averager_cpu_s"]), s["averager_cpu_s"]
