@@ -263,6 +263,15 @@ def goals(report: dict) -> list[dict]:
                 ("sync", True), "samples_per_s", ">=", 1.45,
                 f"aggregate (sum of per-rank rates) ratio: {agg}",
             ))  # fmt: skip
+            out.append(goal(
+                f"2x straggler: {algo} reaches test accuracy {a['target']} in <= 0.75x sync's "
+                "training time", (algo, True), ("sync", True), "train_to_target_s", "<=", 0.75,
+            ))  # fmt: skip
+            if any(v == "delay" for v, _ in report["variants"]):
+                out.append(goal(
+                    f"random delays on every rank: {algo} samples/s >= 1.3x sync's",
+                    (algo, "delay"), ("sync", "delay"), "samples_per_s", ">=", 1.3,
+                ))  # fmt: skip
         note = "against none in the rank's own process: "
         note += r(("local-async", "even"), ("none", "even"), spec=".3f")
         la, ddp = ("local-async", False), ("torch-ddp", False)
