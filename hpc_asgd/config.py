@@ -122,8 +122,8 @@ class RunConfig:
     )
     time_budget: float = _f(
         0.0,
-        "minutes of training after which the job ends, whatever --epochs says "
-        "(non-blocking algorithms and none; 0: off)",
+        "minutes of wall time from the first step after which training ends, whatever "
+        "--epochs says (non-blocking algorithms and none; 0: off)",
     )
     seed: int = _f(0, "seed of the model initialisation and the data order")
     device: str = _f("cpu", "cpu | cuda")
@@ -163,8 +163,8 @@ class RunConfig:
     )
     max_nonfinite: int = _f(
         3,
-        "non-finite losses or parameters tolerated: each rolls the model back to the last good "
-        "state and halves the lr; one more aborts the job",
+        "steps with a non-finite loss or gradient tolerated per rank (each is skipped before "
+        "it reaches the model); one more ends the job",
     )
 
 

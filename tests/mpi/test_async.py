@@ -147,7 +147,8 @@ def test_time_budget_ends_the_job(tmp_path, case: str) -> None:
     assert res.rc == 0, res.text
     s = summary(tmp_path)
     assert s["ended_by"] == "time" and s["time_budget_min"] == 0.05, s
-    assert all(3.0 <= t < 10.0 for t in s["train_s"]), s["train_s"]
+    # 3 s of wall time from the first step, evaluation passes included (train_s leaves them out)
+    assert all(2.0 <= t <= 3.5 for t in s["train_s"]), s["train_s"]
     assert 0 < s["budget_used"] < 0.5 and s["final_test_acc"] >= 0.90, s
     rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 20, rows  # every scheduled evaluation, the last one final
