@@ -120,7 +120,8 @@ def test_rank_killed_leaves_no_orphan(when: str) -> None:
     its workers start, and while they train: neither the server nor a worker may live on
     under PID 1 (the death signal used to be armed only after the workers' imports)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hpc_asgd.cli", "train", *DIGITS, "--epochs", "50", "--workers=2"],
+        # never to finish: the kill comes at most 2 s after the workers run, whatever their pace
+        [sys.executable, "-m", "hpc_asgd.cli", "train", *DIGITS, "--epochs", "5000", "--workers=2"],
         cwd=ROOT,
         env=mpi_env(),
         stdout=subprocess.DEVNULL,
