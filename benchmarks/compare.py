@@ -170,7 +170,8 @@ def read_ours(out: Path) -> dict:
     s = json.loads((out / "summary.json").read_text())
     keep = ("steps_per_rank", "extra_steps", "samples_processed", "samples_per_s", "comm_wait_s",
             "comm_inflight_s", "comm_overlap", "averaging_rounds", "consensus", "comm", "wall_s",
-            "final_test_acc", "hosts")  # fmt: skip
+            "final_test_acc", "hosts", "steps_taken", "budget_used", "averager_cpu_s",
+            "worker_cpu_s")  # fmt: skip
     res = {k: s.get(k) for k in keep}
     res["train_s_per_rank"], res["setup_s"] = s["train_s"], s["setup_s"][0]
     res["rows"] = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln]

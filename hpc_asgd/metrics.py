@@ -187,8 +187,9 @@ def summarise(job: Job, train_s: float, out: Path | None) -> dict:
         "steps_per_rank": total,  # the schedule: --epochs passes over a rank's shard
         "steps_taken": taken,  # per rank
         "extra_steps": extra,  # per rank: steps_taken - steps_per_rank
-        # the steps taken over the job's budget (steps_per_rank x ranks); above 1: the steps
-        # taken while the round that found the budget spent was in flight
+        # the steps taken over the job's budget (steps_per_rank x ranks); never below 1 under
+        # --budget job (unless the time budget ended it); above 1 by the steps the other ranks
+        # took after the last round a rank saw before it stopped (``rounds.Budget``)
         "budget_used": round(sum(taken) / (total * comm.size), 4),
         "time_budget_min": cfg.run.time_budget or None,
         "ended_by": "time" if waits[:, 7].max() > 0 else "steps",
