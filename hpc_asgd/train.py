@@ -9,9 +9,11 @@ step order, so the ranks agree on every collective by construction):
 - workers (W > 1, or ``--spawn-workers``): W spawned processes take node steps from a shared
   counter while the rank's main process supervises them, evaluates, and runs the blocking
   averaging rounds at node-step boundaries (``workers.train_workers``).
-With ``--keep-training`` (non-blocking synchronisers) a rank that has taken its steps goes on
-with extra ones, unevaluated, until every rank has taken its own; the final average and
-evaluation follow as usual.
+With a non-blocking synchroniser the ranks' steps count against the job's budget
+(``--budget job``, ``rounds.Budget``): a rank that has taken its scheduled steps goes on with
+extra ones, unevaluated, and one that finds the budget spent first stops short, still running
+its remaining events in order; with ``--budget rank --keep-training`` a rank trains on until
+every rank has taken its own steps. The final average and evaluation follow as usual.
 """
 
 from __future__ import annotations
