@@ -76,6 +76,15 @@ class Job:
         (``--budget job``), or until the slowest rank finishes (``--keep-training``)."""
         return self.cfg.sync.keep_training or bool(self.sync.budget.steps)
 
+    def trained_on(self, step: int) -> bool:
+        """Past the scheduled steps, at node step ``step`` (one non-blocking look at the
+        rounds): whether the job's budget is spent (``--budget job``) or, with
+        ``--keep-training``, every rank has taken its own steps."""
+        if self.sync.budget.steps:
+            self.sync.poll(step, step / self.spe)
+            return self.sync.budget.spent(step)
+        return self.sync.settle(step)
+
     def start_budget(self, start: int, train_before: float) -> Budget:
         """At the first step, ``start``: the budget counts from there."""
         self.sync.budget.begin(start, self.cfg.run.time_budget, train_before)

@@ -239,14 +239,10 @@ def _train_in_process(job: Job) -> float:
 def _keep_training(job: Job, stepper: Stepper) -> int:
     """In process, after the last scheduled step: steps past it, until the job's budget is
     spent (``--budget job``) or, with ``--keep-training``, until the slower ranks finish."""
-    sync, x, budget = job.sync, job.total, job.sync.budget
+    sync, x = job.sync, job.total
     while True:
         t_poll = time.perf_counter()
-        if budget.steps:
-            sync.poll(x, x / job.spe)
-            over = budget.spent(x)
-        else:
-            over = sync.settle(x)
+        over = job.trained_on(x)
         sync.wait_s += time.perf_counter() - t_poll
         if over:
             return x - job.total

@@ -38,7 +38,6 @@ from hpc_asgd.flat import FlatModel
 from hpc_asgd.models import build_model
 from hpc_asgd.rules.base import AtomicArray, UpdateRule
 from hpc_asgd.stats import check_finite
-from hpc_asgd.sync import Synchronizer
 
 if TYPE_CHECKING:
     from multiprocessing.queues import SimpleQueue
@@ -488,7 +487,7 @@ def train_workers(job: Job, ctx) -> float:
             if events.evaluation(event):
                 if event == total and job.trains_on and not budget.exhausted:  # past the limit
                     ctl[LIMIT].store(KEEP_GOING)
-                    while not _trained_on(sync, ctl[DONE].load(), spe):
+                    while not job.trained_on(ctl[DONE].load()):
                         ev.complete(wait=False)
                         pool.poll()
                         time.sleep(pace.cap)
@@ -518,15 +517,6 @@ def train_workers(job: Job, ctx) -> float:
         pool.stop()
         ctl.close()
         stop_server()
-
-
-def _trained_on(sync: Synchronizer, done: int, spe: int) -> bool:
-    """Past the scheduled steps: whether the job's budget is spent (``--budget job``) or,
-    with ``--keep-training``, every rank has finished its own steps."""
-    if sync.budget.steps:
-        sync.poll(done, done / spe)
-        return sync.budget.spent(done)
-    return sync.settle(done)
 
 
 class _Pace:
