@@ -67,6 +67,10 @@ class Schedule:
     gamma: float = 0.1
 
     def __call__(self, epoch: float) -> float:
+        # The job's progress a rank estimates (``--budget job``: its step plus the last
+        # round's offset) can be below 0 early on, for a worker's step claimed before the
+        # round that told it a peer lags: the schedule starts at 0 (0/0 was a NaN rate).
+        epoch = max(float(epoch), 0.0)
         if epoch < self.warmup_epochs:
             start = self.lr * 0.1 if self.warmup_lr is None else self.warmup_lr
             return start + (self.lr - start) * epoch / self.warmup_epochs
