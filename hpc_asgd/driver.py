@@ -9,6 +9,7 @@ at a step holding several, the round comes first, then the evaluation, then the 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -65,6 +66,8 @@ class Job:
     extra: int = 0
     t_start: float = 0.0  # perf_counter() when ``run`` began
     setup_s: float = 0.0  # from ``t_start`` to this rank's first training step (this session)
+    launch_s: float = math.nan  # from this process's creation to its first training step
+    run_s: float = 0.0  # from the first training step to the end of the final evaluation
     # CPU seconds of this (main) process from the first training step to the last, without its
     # evaluation passes: the averager's cost when workers train (``summary.json``)
     averager_cpu_s: float | None = None
@@ -119,6 +122,7 @@ class Job:
         every rank for a requeue (they agree on it first); nothing is lost or needs saving."""
         self.tracker.step = start
         self.cpu_begin = time.process_time() - self.evaluator.cpu_s
+        self.launch_s = metrics.process_age_s()
         if self.ck.root is None:
             return
         flag = torch.tensor([float(signals.usr1_seen())])

@@ -70,6 +70,18 @@ def save_model(path: Path, module: torch.nn.Module, config: dict) -> None:
     atomic_write(path, lambda f: torch.save({"state_dict": state, "config": config}, f))
 
 
+def process_age_s() -> float:
+    """Seconds since this process was created (its interpreter's start, before any import),
+    to 10 ms (the kernel's clock ticks); NaN where ``/proc`` does not tell."""
+    try:
+        with open("/proc/self/stat") as f:
+            started = int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+        with open("/proc/uptime") as f:
+            return float(f.read().split()[0]) - started
+    except (OSError, ValueError, IndexError):
+        return math.nan
+
+
 def versions(comm_name: str | None = None) -> dict[str, str]:
     out = {
         "hpc_asgd": hpc_asgd.__version__,
@@ -153,8 +165,8 @@ def summarise(job: Job, train_s: float, out: Path | None) -> dict:
     mine = [sync.wait_s, train_s, sync.inflight_s, job.extra, job.setup_s, float(finite)]
     # in process (no workers) the rank's own process takes the steps: no averager to cost
     mine.append(math.nan if job.averager_cpu_s is None else job.averager_cpu_s)
-    mine.append(timed_out)
-    waits = comm.allgather(torch.tensor(mine, dtype=torch.float64))  # (ranks, 8)
+    mine += [timed_out, job.launch_s, job.run_s]
+    waits = comm.allgather(torch.tensor(mine, dtype=torch.float64))  # (ranks, 10)
     bad = [r for r in range(comm.size) if not waits[r, 5]]
     if bad:  # a non-finite model is never written as the result
         raise DivergedError(
@@ -200,6 +212,11 @@ def summarise(job: Job, train_s: float, out: Path | None) -> dict:
         # training time (first step to last, without evaluation passes); samples_per_s uses the max
         "setup_s": [round(float(x), 3) for x in waits[:, 4]],
         "train_s": [round(float(x), 3) for x in waits[:, 1]],
+        # per rank: launch (the process's creation, before its imports) to the first training
+        # step; and the first training step to the end of the final evaluation (training,
+        # evaluations, the final averaging: this session)
+        "launch_s": [round(float(x), 3) for x in waits[:, 8]],
+        "run_s": [round(float(x), 3) for x in waits[:, 9]],
         "samples_per_s": round(samples / train_s_max, 1) if train_s_max > 0 else None,
         "final_test_acc": rows[-1]["test_acc"],
         "final_test_loss": rows[-1]["test_loss"],

@@ -23,7 +23,9 @@ NF_FIRST, NF_LAST = NONFINITE + 1, NONFINITE + 2
 # CPU seconds of this worker's steps (the process's, its torch threads included; sleeps of
 # the injected delays are not CPU): ``summary.json``'s ``worker_cpu_s``, this session's.
 CPU_S = NONFINITE + 3
-NSTATS = CPU_S + 1
+# Rows padded to whole 64-byte cache lines: two workers writing their own rows every step
+# must not share a line (false sharing: the line would bounce between their cores).
+NSTATS = -(-(CPU_S + 1) // 8) * 8
 
 
 def bin_of(value: int) -> int:

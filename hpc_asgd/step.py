@@ -102,7 +102,8 @@ class Stepper:
         if e != self.epoch_cached:
             self.batches, self.epoch_cached = self.sampler.epoch(e), e
         x, y = self.data.train.batch(self.batches[i], train=True, gen=self.gen)
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if self.device.type != "cpu":  # (two no-op calls cost 4 us a step on CPU)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         p = self.rule.read()
         self.flat.bind_params(p)
         block = self.rule.block_for(s / self.spe)

@@ -6,7 +6,9 @@ the update rule's state, a control block of atomic cells and a stats table. A wo
 node steps from the control block, as long as they are below ``limit`` (the main process
 lowers it to pause workers at a blocking averaging round) and ``total``.
 
-Supervision: the main process polls its workers; one that dies or raises ends the rank with
+Supervision: the main process sleeps on a semaphore that the worker completing the step an
+event waits for posts (or at most 50 ms, less while rounds overlap the steps), and checks its
+workers at each wake-up; one that dies or raises ends the rank with
 one line naming rank, worker, pid and exit code or signal, and one that stops taking steps
 (SIGSTOP, a hung device call) ends it after ``--comm-timeout`` s (:meth:`WorkerPool.watch`).
 Workers die with their parent (PR_SET_PDEATHSIG, armed before they import torch: see
@@ -102,6 +104,8 @@ class WorkerSpec:
     busy: torch.Tensor | None = None
     # (1,) float64, shared: the job's progress minus the node step (``rounds.Budget.offset``)
     offset: torch.Tensor | None = None
+    # posted by the worker whose step brings DONE to LIMIT: the main process has work there
+    wake: Any = None
 
 
 def worker_main(index: int, spec: WorkerSpec) -> None:
@@ -153,7 +157,8 @@ def worker_main(index: int, spec: WorkerSpec) -> None:
             busy[index] = s + 1  # step numbers are unique: the same value means the same step
             stepper.step(s, poison=inject(spec.launch.fault, spec.rank, s))
             busy[index] = 0
-            spec.ctl[DONE].inc()
+            if spec.ctl[DONE].fetch_inc() + 1 == spec.ctl[LIMIT].load() and spec.wake:
+                spec.wake.release()  # the event's step: wake the main process now
     except BaseException as e:
         spec.errors.put((index, f"{type(e).__name__}: {e}"))
         os._exit(1)
@@ -446,6 +451,7 @@ def train_workers(job: Job, ctx) -> float:
         str(job.device),
         ctx.SimpleQueue(),
         offset=budget.offset,
+        wake=ctx.Semaphore(0),
     )
     # The evaluation model: a private copy, filled from a snapshot of the shared one.
     shape, classes = job.data.input_shape, job.data.num_classes
@@ -469,7 +475,6 @@ def train_workers(job: Job, ctx) -> float:
         job.setup_s = t0 - job.t_start
         job.start_budget(start, train_before)
         ctl[LIMIT].store(events.next)
-        pace = _Pace(sync)
         while True:
             if pool.poll():  # the workers' divergence count, at the same (throttled) pace
                 check_finite(job.stats, cfg.run.max_nonfinite, cfg.optim.lr)
@@ -480,8 +485,8 @@ def train_workers(job: Job, ctx) -> float:
                 sync.poll(done, done / spe)
             if budget.spent(done):  # the job's budget is spent: the workers end the step they
                 ctl[STOP].store(1)  # are in; this rank's remaining events still run, in order
-            elif done < event:
-                time.sleep(pace.nap(done, event - done))
+            elif done < event:  # until the event's step is done, a supervision check or a round
+                spec.wake.acquire(timeout=nap(sync))
                 continue
             events.round(event)  # workers are held at the limit: nothing is in flight
             if events.evaluation(event):
@@ -490,7 +495,7 @@ def train_workers(job: Job, ctx) -> float:
                     while not job.trained_on(ctl[DONE].load()):
                         ev.complete(wait=False)
                         pool.poll()
-                        time.sleep(pace.cap)
+                        time.sleep(nap(sync))
                     ctl[STOP].store(1)  # workers end the step they are in, then exit
                 if event == total:  # every step is done; the workers' exit is not training
                     train_end = time.perf_counter()
@@ -499,12 +504,19 @@ def train_workers(job: Job, ctx) -> float:
                     job.extra = ctl[DONE].load() - total
                     sync.drain(total + job.extra)  # wait for the other ranks' rounds
                     sync.finish()  # publishes the rule's latest version, then averages
-                # The workers are held at the evaluation step: the model evaluated is the one
-                # after exactly ``event`` node steps. They resume once this rank's own pass is
-                # done; the sum over the ranks (others may be behind) completes in the background.
+                # The workers are held at the evaluation step: the model evaluated is a snapshot
+                # after exactly ``event`` node steps. They resume once it is taken, unless a
+                # checkpoint is due here too (its rows include this one), and the pass runs
+                # beside them; the sum over the ranks (others may be behind) completes in the
+                # background.
                 t_eval = time.perf_counter()
                 rule.snapshot(eval_flat.params)
                 eval_flat.data[flat.n_params :].copy_(flat.data[flat.n_params :])
+                if event < total and event != events.ck_at:
+                    ctl[LIMIT].store(events.next)  # release the workers
+                    paused_s += time.perf_counter() - t_eval
+                    ev.at(event, eval_flat.module)
+                    continue
                 ev.at(event, eval_flat.module, final=event == total)
                 if event == total:
                     return train_before + train_end - t0 - paused_s
@@ -519,35 +531,13 @@ def train_workers(job: Job, ctx) -> float:
         stop_server()
 
 
-class _Pace:
-    """How long the supervising loop may sleep before the next event.
+SUPERVISE_S = 5e-2  # s: the longest the main process sleeps (the workers' checks, 20 a second)
 
-    Polling at a fixed 0.2 ms woke this process 5,000 times a second on a node whose cores the
-    workers need. The loop sleeps half the estimated time to the next event instead (seconds
-    per node step as seen here, times the steps left), between 0.2 ms and ``cap``: 50 ms, or
-    less when the synchroniser's rounds need this process sooner (``sync.nap_s``: 1 ms for
-    overlapping rounds, local-async's paced agreement rounds tell their own).
-    """
 
-    CAP = 5e-2  # s: the workers' supervision (``WorkerPool.poll``) runs every 50 ms anyway
-
-    def __init__(self, sync: Synchronizer):
-        self.sync, self.step_s = sync, 0.0
-        self.at: tuple[int, float] | None = None  # (steps done, time) at the last change
-
-    @property
-    def cap(self) -> float:
-        return min(self.CAP, self.sync.nap_s())
-
-    def nap(self, done: int, remaining: int) -> float:
-        now = time.perf_counter()
-        if self.at is None or done < self.at[0]:
-            self.at = (done, now)
-        elif done > self.at[0]:
-            per = (now - self.at[1]) / (done - self.at[0])
-            self.step_s = per if self.step_s == 0.0 else 0.8 * self.step_s + 0.2 * per
-            self.at = (done, now)
-        cap = self.cap
-        if self.step_s == 0.0:  # the first step (start-up): 5 ms, not 5,000 wake-ups a second
-            return min(cap, 5e-3)
-        return min(cap, max(min(cap, 2e-4), 0.5 * remaining * self.step_s))
+def nap(sync: Synchronizer) -> float:
+    """The longest the supervising loop may sleep before it looks again: 50 ms, less when the
+    synchroniser's rounds need this process sooner (``sync.nap_s``: 1 ms for overlapping
+    rounds, local-async's paced agreements tell their own). A fixed 0.2 ms poll had woken
+    this process 5,000 times a second on a node whose cores the workers need; the events
+    themselves wake it at once (``WorkerSpec.wake``)."""
+    return min(SUPERVISE_S, sync.nap_s())

@@ -88,11 +88,14 @@ class TensorSplit:
     def batch(
         self, idx: torch.Tensor, *, train: bool, gen: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        # index_select, not images[idx]: 5 us against 22 for 16 MNIST rows (a worker's step
+        # of a small model is ~1 ms)
         idx = as_index(idx)
-        x = self.images[idx].to(torch.float32)  # (B, C, H, W), stored range
+        x = self.images.index_select(0, idx)  # (B, C, H, W), stored range (uint8)
         if train and self.augment is not None:
             # Augment in [0, 1] before normalising so that padding is black, as in torchvision.
-            x = (self.augment(x.mul_(self.scale), gen) - self.mean) / self.std
-        else:  # one fused pass: x * (scale / std) - mean / std (a hot path for small models)
+            x = x.to(torch.float32).mul_(self.scale)
+            x = (self.augment(x, gen) - self.mean) / self.std
+        else:  # one fused pass, float32 out: x * (scale / std) - mean / std
             x = torch.addcmul(self.shift, x, self.gain)
-        return x, self.labels[idx]
+        return x, self.labels.index_select(0, idx)

@@ -122,16 +122,18 @@ class Leashed(RuleDefaults):
         return self.pool[self.held]
 
     def _publish_step(self, step, bound: int) -> tuple[bool, int, int]:
-        """Copy latest -> own slot, ``step(own)``, CAS; retry up to ``bound`` (0: forever)."""
+        """``step(own, latest)`` writes the next version into this writer's slot from the
+        latest one (one pass: copying first, then stepping in place, read and wrote the
+        model twice, ~0.1 ms a step for a 135k-parameter MLP); CAS; retry up to ``bound``
+        (0: forever)."""
         mine = self.mine if self.mine is not None else self._claim()
         tries = 0
         while True:
             tries += 1
             word = self._acquire()
             new = self.pool[mine]
-            new.copy_(self.pool[word & _SLOT])
+            step(new, self.pool[word & _SLOT])
             self._release(word & _SLOT)
-            step(new)
             # LIVE before the CAS: once published, a later writer may retire it at any time.
             self._state(mine).store(LIVE)
             desired = (((word >> 8) + 1) << 8) | mine
@@ -149,10 +151,11 @@ class Leashed(RuleDefaults):
             self._release(self.held)
             self.held = None
 
-        def step(new: torch.Tensor) -> None:
+        def step(new: torch.Tensor, latest: torch.Tensor) -> None:
             if block is None:
-                new.add_(d, alpha=-lr)
+                torch.add(latest, d, alpha=-lr, out=new)
             else:
+                new.copy_(latest)
                 new[block].add_(d, alpha=-lr)
 
         ok, tries, base = self._publish_step(step, self.persistence)
@@ -164,11 +167,11 @@ class Leashed(RuleDefaults):
         self._release(word & _SLOT)
 
     def add_(self, delta: torch.Tensor) -> None:
-        self._publish_step(lambda new: new.add_(delta), 0)
+        self._publish_step(lambda new, latest: torch.add(latest, delta, out=new), 0)
 
     def load(self, src: torch.Tensor) -> None:
         """Publish ``src`` as the next version."""
-        self._publish_step(lambda new: new.copy_(src), 0)
+        self._publish_step(lambda new, _: new.copy_(src), 0)
 
     def publish(self) -> None:
         self.snapshot(self.params)

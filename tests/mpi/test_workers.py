@@ -56,6 +56,10 @@ def test_two_workers_reach_90_percent(tmp_path, update: str) -> None:
     assert len(steps) == 2 and all(len(r) == 2 and sum(r) == s["steps_per_rank"] for r in steps)
     assert all(min(r) > 0 for r in steps), steps  # both workers took steps
     assert sum(s["workers"]["staleness_hist"]) == 2 * s["steps_per_rank"]
+    # launch (the process's creation) to the first step, then to the end of the final
+    # evaluation: the evaluation passes run beside the workers, so within run_s, not train_s
+    assert all(x > u > 0 for x, u in zip(s["launch_s"], s["setup_s"], strict=True)), s
+    assert all(r >= t > 0 for r, t in zip(s["run_s"], s["train_s"], strict=True)), s
     if update == "leashed":
         assert (
             sum(s["workers"]["cas_tries_hist"]) == s["workers"]["applied"] + s["workers"]["dropped"]

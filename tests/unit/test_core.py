@@ -48,6 +48,30 @@ def test_flat_model_views_params_buffers_and_grads() -> None:
     assert not torch.equal(flat.data[n_params : n_params + 4], before["1.running_mean"] + 1)
 
 
+def test_bind_params_switches_between_version_slots_and_fresh_tensors() -> None:
+    """Leashed-SGD's workers rebind to one of a pool's slots every step (cached views): the
+    module must compute with the slot bound last, and a fresh tensor is not cached."""
+    net = _net()
+    flat = FlatModel(net)
+    x = torch.randn(2, 1, 8, 8)
+    net.eval()
+    pool = torch.stack([flat.params.clone(), flat.params.clone() * 0.5])  # (2, n_params)
+    outs = []
+    for slot in (0, 1, 0, 1):
+        flat.bind_params(pool[slot])
+        outs.append(net(x))
+    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
+    assert not torch.equal(outs[0], outs[1])
+    pool[1].mul_(2.0)  # slot 1 now holds the original parameters again, in place
+    flat.bind_params(pool[1])
+    assert torch.equal(net(x), outs[0])
+    fresh = flat.params.clone()  # not a view: bound, never cached
+    flat.bind_params(fresh)
+    assert torch.equal(net(x), outs[0]) and fresh.data_ptr() not in flat._views
+    flat.bind_params(flat.params)
+    assert net[0].weight.data_ptr() == flat.data.data_ptr()
+
+
 @pytest.mark.parametrize(
     ("momentum", "nesterov", "wd"), [(0.0, False, 0.0), (0.9, False, 5e-4), (0.9, True, 1e-3)]
 )
