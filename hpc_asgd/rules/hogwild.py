@@ -4,6 +4,13 @@ Workers read the shared parameters without any synchronisation (a read may mix t
 and write ``p -= lr * d`` in place; momentum stays private to each worker. A shared atomic
 counter of applied updates gives each gradient's staleness (updates by others meanwhile).
 
+With more than one worker, a read copies the shared vector into the worker's own buffer (one
+pass, no lock: still an unsynchronised, possibly mixed read) and the gradient is computed on
+that copy. Computing on the shared vector itself, which the other workers write meanwhile,
+made the forward and backward passes miss the cache on every line another core had written:
+at W = 2 on a 2-core machine that cost more than the copy (W = 2 / W = 1 1.52x against
+1.79x for ``locked``, which copies; ``benchmarks/results/shm_scaling_epochs.md``).
+
 ``max_staleness`` S > 0 drops a gradient whose staleness exceeds S when it is about to be
 written (not applied, reported as dropped), the bounded-delay condition of the asynchronous
 SGD analyses (e.g. Lian et al., NeurIPS 2015). HOGWILD! has no lock, so the check and the
@@ -28,20 +35,27 @@ if TYPE_CHECKING:
 class Hogwild(RuleDefaults):
     @classmethod
     def from_config(cls, cfg: Config, params: torch.Tensor, ctx) -> Hogwild:
-        return cls(params, cfg.workers.max_staleness)
+        return cls(params, cfg.workers.max_staleness, copy_reads=cfg.workers.workers > 1)
 
-    def __init__(self, params: torch.Tensor, max_staleness: int = 0):
+    def __init__(self, params: torch.Tensor, max_staleness: int = 0, copy_reads: bool = False):
         self.params = params  # (n_params,) view of the shared flat buffer
         self.version = AtomicArray(1)  # updates applied so far, by every worker
         self.max_staleness = max_staleness  # S: drop gradients staler than S; 0 = never
         self.read_version = 0
+        self.copy_reads = copy_reads
+        self.local: torch.Tensor | None = None  # (n_params,) this worker's read, if it copies
 
     def attach(self, worker: int) -> None:
         self.read_version = 0
+        if self.copy_reads:  # in the worker's process: private memory
+            self.local = torch.empty_like(self.params)
 
     def read(self) -> torch.Tensor:
         self.read_version = self.version[0].load()
-        return self.params
+        if self.local is None:
+            return self.params
+        self.local.copy_(self.params)
+        return self.local
 
     def apply(self, d: torch.Tensor, lr: float, block: slice | None = None) -> Applied:
         if self.max_staleness:

@@ -164,6 +164,23 @@ def test_hogwild_tears_are_measured() -> None:
     assert 0 <= lost <= applied
 
 
+def test_hogwild_reads_a_private_copy_with_several_workers() -> None:
+    """W > 1: the gradient is computed on the worker's own copy of the shared vector (taken
+    without a lock), while updates still land in the shared vector; W = 1 reads it in place."""
+    params = torch.arange(6, dtype=torch.float32).share_memory_()
+    rule = Hogwild(params, copy_reads=True)
+    rule.attach(0)
+    seen = rule.read()
+    assert seen is not params and torch.equal(seen, params)
+    res = rule.apply(torch.ones(6), lr=0.5)
+    assert res.applied and torch.equal(params, torch.arange(6) - 0.5)
+    assert torch.equal(seen, torch.arange(6, dtype=torch.float32))  # the copy did not move
+    assert rule.read() is seen and torch.equal(seen, params)  # the same buffer, refreshed
+    alone = Hogwild(params)
+    alone.attach(0)
+    assert alone.read() is params
+
+
 def _count(index: int, cells, rounds: int) -> None:
     for _ in range(rounds):
         cells[0].fetch_inc()  # a plain counter
