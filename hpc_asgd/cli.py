@@ -1,4 +1,5 @@
-"""``hpc-asgd train | info``: a thin entry point over ``config``, ``env`` and ``train``.
+"""``hpc-asgd train | info | report``: a thin entry point over ``config``, ``env``, ``train`` and
+``report``.
 
 Errors end the job with one readable line (``hpc-asgd: error on rank R/N (HOST): ...``) and a
 non-zero exit: configuration errors on every rank before any collective (exit 2, printed by rank 0);
@@ -53,6 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
                 kw["type"] = {"int": int, "float": float}.get(base, str)
             group.add_argument(flag, **kw)
     sub.add_parser("info", help="engines found, MPI library, topology and versions")
+    report = sub.add_parser(
+        "report", help="a Markdown report with plots of finished runs (needs matplotlib)"
+    )
+    report.add_argument(
+        "runs", nargs="+", type=Path, metavar="RUN_DIR",
+        help="a run's --out folder, or a folder of them (a scaling study's --out-root)",
+    )  # fmt: skip
+    report.add_argument(
+        "--out", type=Path, default=None, help="where to write report.md and the PNGs "
+        "(default: RUN_DIR/report for one RUN_DIR, else ./report)",
+    )  # fmt: skip
     return parser
 
 
@@ -198,8 +210,23 @@ def cmd_info(launch: env.Launch) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from hpc_asgd.report import ReportError, write_report
+
+    out = args.out or (args.runs[0] / "report" if len(args.runs) == 1 else Path("report"))
+    try:
+        path = write_report(args.runs, out)
+    except ReportError as e:
+        print(f"hpc-asgd report: error: {e}", file=sys.stderr)
+        return 1
+    print(f"hpc-asgd report: wrote {path} and its plots")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "report":
+        return cmd_report(args)
     try:
         launch = env.detect()
     except ValueError as e:

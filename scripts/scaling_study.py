@@ -452,6 +452,16 @@ def write_tables(out_root: Path, rows: list[dict]) -> tuple[Path, Path]:
     return csv_path, md_path
 
 
+def report_plots(out_root: Path) -> None:
+    """The study's plots and report (``hpc-asgd report``'s code) in ``<out-root>/report``."""
+    from hpc_asgd.report import ReportError, write_report
+
+    try:
+        print(f"report: {write_report([out_root], out_root / 'report')}")
+    except ReportError as e:
+        print(f"scaling_study: no report: {e}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out_root = args.out_root.resolve()
@@ -484,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     csv_path, md_path = write_tables(out_root, rows)
     print(md_path.read_text(), end="")
     print(f"tables: {csv_path} {md_path}")
+    report_plots(out_root)
     missing = [r["point"] for r in rows if r["samples_per_s"] is None]
     if missing:
         print(f"scaling_study: no results for {', '.join(missing)}", file=sys.stderr)

@@ -85,6 +85,11 @@ def test_sweep_as_arrays_then_gather(slurm_cluster: Cluster, tmp_path: Path) -> 
     md = (root / "study.md").read_text().splitlines()
     assert md[0].startswith("| algo | update | nodes |") and len(md) == 6, md
     assert len(list((root / "logs").glob("*.out"))) == 4
+    # ... and its plots, through hpc-asgd report's code: both series at 1 and 2 ranks
+    report = root / "report"
+    assert (report / "scaling.png").stat().st_size > 10_000, proc.stdout
+    text = (report / "report.md").read_text()
+    assert text.count("| sync") == 2 and text.count("| local-sgd") == 2, text
 
     # Gathering again later gives the same table.
     before = (root / "study.csv").read_text()

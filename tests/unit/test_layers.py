@@ -17,7 +17,7 @@ LAYERS = [
     ["forkserver_guard"],
     ["env", "stats", "delays"],
     ["config", "failure"],
-    ["comm", "flat", "optim", "rules", "data", "models", "metrics"],
+    ["comm", "flat", "optim", "rules", "data", "models", "metrics", "report"],
     ["step"],
     ["sync", "checkpoint", "evaluate"],
     ["driver"],
