@@ -160,6 +160,18 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path, title: str) -> None:
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _offset(i: int, n: int) -> float:
+    """Where run ``i`` of ``n`` puts its bar in a group of bars 0.8 wide."""
+    return (i - (n - 1) / 2) * 0.8 / n
+
+
 def _curves(plt, runs: list[Run], path: Path) -> bool:
     with_rows = [r for r in runs if r.rows]
     if not with_rows:
@@ -193,10 +205,7 @@ def _curves(plt, runs: list[Run], path: Path) -> bool:
         if ax.get_yscale() == "linear":
             ax.ticklabel_format(axis="y", useOffset=False)
     axes[0, 0].legend(fontsize=8)
-    fig.suptitle("Accuracy and loss against time and samples")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path, "Accuracy and loss against time and samples")
     return True
 
 
@@ -205,7 +214,7 @@ def _ranks(plt, runs: list[Run], path: Path) -> None:
     width = 0.8 / len(runs)
     for i, run in enumerate(runs):
         rates, share = rank_figures(run)
-        xs = [r + (i - (len(runs) - 1) / 2) * width for r in range(len(rates))]
+        xs = [r + _offset(i, len(runs)) for r in range(len(rates))]
         a.bar(xs, rates, width, label=run.label)
         b.bar(xs, [100 * x for x in share], width, label=run.label)
     ranks = max(r.ranks for r in runs)
@@ -217,10 +226,7 @@ def _ranks(plt, runs: list[Run], path: Path) -> None:
         ax.set_ylim(bottom=0, top=None if ax.get_ylim()[1] > 0 else 1)
         ax.grid(alpha=0.3, axis="y")
     a.legend(fontsize=8)
-    fig.suptitle("Per rank")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path, "Per rank")
 
 
 def _workers(plt, runs: list[Run], path: Path) -> bool:
@@ -234,7 +240,7 @@ def _workers(plt, runs: list[Run], path: Path) -> bool:
     width = 0.8 / len(runs)
     for i, run in enumerate(runs):
         w = run.summary["workers"]
-        off = (i - (len(runs) - 1) / 2) * width
+        off = _offset(i, len(runs))
         for ax, key in [(a, "staleness_hist")] + ([(b, "cas_tries_hist")] if cas else []):
             hist = w.get(key)
             if hist:
@@ -251,10 +257,7 @@ def _workers(plt, runs: list[Run], path: Path) -> bool:
         ax.set_yscale("log")
         ax.grid(alpha=0.3, axis="y")
     a.legend(fontsize=8)
-    fig.suptitle("Workers sharing a rank's model")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path, "Workers sharing a rank's model")
     return True
 
 
@@ -298,10 +301,7 @@ def _scaling(plt, points: list[dict], path: Path) -> bool:
         ax.grid(alpha=0.3)
     axes[2].axhline(1.0, color="grey", lw=0.8)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Scaling (speed-up against the smallest ranks x W of each series)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path, "Scaling (speed-up against the smallest ranks x W of each series)")
     return True
 
 

@@ -461,7 +461,7 @@ def train_workers(job: Job, ctx) -> float:
         start, train_before = job.resumed["step"], job.resumed["train_s"]
         ctl.t[NEXT] = ctl.t[DONE] = start
     events = Events(job, start)
-    paused_s = 0.0  # workers held for this rank's own evaluation pass: not training time
+    paused_s = 0.0  # workers held for an evaluation (its snapshot, or its pass): not training time
     pool = WorkerPool(spec, w.workers, ctx)
     pool.start()
     try:
