@@ -91,13 +91,14 @@ def link_tc(node: str, *tc: str) -> list[list[str]]:
 
 
 @contextlib.contextmanager
-def capped_links(nodes: list[str], rate: str):
-    """Cap each node's link at ``rate`` both ways (tbf) for the ``with`` block; every qdisc put
-    on is taken off on the way out, after an error or Ctrl-C too."""
+def capped_links(nodes: list[str], rate: str, burst: str = "128kb"):
+    """Cap each node's link at ``rate`` both ways (tbf, ``burst`` bytes of credit after idle
+    time) for the ``with`` block; every qdisc put on is taken off on the way out, after an
+    error or Ctrl-C too."""
     added: list[list[str]] = []
     try:
         for node in nodes:
-            tbf = ("tbf", "rate", rate, "burst", "128kb", "latency", "50ms")
+            tbf = ("tbf", "rate", rate, "burst", burst, "latency", "50ms")
             for add, rm in zip(link_tc(node, "replace", *tbf), link_tc(node, "del"), strict=True):
                 added.append(rm)
                 subprocess.run(add, check=True, capture_output=True, text=True)
@@ -195,6 +196,9 @@ def launch(args: argparse.Namespace, name: str, variant: str, tmp: Path) -> dict
         res.update(h.result_line(proc.stdout, PEER_MARK) if name in PEERS else read_ours(out))
     except (OSError, ValueError, KeyError, TypeError) as e:
         return {**res, "error": f"no result: {e!r} {proc.stdout[-2000:]}"}
+    if args.keep_runs:  # for hpc-asgd report / predict --calibrate
+        Path(args.keep_runs).mkdir(parents=True, exist_ok=True)
+        shutil.move(out, Path(args.keep_runs) / f"{variant}-{out.name}")
     shutil.rmtree(out, ignore_errors=True)
     if args.nodes and len(set(res.get("hosts") or [])) != ranks:
         return {**res, "error": f"ranks not one per node: {res.get('hosts')}"}
@@ -339,7 +343,7 @@ def markdown(report: dict) -> str:
         step_ms = a["batch_size"] * n / best * 1e3 if best else None  # about the computation
         wire_ms = report["ring_bytes"] * 8e3 / rate_bits(a["cap"])
         lines += [
-            f"Links: `tc qdisc replace dev hv-NODE root tbf rate {a['cap']} burst 128kb "
+            f"Links: `tc qdisc replace dev hv-NODE root tbf rate {a['cap']} burst {a['burst']} "
             "latency 50ms` on the host's side and the same on the node's `eth0` (both "
             "directions), put on before each run and taken off after it; one-capped caps "
             f"{report['node_names'][-1]}, all-capped every node. Why {a['cap']}: one averaging "
@@ -458,7 +462,7 @@ def driver(args: argparse.Namespace, argv: list[str]) -> int:
 
     def launch_on(name: str, variant: str) -> dict:  # with the variant's links capped
         try:
-            with capped_links(capped.get(variant, []), args.cap):
+            with capped_links(capped.get(variant, []), args.cap, args.burst):
                 return launch(args, name, variant, tmp)
         except subprocess.CalledProcessError as e:  # a link gone: the cluster was restarted
             return {"error": f"{shlex.join(e.cmd)}: {e.stderr.strip()}"}
@@ -518,6 +522,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     h.options(
         p,
         ("--cap", "100mbit", "tc rate of a capped link (with --nodes): sync is bound by it"),
+        ("--burst", "128kb", "tbf's burst: what a capped link sends at full speed after idling"),
         ("--group-size", 0, "S: ranks per hier-avg group (and torch-hier's); 0: 1, or N / 2"),
         ("--repeats", 3),
         ("--epochs", 16.0, "passes over each rank's shard"),
@@ -552,10 +557,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
         ("--retry-noisy", 0, "repeat a noisy run up to N times, keep the quietest"),
         h.OUT,
         ("--stem", "compare", "output files <out>/<stem>.json and .md"),
+        ("--keep-runs", None, "keep each run's folder here, named VARIANT-CONTENDER-ID"),
         h.MPIRUN,
         ("--run-timeout", 300.0, "seconds per mpirun job"),
     )
     args = p.parse_args(argv)
+    args.keep_runs = str(Path(args.keep_runs).resolve()) if args.keep_runs else None
     if args.quick:
         args.repeats, args.epochs = 1, 3.0
     if args.repeats < 1 or args.epochs <= 0:

@@ -1,5 +1,5 @@
-"""``hpc-asgd train | info | report``: a thin entry point over ``config``, ``env``, ``train`` and
-``report``.
+"""``hpc-asgd train | info | report | predict``: a thin entry point over ``config``, ``env``,
+``train``, ``report`` and ``predict``.
 
 Errors end the job with one readable line (``hpc-asgd: error on rank R/N (HOST): ...``) and a
 non-zero exit: configuration errors on every rank before any collective (exit 2, printed by rank 0);
@@ -65,6 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=None, help="where to write report.md and the PNGs "
         "(default: RUN_DIR/report for one RUN_DIR, else ./report)",
     )  # fmt: skip
+    from hpc_asgd.predict_cli import add_arguments
+
+    add_arguments(
+        sub.add_parser(
+            "predict",
+            help="samples/s and parallel efficiency from 1 to 4,096 nodes (an analytic model; "
+            "--calibrate RUN_DIR... fits it to measured runs)",
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+    )
     return parser
 
 
@@ -223,10 +233,23 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from hpc_asgd.predict import PredictError
+    from hpc_asgd.predict_cli import main as predict
+
+    try:
+        return predict(args)
+    except PredictError as e:
+        print(f"hpc-asgd predict: error: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "report":
         return cmd_report(args)
+    if args.command == "predict":
+        return cmd_predict(args)
     try:
         launch = env.detect()
     except ValueError as e:

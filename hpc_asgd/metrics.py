@@ -154,7 +154,7 @@ def summarise(job: Job, train_s: float, out: Path | None) -> dict:
     the per-rank figures); rank 0 writes the outputs. Raises rather than write a model with
     non-finite parameters."""
     from hpc_asgd.comm.base import gather_hosts
-    from hpc_asgd.stats import CPU_S, NONFINITE, DivergedError, worker_metrics
+    from hpc_asgd.stats import CPU_S, NONFINITE, DivergedError, step_times, worker_metrics
 
     cfg, comm, flat, sync, total = job.cfg, job.comm, job.flat, job.sync, job.total
     d, s = cfg.data, cfg.sync
@@ -228,6 +228,10 @@ def summarise(job: Job, train_s: float, out: Path | None) -> dict:
         # the steps of its workers (of the rank's own process in process)
         "averager_cpu_s": [round(float(x), 4) for x in waits[:, 6]],
         "worker_cpu_s": [round(float(x), 4) for x in all_stats[:, :, CPU_S].sum(1)],
+        **step_times(all_stats),
+        # the averaged vector: parameters (sync allreduces their gradients) and float buffers
+        "model_params": flat.n_params,
+        "model_floats": len(flat),
         "comm_wait_s": [round(float(x), 4) for x in waits[:, 0]],
         "comm_inflight_s": [round(float(x), 4) for x in waits[:, 2]],
         # share of the communication time hidden behind computation, per rank

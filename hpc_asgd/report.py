@@ -60,7 +60,25 @@ class Run:
     def workload(self) -> tuple:
         """Runs of another dataset, model or batch size are no points of the same series."""
         s = self.summary
-        return s.get("dataset"), s.get("model"), (s.get("config") or {}).get("batch_size")
+        return (
+            s.get("dataset"),
+            s.get("model"),
+            (s.get("config") or {}).get("batch_size"),
+            *(self.delays),
+        )
+
+    @property
+    def delays(self) -> tuple[str, ...]:
+        """The injected delays (a straggler, random delays, a pause): another condition."""
+        c = self.summary.get("config") or {}
+        out = []
+        if (c.get("slow_rank", -1) >= 0) and (c.get("slow_factor") or 1) != 1:
+            out.append(f"rank {c['slow_rank']} x{c['slow_factor']:g}")
+        if c.get("delay"):
+            out.append(f"delay {c['delay']}")
+        if (c.get("pause_rank", -1) >= 0) and c.get("pause_at"):
+            out.append(f"rank {c['pause_rank']} pauses {c.get('pause_s', 0):g} s")
+        return tuple(out)
 
 
 def _read_json(path: Path) -> dict:
@@ -111,6 +129,7 @@ def load_runs(folders: list[Path]) -> list[Run]:
         algo, update = run.key
         run.label = f"{algo}" + (f" {update} W={run.workers}" if run.workers > 1 else "")
         run.label += f", {run.ranks} rank{'s' if run.ranks > 1 else ''}"
+        run.label += "".join(f", {d}" for d in run.delays)
     labels = [r.label for r in runs]
     for run in runs:  # the same configuration twice: name the folder too
         if labels.count(run.label) > 1:
@@ -225,7 +244,9 @@ def _ranks(plt, runs: list[Run], path: Path) -> None:
         ax.set_xticks(range(ranks))
         ax.set_ylim(bottom=0, top=None if ax.get_ylim()[1] > 0 else 1)
         ax.grid(alpha=0.3, axis="y")
-    a.legend(fontsize=8)
+    # headroom above the bars for the legend (it would hide the tallest ones)
+    a.set_ylim(top=a.get_ylim()[1] * (1.1 + 0.07 * -(-len(runs) // 2)))
+    a.legend(fontsize=7, ncol=2, loc="upper left")
     _save(plt, fig, path, "Per rank")
 
 

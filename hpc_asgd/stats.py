@@ -7,6 +7,8 @@ summary. Below the step and the rules: it imports nothing of the package but the
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from hpc_asgd.errors import HpcAsgdError
@@ -23,9 +25,16 @@ NF_FIRST, NF_LAST = NONFINITE + 1, NONFINITE + 2
 # CPU seconds of this worker's steps (the process's, its torch threads included; sleeps of
 # the injected delays are not CPU): ``summary.json``'s ``worker_cpu_s``, this session's.
 CPU_S = NONFINITE + 3
+# Wall seconds of this worker's steps (its own work and injected delays; not sync's gradient
+# allreduce), and their histogram: ``STEP_BINS`` log-spaced bins (:func:`step_bin`), the
+# distribution ``hpc-asgd predict --calibrate`` takes the compute time's shape from.
+STEP_T_SUM = CPU_S + 1
+STEP_T0 = STEP_T_SUM + 1
+STEP_BINS = 40
+STEP_T_MIN = 20e-6  # s: bin 0 is below it; bin k >= 1 from STEP_T_MIN x 2^((k-1)/2), x sqrt(2)
 # Rows padded to whole 64-byte cache lines: two workers writing their own rows every step
 # must not share a line (false sharing: the line would bounce between their cores).
-NSTATS = -(-(CPU_S + 1) // 8) * 8
+NSTATS = -(-(STEP_T0 + STEP_BINS) // 8) * 8
 
 
 def bin_of(value: int) -> int:
@@ -35,6 +44,18 @@ def bin_of(value: int) -> int:
 
 class DivergedError(HpcAsgdError):
     """More non-finite steps than ``--max-nonfinite`` on one rank."""
+
+
+def step_bin(seconds: float) -> int:
+    """The step-time histogram bin of ``seconds`` (half-octave bins, clamped)."""
+    if seconds < STEP_T_MIN:
+        return 0
+    return min(STEP_BINS - 1, 1 + int(2 * math.log2(seconds / STEP_T_MIN)))
+
+
+def step_bin_seconds(k: int) -> float:
+    """A representative step time of bin ``k``: the geometric middle of its edges."""
+    return STEP_T_MIN * 2 ** ((k - 1) / 2 + 0.25) if k else STEP_T_MIN / 2
 
 
 def check_finite(stats: torch.Tensor, limit: int, lr: float) -> None:
@@ -50,6 +71,20 @@ def check_finite(stats: torch.Tensor, limit: int, lr: float) -> None:
         f"step {first}, last at {last}; each was skipped, --max-nonfinite {limit}); "
         f"lower --lr ({lr:g}) or add --warmup-epochs"
     )
+
+
+def step_times(st: torch.Tensor) -> dict:
+    """``summary.json``'s step times from every rank's table ``(ranks, W, NSTATS)``: the mean
+    per rank (seconds, a worker's own step: its work and injected delays) and the histogram
+    summed over ranks and workers."""
+    steps = st[:, :, STEPS].sum(1).clamp(min=1)
+    hist = st[:, :, STEP_T0 : STEP_T0 + STEP_BINS].sum((0, 1))
+    return {
+        "step_time_s": [round(float(x), 7) for x in st[:, :, STEP_T_SUM].sum(1) / steps],
+        "step_time_hist": [int(v) for v in hist.tolist()],
+        "step_time_bins": f"bin 0: < {STEP_T_MIN * 1e6:g} us; bin k: {STEP_T_MIN * 1e6:g} us "
+        f"x 2^((k-1)/2) to x 2^(k/2); bin {STEP_BINS - 1}: the rest",
+    }
 
 
 def worker_metrics(update: str, st: torch.Tensor) -> dict:

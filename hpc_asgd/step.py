@@ -33,9 +33,12 @@ from hpc_asgd.stats import (
     NF_LAST,
     NONFINITE,
     STALE0,
+    STEP_T0,
+    STEP_T_SUM,
     STEPS,
     TRIES0,
     bin_of,
+    step_bin,
 )
 
 
@@ -82,6 +85,7 @@ class Stepper:
         # (1,) float64, shared: the job's progress minus this rank's node step (--budget job;
         # set by the rounds), so that the LR schedule follows the job, not this rank
         self.offset = np.zeros(1)
+        self.t_hook = 0.0  # the last step's seconds in sync's gradient allreduce
         self.epoch_cached = -1
         self.batches: list[torch.Tensor] = []
 
@@ -89,11 +93,14 @@ class Stepper:
         """Node step ``s``; False if it was skipped for a non-finite loss or gradient.
         ``poison`` (fault injection) makes its loss NaN. The injected delays (``--delay``,
         the pause) follow the step's work; its CPU time is counted in the stats row."""
-        c0 = time.process_time()
+        c0, t0 = time.process_time(), time.perf_counter()
         ok = self._step(s, poison)
         self.stats[CPU_S] += time.process_time() - c0
         if self.delays is not None:
             self.delays.after(s)
+        t = time.perf_counter() - t0 - self.t_hook  # the step's own time: no allreduce wait
+        self.stats[STEP_T_SUM] += t
+        self.stats[STEP_T0 + step_bin(t)] += 1
         return ok
 
     def _step(self, s: int, poison: bool) -> bool:
@@ -124,6 +131,7 @@ class Stepper:
             t_hook = time.perf_counter()
             self.grads_hook(s + 1)  # sync: the gradient is now every rank's mean
             t_hook = time.perf_counter() - t_hook
+        self.t_hook = t_hook
         row = self.stats
         row[STEPS] += 1
         # A non-finite step is skipped before it reaches the momentum or the model. The test
