@@ -75,7 +75,8 @@ class Evaluator:
         self.job_epochs = False
         self.seen = torch.zeros(2, dtype=torch.float64)
         self.handles: list[Callable[[bool], bool]] = []  # sums in flight, oldest first
-        self.cpu_s = 0.0  # CPU seconds of this process's evaluation passes (not training)
+        # CPU seconds of this process's evaluation passes and their rows' output (not training)
+        self.cpu_s = 0.0
 
     def state_dict(self) -> dict:
         return {"rows": list(self.rows), "seen": self.seen.clone()}
@@ -117,6 +118,13 @@ class Evaluator:
             self.handles.pop(0)
 
     def _record(self, step: int, at: float, st: torch.Tensor) -> None:
+        c0 = time.process_time()  # the row's output is the evaluation's, not training's
+        try:
+            self._write(step, at, st)
+        finally:
+            self.cpu_s += time.process_time() - c0
+
+    def _write(self, step: int, at: float, st: torch.Tensor) -> None:
         before = self.rows[-1]["samples"] if self.rows else 0
         samples = before + round(float(st[4])) * self.batch_size  # steps, all ranks
         per_epoch = self.comm.size * self.spe * self.batch_size
