@@ -100,7 +100,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=500.0,
         help="memory bandwidth for a round's passes over the model (GB/s)",
     )
-    add("--plot-period", type=int, default=16, help="the K whose efficiency the plot shows")
+    add(
+        "--plot-period",
+        type=int,
+        default=0,
+        help="the K whose efficiency the plot shows (0: 16, or the middle of --period)",
+    )
     add(
         "--calibrate",
         nargs="+",
@@ -137,8 +142,23 @@ def check(args: argparse.Namespace) -> None:
             raise PredictError(f"{name}: values must be >= 1")
     if any(not 0 <= r < 1 for r in args.straggler_rate) or args.straggler_factor < 1:
         raise PredictError("--straggler-rate in [0, 1) and --straggler-factor >= 1")
-    if args.step_cv < 0 or args.mem_gbs <= 0 or args.step_ms < 0 or min(args.local_period) < 1:
-        raise PredictError("--step-cv >= 0, --mem-gbs > 0, --step-ms >= 0, --local-period >= 1")
+    floats = {
+        "--step-ms": args.step_ms,
+        "--step-cv": args.step_cv,
+        "--mem-gbs": args.mem_gbs,
+        "--latency-us": args.latency_us,
+        "--bandwidth-gbs": args.bandwidth_gbs,
+        "--straggler-factor": args.straggler_factor,
+    }
+    for name, v in floats.items():
+        if not (math.isfinite(v) and v >= 0):
+            raise PredictError(f"{name}: {v} is not a finite number >= 0")
+    if args.mem_gbs <= 0 or min(args.local_period) < 1:
+        raise PredictError("--mem-gbs > 0 and --local-period >= 1")
+    if not args.plot_period:  # 16, or the middle K given
+        args.plot_period = 16 if 16 in args.period else sorted(args.period)[len(args.period) // 2]
+    if args.plot_period not in args.period:
+        raise PredictError(f"--plot-period {args.plot_period} is not one of --period")
 
 
 def configs(args: argparse.Namespace) -> list[Algo]:

@@ -215,6 +215,10 @@ def test_bad_input_is_one_line(tmp_path: Path) -> None:
     assert res.stderr.strip().endswith("summary.json has no field 'config'"), res.stderr
     res = cli("predict", "--straggler-rate", "1.5")
     assert res.returncode == 2 and "--straggler-rate in [0, 1)" in res.stderr
+    res = cli("predict", "--step-ms", "nan")
+    assert res.returncode == 2 and "--step-ms: nan is not a finite number" in res.stderr
+    res = cli("predict", "--period", "4", "8", "--plot-period", "2")
+    assert res.returncode == 2 and "--plot-period 2 is not one of --period" in res.stderr
     res = cli("predict", "--model", "vgg")
     assert res.returncode == 2 and "unknown ['vgg']" in res.stderr
     with pytest.raises(PredictError, match="does not divide"):
