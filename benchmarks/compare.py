@@ -199,7 +199,8 @@ def launch(args: argparse.Namespace, name: str, variant: str, tmp: Path) -> dict
     if args.keep_runs:  # for hpc-asgd report / predict --calibrate
         Path(args.keep_runs).mkdir(parents=True, exist_ok=True)
         shutil.move(out, Path(args.keep_runs) / f"{variant}-{out.name}")
-    shutil.rmtree(out, ignore_errors=True)
+    else:
+        shutil.rmtree(out, ignore_errors=True)
     if args.nodes and len(set(res.get("hosts") or [])) != ranks:
         return {**res, "error": f"ranks not one per node: {res.get('hosts')}"}
     tta, setup = time_to(res["rows"], args.target), res.get("setup_s")

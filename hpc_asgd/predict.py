@@ -123,24 +123,27 @@ def allreduce_coefficients(p: int, how: str) -> tuple[float, float]:
     }[how]
 
 
+KINDS = ("ring", "tree", "rabenseifner")
+
+
+def chosen(nbytes: float, p: int, latency: float, bandwidth: float, how: str) -> str:
+    """The allreduce algorithm ``how`` names; ``auto``: the cheapest for this size."""
+    if how != "auto":
+        return how
+
+    def cost(kind: str) -> float:
+        lat, by = allreduce_coefficients(p, kind)
+        return lat * latency + by * nbytes / bandwidth
+
+    return min(KINDS, key=cost)
+
+
 def allreduce_s(
     nbytes: float, p: int, latency: float, bandwidth: float, how: str = "auto"
 ) -> float:
     """Seconds of one allreduce of ``nbytes`` over ``p`` ranks."""
-    kinds = ("ring", "tree", "rabenseifner") if how == "auto" else (how,)
-    return min(
-        c[0] * latency + c[1] * nbytes / bandwidth
-        for c in (allreduce_coefficients(p, k) for k in kinds)
-    )
-
-
-def chosen(nbytes: float, p: int, latency: float, bandwidth: float, how: str) -> str:
-    if how != "auto":
-        return how
-    return min(
-        ("ring", "tree", "rabenseifner"),
-        key=lambda k: allreduce_s(nbytes, p, latency, bandwidth, k),
-    )
+    lat, by = allreduce_coefficients(p, chosen(nbytes, p, latency, bandwidth, how))
+    return lat * latency + by * nbytes / bandwidth
 
 
 @dataclass

@@ -215,28 +215,32 @@ def scenarios(args: argparse.Namespace) -> list[dict]:
         for link in args.interconnect:
             for rate in args.straggler_rate:
                 m = machine(args, link, w, rate)
-                rows = [
-                    predict(a, n, m, w.floats, w.params, w.batch)
-                    for a in configs(args)
-                    for n in args.nodes
-                    if not (a.algo.startswith("hier-avg") and n % min(a.group_size, n))
-                ]
                 title = f"{w.name} on {m.source}, straggler rate {rate:g}"
-                ar = chosen(4.0 * w.floats, max(args.nodes), m.latency_s, m.bandwidth, m.allreduce)
-                out.append(
-                    {
-                        "title": title,
-                        "workload": asdict(w),
-                        "link": link,
-                        "straggler_rate": rate,
-                        "latency_s": m.latency_s,
-                        "bandwidth": m.bandwidth,
-                        "round_overhead_s": m.round_overhead_s,
-                        "allreduce_at_max_nodes": ar,
-                        "predictions": [asdict(p) for p in rows],
-                    }
-                )
+                out.append(scenario(args, title, w, link, rate, m))
     return out
+
+
+def scenario(args, title: str, w: Workload, link: str, rate: float, m: Machine) -> dict:
+    """Workload ``w`` on machine ``m``: each config at each N (hier-avg: where S divides N)."""
+    preds = [
+        predict(a, n, m, w.floats, w.params, w.batch)
+        for a in configs(args)
+        for n in args.nodes
+        if not (a.algo.startswith("hier-avg") and n % min(a.group_size, n))
+    ]
+    return {
+        "title": title,
+        "workload": asdict(w),
+        "link": link,
+        "straggler_rate": rate,
+        "latency_s": m.latency_s,
+        "bandwidth": m.bandwidth,
+        "round_overhead_s": m.round_overhead_s,
+        "allreduce_at_max_nodes": chosen(
+            4.0 * w.floats, max(args.nodes), m.latency_s, m.bandwidth, m.allreduce
+        ),
+        "predictions": [asdict(p) for p in preds],
+    }
 
 
 def smallest_k(preds: list[dict], algo: str, n: int) -> str:
@@ -464,38 +468,12 @@ def calibrated_scenarios(args: argparse.Namespace, runs: list[Run]) -> list[dict
     machines = calibrate(runs, args.allreduce)
     top = machines[max(machines)]
     r = runs[0]
+    name = f"the runs' model ({r.params:,} parameters)"
+    w = Workload(name, r.params, r.floats, top.compute.mean_s, r.batch)
     out = []
     for rate in args.straggler_rate:
         compute = Compute(top.compute.mean_s, top.compute.shape, rate, args.straggler_factor)
-        m = Machine(
-            top.latency_s, top.bandwidth, compute, top.round_overhead_s, args.allreduce, top.source
-        )
-        preds = [
-            predict(a, n, m, r.floats, r.params, r.batch)
-            for a in configs(args)
-            for n in args.nodes
-            if not (a.algo.startswith("hier-avg") and n % min(a.group_size, n))
-        ]
-        w = Workload(
-            f"the runs' model ({r.params:,} parameters)",
-            r.params,
-            r.floats,
-            top.compute.mean_s,
-            r.batch,
-        )
-        out.append(
-            {
-                "title": f"{w.name} on the calibrated machine, straggler rate {rate:g}",
-                "workload": asdict(w),
-                "link": "calibrated",
-                "straggler_rate": rate,
-                "latency_s": m.latency_s,
-                "bandwidth": m.bandwidth,
-                "round_overhead_s": m.round_overhead_s,
-                "allreduce_at_max_nodes": chosen(
-                    4.0 * r.floats, max(args.nodes), m.latency_s, m.bandwidth, m.allreduce
-                ),
-                "predictions": [asdict(p) for p in preds],
-            }
-        )
+        m = replace(top, compute=compute, allreduce=args.allreduce)
+        title = f"{w.name} on the calibrated machine, straggler rate {rate:g}"
+        out.append(scenario(args, title, w, "calibrated", rate, m))
     return out
