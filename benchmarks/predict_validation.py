@@ -19,8 +19,8 @@ from pathlib import Path
 
 import _harness as h
 
-from hpc_asgd.predict import load_run
-from hpc_asgd.predict_cli import validate
+from hpc_asgd.tools.predict import load_run
+from hpc_asgd.tools.predict_cli import validate
 
 LINKS = ("uncapped", "all-capped")
 NODES = (2, 4)

@@ -40,12 +40,13 @@ def main(argv: list[str] | None = None) -> dict:
     import torch.nn.functional as F
 
     from hpc_asgd.config import Config
-    from hpc_asgd.data import ShardSampler, load_dataset
+    from hpc_asgd.data import load_dataset
+    from hpc_asgd.env import detect
     from hpc_asgd.flat import FlatModel
     from hpc_asgd.models import build_model
     from hpc_asgd.rules import make_rule
     from hpc_asgd.stats import NSTATS
-    from hpc_asgd.step import Stepper
+    from hpc_asgd.train import step_spec
 
     torch.set_num_threads(1)
     flags = {"dataset": "mnist", "data_dir": a.data_dir, "verify": False, "model": a.model,
@@ -58,11 +59,11 @@ def main(argv: list[str] | None = None) -> dict:
     flat = FlatModel(build_model(a.model, data.input_shape, data.num_classes), shared=True)
     rule = make_rule(cfg, flat.params, mp.get_context("spawn"))
     rule.attach(0)
-    sampler = ShardSampler(len(data.train), 0, 1, a.batch_size, 0)
+    spec = step_spec(cfg, data, 0, 1, detect({}))
+    sampler = spec.sampler()
     spe = sampler.steps_per_epoch
     stats = torch.zeros(NSTATS, dtype=torch.float64)
-    gen = torch.Generator().manual_seed(0)
-    ours = Stepper(cfg, data, flat, rule, sampler, gen, torch.device("cpu"), stats)
+    ours = spec.stepper(flat, rule, stats, torch.device("cpu"))
 
     torch.manual_seed(0)
     model = build_model(a.model, data.input_shape, data.num_classes)

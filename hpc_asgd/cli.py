@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
             help = f.metadata.get("flag_help", f.metadata["help"])
             value = getattr(getattr(defaults, sec), f.name)
             if not typ.startswith("bool") and value not in (None, ()):
-                help += f" (default: {value})"
+                shown = list(value) if isinstance(value, tuple) else value
+                help += f" (default: {shown})"
             kw: dict = {"dest": f.name, "default": None, "help": help}
             if typ.startswith("bool"):
                 # --no-verify style flags store False; the rest store True.
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=None, help="where to write report.md and the PNGs "
         "(default: RUN_DIR/report for one RUN_DIR, else ./report)",
     )  # fmt: skip
-    from hpc_asgd.predict_cli import add_arguments
+    from hpc_asgd.tools.predict_cli import add_arguments
 
     add_arguments(
         sub.add_parser(
@@ -130,13 +131,14 @@ def cmd_train(args: argparse.Namespace, launch: env.Launch) -> int:
 
     signals.install()  # before torch is imported: a USR1 or TERM at start-up is not lost
     from hpc_asgd.comm import make_comm
-    from hpc_asgd.train import Tracker, run, spawns_workers
+    from hpc_asgd.train import PRELOAD, Tracker, run, spawns_workers
     from hpc_asgd.workers import start_early
 
     try:
         cfg = config_from_args(args)
         cfg.validate(launch.size, launch.local_size)
         cfg.check_paths()
+        cfg.check_factories()  # your own model / dataset / loss: imported, built, fitted
     except ConfigError as e:
         # Every rank reaches the same verdict; rank 0 says it once. The others linger a moment
         # so that the launcher, which ends the job at the first non-zero exit, lets it speak.
@@ -153,7 +155,7 @@ def cmd_train(args: argparse.Namespace, launch: env.Launch) -> int:
     failure.arm(launch, folders, lambda: tracker.step)
     try:
         if spawns_workers(cfg):  # forked before MPI (and CUDA) start: see workers.start_early
-            start_early(fork=cfg.run.device == "cpu")
+            start_early(fork=cfg.run.device == "cpu", preload=PRELOAD)
         comm = make_comm(cfg.run.comm, launch, cfg.run.comm_timeout)
         summary = run(cfg, launch, comm, tracker)
     except Preempted as e:  # every rank checkpointed at the same step: no abort
@@ -221,7 +223,7 @@ def cmd_info(launch: env.Launch) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from hpc_asgd.report import ReportError, write_report
+    from hpc_asgd.tools.report import ReportError, write_report
 
     out = args.out or (args.runs[0] / "report" if len(args.runs) == 1 else Path("report"))
     try:
@@ -234,8 +236,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from hpc_asgd.predict import PredictError
-    from hpc_asgd.predict_cli import main as predict
+    from hpc_asgd.tools.predict import PredictError
+    from hpc_asgd.tools.predict_cli import main as predict
 
     try:
         return predict(args)

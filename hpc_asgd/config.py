@@ -17,12 +17,13 @@ from typing import Any
 
 import tomllib
 
-from hpc_asgd import delays
+from hpc_asgd import delays, plugins
 from hpc_asgd.errors import ConfigError
 from hpc_asgd.registry import SYNCHRONIZERS, UPDATE_RULES
 
 FILE_DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100", "imagenet")  # need --data-dir
 SCHEDULES = ("constant", "step", "cosine")
+OPTIMIZERS = ("sgd", "adamw")
 DEVICES = ("cpu", "cuda")
 BUDGETS = ("job", "rank")
 
@@ -36,7 +37,10 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class DataConfig:
     dataset: str = _f(
-        "digits", "digits | mnist | fashion-mnist | cifar10 | cifar100 | imagenet | synthetic"
+        "digits",
+        "digits | mnist | fashion-mnist | cifar10 | cifar100 | imagenet | synthetic | "
+        "module:function, your own: load(data_dir, seed) -> (train, test[, num_classes]), "
+        "each split (x, y) tensors or a map-style Dataset of (x, y)",
     )
     data_dir: str | None = _f(None, "folder with the dataset's official files")
     download: bool = _f(False, "download the dataset into --data-dir if it is missing")
@@ -53,16 +57,27 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     model: str = _f(
-        "mlp", "mlp | cnn | lenet | resnet20 | resnet32 | resnet56 | resnet18 | wrn16_8 | resnet50"
+        "mlp",
+        "mlp | cnn | lenet | resnet20 | resnet32 | resnet56 | resnet18 | wrn16_8 | resnet50 | "
+        "module:function, your own: build(input_shape, num_classes) -> torch.nn.Module",
+    )
+    loss: str = _f(
+        "cross-entropy",
+        "cross-entropy | module:function, your own: loss(output, target) -> the batch's mean",
     )
 
 
 @dataclass
 class OptimConfig:
+    optimizer: str = _f(
+        "sgd", "inner optimizer: sgd | adamw (its state private to each worker and rank)"
+    )
     lr: float = _f(0.1, "peak learning rate")
     momentum: float = _f(0.0, "SGD momentum (private to each worker and rank)")
     nesterov: bool = _f(False, "Nesterov momentum")
-    weight_decay: float = _f(0.0, "L2 weight decay")
+    weight_decay: float = _f(0.0, "weight decay: L2 with sgd, decoupled with adamw")
+    adam_betas: tuple[float, ...] = _f((0.9, 0.999), "adamw: beta1 beta2")
+    adam_eps: float = _f(1e-8, "adamw: epsilon")
     lr_schedule: str = _f("constant", "constant | step | cosine")
     warmup_epochs: float = _f(0.0, "linear warm-up length in epochs")
     warmup_lr: float | None = _f(None, "learning rate at the start of warm-up (default lr/10)")
@@ -268,8 +283,17 @@ class Config:
                 for v in value if isinstance(value, tuple) else (value,):
                     if isinstance(v, float) and not math.isfinite(v):
                         raise ConfigError(f"{f.name}: must be a finite number, got {v}")
-        _choice("dataset", d.dataset, DATASETS)
-        _choice("model", self.model.model, MODELS)
+        m = self.model
+        for name, value, choices in (
+            ("dataset", d.dataset, DATASETS),
+            ("model", m.model, MODELS),
+            ("loss", m.loss, plugins.LOSSES),
+        ):
+            if plugins.is_spec(value):
+                plugins.check_spec(name, value)
+            else:
+                _choice(name, value, choices)
+        _choice("optimizer", o.optimizer, OPTIMIZERS)
         _choice("algo", s.algo, SYNCHRONIZERS.names())
         _choice("update", w.update, UPDATE_RULES.names())
         _choice("lr_schedule", o.lr_schedule, SCHEDULES)
@@ -319,12 +343,21 @@ class Config:
             raise ConfigError(f"momentum: must be below 1, got {o.momentum}")
         if o.nesterov and not o.momentum:
             raise ConfigError("nesterov: needs --momentum > 0")
+        if o.optimizer == "adamw":
+            if o.momentum or o.nesterov:
+                raise ConfigError("momentum: adamw has no --momentum; its betas are --adam-betas")
+            if len(o.adam_betas) != 2 or not all(0 <= b < 1 for b in o.adam_betas):
+                raise ConfigError(f"adam_betas: two numbers in [0, 1), got {list(o.adam_betas)}")
+            if not o.adam_eps > 0:
+                raise ConfigError(f"adam_eps: must be positive, got {o.adam_eps}")
         if w.max_staleness < 0:
             raise ConfigError(f"max_staleness: must be >= 0, got {w.max_staleness}")
         algo, rule = SYNCHRONIZERS.get(s.algo), UPDATE_RULES.get(w.update)
         algo.validate(self, world_size, local_size)  # each algorithm's own rules
         rule.validate(self)
         if s.keep_training and not algo.keeps_training(self):
+            from hpc_asgd.sync import keep_training_refused
+
             raise keep_training_refused(s.algo)
         if s.keep_training and r.budget == "job":
             raise ConfigError(
@@ -361,6 +394,17 @@ class Config:
             if not torch.cuda.is_available():
                 raise ConfigError("device: 'cuda' asked for, but torch sees no CUDA GPU")
 
+    def check_factories(self) -> None:
+        """Your own model, dataset and loss (``module:function``), before any engine starts:
+        each imports and builds, and the model's output fits the dataset and the loss (one
+        forward pass of two samples), so that a bad one is one line and exit status 2."""
+        from hpc_asgd.models import check_model
+
+        m, d = self.model, self.data
+        if not any(map(plugins.is_spec, (m.model, d.dataset, m.loss))):
+            return
+        check_model(m.model, d.dataset, d.data_dir, m.loss, self.run.seed)
+
     def check_paths(self) -> None:
         """The file-system half of validation, before any engine starts: folders that must
         exist do, and the output folders can be written (created if missing, then probed),
@@ -391,15 +435,6 @@ def shares_budget(cfg: Config, world_size: int) -> bool:
     """Whether the ranks share the job's step budget (``--budget job``): a non-blocking
     algorithm and more than one rank (otherwise every rank takes its own steps anyway)."""
     return cfg.run.budget == "job" and world_size > 1 and _non_blocking(cfg)
-
-
-def keep_training_refused(algo: str, detail: str = "") -> ConfigError:
-    """The error for ``--keep-training`` with an algorithm (or a mode of it) that cannot."""
-    able = [c.keep_training for _, c in SYNCHRONIZERS.items() if c.keep_training]
-    return ConfigError(
-        f"keep_training: only the non-blocking algorithms ({', '.join(able)}) let a rank "
-        f"train on while others finish; not {algo!r}{detail}"
-    )
 
 
 def _probe_write(name: str, folder: Path) -> None:

@@ -24,12 +24,9 @@ import random
 import re
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Any
 
 from hpc_asgd.errors import ConfigError
-
-if TYPE_CHECKING:
-    from hpc_asgd.config import Config
 
 DISTRIBUTIONS = ("exp", "lognormal")
 LOGNORMAL_SIGMA = 1.0  # default sigma of log(delay): a heavy tail (the p99 is ~4x the mean)
@@ -57,8 +54,9 @@ def parse_delay(spec: str) -> tuple[str, float, float] | None:
     return m[1], mean_ms / 1e3, sigma
 
 
-def validate(cfg: Config, world_size: int) -> None:
-    """The delay flags' own rules (called by ``Config.validate``)."""
+def validate(cfg: Any, world_size: int) -> None:
+    """The delay flags' own rules (called by the application's ``Config.validate``; ``cfg``
+    is that configuration, read here by its field names only)."""
     r = cfg.run
     parse_delay(r.delay)
     if r.pause_rank < -1 or r.pause_rank >= world_size:
@@ -103,6 +101,7 @@ class Delays:
     ):
         self.dist, self.mean_s, self.sigma = dist, mean_s, sigma
         self.rng = random.Random(f"hpc_asgd.delays/{seed}/{rank}/{worker}")  # str: sha512 seed
+        self.rng_key = (seed, rank)
         self.mu = math.log(mean_s) - sigma * sigma / 2 if dist == "lognormal" else 0.0
         self.pause_at, self.pause_s = pause_at, pause_s
         self.sleep = sleep
@@ -111,9 +110,10 @@ class Delays:
 
     @classmethod
     def from_config(
-        cls, cfg: Config, rank: int, worker: int, sleep: Callable[[float], None] = time.sleep
+        cls, cfg: Any, rank: int, worker: int, sleep: Callable[[float], None] = time.sleep
     ) -> Delays | None:
-        """This rank and worker's delays; None when there are none to inject."""
+        """This rank and worker's delays from the application's configuration (its run
+        fields, by name); None when there are none to inject."""
         r = cfg.run
         parsed = parse_delay(r.delay)
         pausing = r.pause_rank == rank and r.pause_s > 0
@@ -122,6 +122,15 @@ class Delays:
         dist, mean_s, sigma = parsed or (None, 0.0, 0.0)
         at, pause = (r.pause_at, r.pause_s) if pausing else (0, 0.0)
         return cls(dist, mean_s, sigma, r.seed, rank, worker, at, pause, sleep)
+
+    def for_worker(self, worker: int) -> Delays:
+        """The same delays for another worker of this rank: its own random sequence, the
+        same pause (which only the worker that takes its node step sleeps)."""
+        seed, rank = self.rng_key
+        return Delays(
+            self.dist, self.mean_s, self.sigma, seed, rank, worker,
+            self.pause_at, self.pause_s, self.sleep,
+        )  # fmt: skip
 
     def draw(self) -> float:
         """The next random delay in seconds (0 without ``--delay``)."""

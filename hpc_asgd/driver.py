@@ -1,31 +1,35 @@
-"""What both training loops share (in process: ``train``; with workers: ``workers``): the
-job's parts (:class:`Job`) and one event schedule (:class:`Events`).
+"""What the CLI's two training loops share (``loops``: in process, with workers): the job's
+parts (:class:`Job`) and one event schedule (:class:`Events`).
 
 Every rank runs the same number of node steps and meets its peers at the same node steps in
-the same order: the synchroniser's blocking rounds, the evaluations (whose sums over the ranks
-complete in the background) and the checkpoint checks. :class:`Events` says which comes next;
-at a step holding several, the round comes first, then the evaluation, then the check.
+the same order: the synchroniser's blocking rounds (its clock, the one the Python API's hook
+drives too), the evaluations (whose sums over the ranks complete in the background) and the
+checkpoint checks. :class:`Events` says which comes next; at a step holding several, the round
+comes first, then the evaluation, then the check.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from hpc_asgd import metrics, signals
 from hpc_asgd.checkpoint import Checkpointer
 from hpc_asgd.comm import Comm
 from hpc_asgd.config import Config
-from hpc_asgd.data import Dataset, ShardSampler
+from hpc_asgd.data import Dataset
 from hpc_asgd.env import Launch
 from hpc_asgd.errors import Preempted
 from hpc_asgd.evaluate import Evaluator
 from hpc_asgd.flat import FlatModel
 from hpc_asgd.rules.base import UpdateRule
 from hpc_asgd.stats import CPU_S
+from hpc_asgd.step import StepSpec
 from hpc_asgd.sync import Synchronizer
 from hpc_asgd.sync.rounds import Budget
 
@@ -48,7 +52,8 @@ class Job:
     flat: FlatModel
     rule: UpdateRule
     sync: Synchronizer
-    sampler: ShardSampler
+    step: StepSpec  # how this rank's steps are made (its own process's, or each worker's)
+    model: Callable[[], nn.Module]  # builds the model (workers, the evaluation copy)
     stats: torch.Tensor  # (W, NSTATS) float64
     total: int  # node steps
     spe: int  # node steps per epoch
@@ -84,7 +89,7 @@ class Job:
         rounds): whether the job's budget is spent (``--budget job``) or, with
         ``--keep-training``, every rank has taken its own steps."""
         if self.sync.budget.steps:
-            self.sync.poll(step, step / self.spe)
+            self.sync.poll(step)
             return self.sync.budget.spent(step)
         return self.sync.settle(step)
 
@@ -103,7 +108,7 @@ class Job:
             "train_s": train_s,
             "config": self.cfg.to_dict(),
             **self.evaluator.state_dict(),
-            **self.sync.state_dict(),
+            "sync": self.sync.state_dict(),
             **(extra or {}),
         }
 
@@ -115,7 +120,7 @@ class Job:
         self.stats[:, : saved.shape[1]].copy_(saved)
         self.stats[:, CPU_S] = 0.0  # CPU seconds count this session's, as averager_cpu_s does
         self.evaluator.load_state_dict(state)
-        self.sync.load_state_dict(state)
+        self.sync.load_state_dict(state.get("sync", state))  # (earlier: at the top level)
 
     def begin(self, start: int) -> None:
         """Right before the first step: a USR1 during start-up (data, model, workers) ends
@@ -149,25 +154,16 @@ class Events:
     (a resumed run replays the synchroniser's schedule of rounds up to it)."""
 
     def __init__(self, job: Job, start: int):
-        self.sync, self.ck, self.spe = job.sync, job.ck, job.spe
-        stop = self.sync.next_stop(0, 0.0)
-        while stop is not None and stop <= start:
-            stop = self.sync.next_stop(stop, stop / self.spe)
-        self.stop = stop  # the next blocking round
+        self.clock, self.ck = job.sync.clock, job.ck
+        self.clock.resume(start)  # its next blocking round
         self.evals = [e for e in job.evals if e > start]
         self.ck_at = self.ck.next_event(start)  # the next checkpoint check
 
     @property
     def next(self) -> int:
         """The next node step holding an event (workers are held there)."""
-        due = (self.stop, self.evals[0] if self.evals else None, self.ck_at)
+        due = (self.clock.stop, self.evals[0] if self.evals else None, self.ck_at)
         return min(x for x in due if x is not None)
-
-    def round(self, step: int) -> None:
-        """The blocking round due at ``step``, if one is."""
-        if step == self.stop:
-            self.sync.step_done(step, step / self.spe)
-            self.stop = self.sync.next_stop(step, step / self.spe)
 
     def evaluation(self, step: int) -> bool:
         """Whether ``step`` holds an evaluation (it is then taken off the schedule)."""

@@ -7,8 +7,9 @@ class HpcAsgdError(Exception):
     """Base class: the message is printed as is, without a traceback."""
 
 
-class ConfigError(HpcAsgdError):
-    """A configuration field is wrong; raised on every rank before any collective."""
+class ConfigError(HpcAsgdError, ValueError):
+    """A configuration field or an argument is wrong; raised on every rank before any
+    collective (a ValueError too, for callers of the Python API)."""
 
 
 class DataError(HpcAsgdError):

@@ -24,10 +24,16 @@ EVAL_BATCH = 512
 
 
 def evaluate(
-    model: torch.nn.Module, data: Dataset, comm: Comm, device: torch.device, extra: torch.Tensor
+    model: torch.nn.Module,
+    data: Dataset,
+    comm: Comm,
+    device: torch.device,
+    extra: torch.Tensor,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
 ) -> torch.Tensor:
     """Test loss and accuracy over this rank's shard of the test set, with its own model:
-    ``[correct, loss_sum, count, *extra]`` (float64), to be summed over the ranks."""
+    ``[correct, loss_sum, count, *extra]`` (float64), to be summed over the ranks. ``loss``
+    gives a batch's mean (its sum is the mean times the batch); accuracy is the argmax's."""
     sampler = ShardSampler(
         len(data.test), comm.rank, comm.size, EVAL_BATCH, seed=0, shuffle=False, drop_last=False
     )
@@ -40,8 +46,11 @@ def evaluate(
             out = model(x.to(device))
             y = y.to(device)
             acc[0] += (out.argmax(1) == y).sum().item()
-            acc[1] += F.cross_entropy(out, y, reduction="sum").item()
-            acc[2] += y.numel()
+            if loss is F.cross_entropy:
+                acc[1] += F.cross_entropy(out, y, reduction="sum").item()
+            else:
+                acc[1] += loss(out, y).item() * y.shape[0]
+            acc[2] += y.shape[0]
     model.train(was_training)
     return torch.cat([acc, extra.to(torch.float64)])
 
@@ -65,10 +74,11 @@ class Evaluator:
         progress: metrics.Progress,
         out: Path | None,
         t_start: float,
+        loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
     ):
         self.data, self.comm, self.device, self.stats = data, comm, device, stats
         self.spe, self.batch_size, self.progress, self.out = spe, batch_size, progress, out
-        self.t_start = t_start
+        self.t_start, self.loss = t_start, loss
         self.rows: list[dict] = []
         # --budget job: ranks take different node steps, so a row's epoch is the job's
         # (steps summed over the ranks / (ranks x steps per epoch)), not a rank's node step
@@ -91,7 +101,7 @@ class Evaluator:
         c0 = time.process_time()
         s = self.stats
         now = torch.stack([s[:, LOSS_SUM].sum(), (s[:, STEPS] - s[:, NONFINITE]).sum()])
-        st = evaluate(model, self.data, self.comm, self.device, now - self.seen)  # (5,)
+        st = evaluate(model, self.data, self.comm, self.device, now - self.seen, self.loss)  # (5,)
         self.seen.copy_(now)
         at = round(time.perf_counter() - self.t_start, 3)  # the time of this rank's pass
         self.cpu_s += time.process_time() - c0

@@ -19,6 +19,8 @@ import hashlib
 import torch
 from torch import nn
 
+from hpc_asgd.errors import ConfigError
+
 
 class FlatModel:
     """``FlatModel(module)`` copies the module's values into a new flat buffer;
@@ -41,6 +43,14 @@ class FlatModel:
             for name, b in m._buffers.items()
             if b is not None and b.is_floating_point()
         ]
+        dtypes = {str(t.dtype) for t in [*params, *(b for *_, b in buffers)]}
+        odd = sorted(dtypes - {"torch.float32"})
+        if odd:  # re-pointing them at float32 views would change their dtype behind your back
+            raise ConfigError(
+                f"model: its parameters and floating buffers must be float32 (one float32 flat "
+                f"buffer holds them all), found {', '.join(odd)}; use autocast for lower "
+                "precision, not low-precision parameters"
+            )
         self.module = module
         self.n_params = sum(p.numel() for p in params)
         self.n_buffers = sum(b.numel() for _, _, b in buffers)
@@ -53,6 +63,7 @@ class FlatModel:
         if shared and not adopt:
             self.data.share_memory_()
         self._params = params
+        self._buffers = [b for *_, b in buffers]
         self.param_slices: list[slice] = []  # where each parameter lives in ``params``
         off = 0
         for p in params:
@@ -63,11 +74,15 @@ class FlatModel:
             p.grad = self.grad[off : off + k].view_as(p)
             self.param_slices.append(slice(off, off + k))
             off += k
-        for m, name, b in buffers:
+        # what ``gather_grads`` re-points the parameters' gradients to
+        self._grad_views = [
+            self.grad[sl].view_as(p) for p, sl in zip(params, self.param_slices, strict=True)
+        ]
+        for i, (m, name, b) in enumerate(buffers):
             k = b.numel()
             if not adopt:
                 self.data[off : off + k].copy_(b.reshape(-1))
-            m._buffers[name] = self.data[off : off + k].view_as(b)
+            m._buffers[name] = self._buffers[i] = self.data[off : off + k].view_as(b)
             off += k
         self.params = self.data[: self.n_params]  # the optimizer's view
         self.bound = self.params  # the ``(n_params,)`` tensor the module's parameters view now
@@ -99,6 +114,25 @@ class FlatModel:
 
     def zero_grad(self) -> None:
         self.grad.zero_()
+
+    def gather_grads(self) -> None:
+        """Bring every parameter's gradient into the flat gradient buffer, ``grad``, and point
+        ``p.grad`` back at its view there: ``zero_grad(set_to_none=True)`` (torch's default)
+        leaves ``p.grad`` None, and the next backward gives each parameter a tensor of its own.
+        A parameter without a gradient counts as zeros."""
+        for p, view in zip(self._params, self._grad_views, strict=True):
+            g = p.grad
+            if g is None:
+                view.zero_()
+            elif g.data_ptr() != view.data_ptr():
+                view.copy_(g)
+            else:
+                continue
+            p.grad = view
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The parameters, then the floating buffers, in the flat buffer's order."""
+        return [*self._params, *self._buffers]
 
     def checksum(self) -> str:
         """SHA-256 of the whole flat buffer's bytes (parameters and buffers)."""

@@ -3,6 +3,11 @@
 Node steps number the rank's passes over its shard: step ``s`` takes batch ``s % spe`` of the
 epoch-``s // spe`` order, whichever worker claims it, so "epoch" means a node-wide pass (as in
 the LPP-SGD reference code) and the LR schedule follows the node's progress.
+
+A :class:`StepSpec` says how a rank's steps are made, in plain picklable parts (the training
+split, the loss, an inner-optimizer factory, the LR schedule, the injected delays); each
+process that steps, the rank's own or each of its W workers, makes its :class:`Stepper` from
+it, with private optimizer state and augmentation stream.
 """
 
 from __future__ import annotations
@@ -11,18 +16,18 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from hpc_asgd.config import Config
-from hpc_asgd.data import Dataset, ShardSampler
 from hpc_asgd.delays import Delays
 from hpc_asgd.env import Fault
 from hpc_asgd.flat import FlatModel
-from hpc_asgd.optim import FlatSGD, Schedule
+from hpc_asgd.optim import FlatOptimizer
 from hpc_asgd.rules.base import UpdateRule
+from hpc_asgd.shard import ShardSampler, Split
 from hpc_asgd.stats import (
     APPLIED,
     CPU_S,
@@ -41,46 +46,86 @@ from hpc_asgd.stats import (
     step_bin,
 )
 
+# loss(output, target) -> the batch's mean loss, a scalar tensor (F.cross_entropy's shape)
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-def schedule_of(cfg: Config) -> Schedule:
-    o = cfg.optim
-    return Schedule(
-        o.lr,
-        cfg.run.epochs,
-        o.lr_schedule,
-        o.warmup_epochs,
-        o.warmup_lr,
-        tuple(o.lr_milestones),
-        o.lr_gamma,
-    )
+
+def augment_seed(seed: int, rank: int, worker: int) -> int:
+    """Augmentation draws differ per rank and worker; worker 0 matches the in-process path."""
+    return seed * 7919 + rank + 104_729 * worker
+
+
+@dataclass
+class StepSpec:
+    """How one rank's steps are made; picklable, so that its workers receive it whole (the
+    split's tensors travel as shared memory, the callables by reference: the workers import
+    their modules themselves)."""
+
+    train: Split
+    batch_size: int
+    seed: int  # the data order (every rank's), and the augmentation streams (per rank, worker)
+    rank: int
+    world: int
+    loss: Loss
+    optimizer: Callable[[], FlatOptimizer]  # a fresh optimizer: private state per process
+    schedule: Callable[[float], float]  # epoch (fractional, the node's or job's) -> lr
+    delays: Delays | None = None  # worker 0's; each worker draws its own (``for_worker``)
+    slow: float = 1.0  # straggler injection: each step takes ``slow`` times as long
+    fault: Fault | None = None  # fault injection (tests): see :func:`inject`
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be at least 1, got {self.batch_size}")
+        if not self.slow >= 1:
+            raise ValueError(f"slow: a step's slow-down factor must be >= 1, got {self.slow}")
+
+    def sampler(self) -> ShardSampler:
+        return ShardSampler(len(self.train), self.rank, self.world, self.batch_size, self.seed)
+
+    def stepper(
+        self,
+        flat: FlatModel,
+        rule: UpdateRule,
+        stats: torch.Tensor,
+        device: torch.device,
+        worker: int = 0,
+        grads_hook: Callable[[int], None] | None = None,
+    ) -> Stepper:
+        """The stepper of worker ``worker`` (0: the rank's own process) over ``flat``."""
+        gen = torch.Generator().manual_seed(augment_seed(self.seed, self.rank, worker))
+        delays = None if self.delays is None else self.delays.for_worker(worker)
+        return Stepper(
+            self, flat, rule, self.sampler(), gen, device, stats, delays, grads_hook
+        )  # fmt: skip
 
 
 class Stepper:
+    """Takes node steps: batch, forward, loss, backward, the optimizer's direction, the update
+    rule's write; counts them in this process's row of the stats table."""
+
     def __init__(
         self,
-        cfg: Config,
-        data: Dataset,
+        spec: StepSpec,
         flat: FlatModel,
         rule: UpdateRule,
         sampler: ShardSampler,
         gen: torch.Generator,
         device: torch.device,
         stats: torch.Tensor,
-        grads_hook=None,
-        slow: float = 1.0,
-        worker: int = 0,
+        delays: Delays | None = None,
+        grads_hook: Callable[[int], None] | None = None,
     ):
-        o = cfg.optim
-        self.data, self.flat, self.rule, self.sampler = data, flat, rule, sampler
+        self.train, self.loss, self.flat, self.rule, self.sampler = (
+            spec.train, spec.loss, flat, rule, sampler,
+        )  # fmt: skip
         self.gen, self.device = gen, device
         self.stats = stats.numpy()  # this worker's row; numpy: element updates cost ~100 ns
-        self.opt = FlatSGD(o.momentum, o.weight_decay, o.nesterov)  # private momentum
-        self.sched = schedule_of(cfg)
+        self.opt = spec.optimizer()  # private state (momentum, moments)
+        self.sched = spec.schedule
         self.spe = sampler.steps_per_epoch
         self.grads_hook = grads_hook  # synchronous SGD averages gradients here
-        self.slow = slow  # straggler injection: each step takes ``slow`` times as long
-        # random delays and the one-off pause (hpc_asgd.delays); the sampler's shard is the rank
-        self.delays = Delays.from_config(cfg, sampler.shard, worker)
+        self.slow, self.fault, self.rank = spec.slow, spec.fault, spec.rank
+        self.delays = delays  # random delays and the one-off pause (hpc_asgd.delays)
         self.block: slice | None = None  # the last step's block (partial backprop)
         # (1,) float64, shared: the job's progress minus this rank's node step (--budget job;
         # set by the rounds), so that the LR schedule follows the job, not this rank
@@ -89,10 +134,11 @@ class Stepper:
         self.epoch_cached = -1
         self.batches: list[torch.Tensor] = []
 
-    def step(self, s: int, poison: bool = False) -> bool:
-        """Node step ``s``; False if it was skipped for a non-finite loss or gradient.
-        ``poison`` (fault injection) makes its loss NaN. The injected delays (``--delay``,
-        the pause) follow the step's work; its CPU time is counted in the stats row."""
+    def step(self, s: int) -> bool:
+        """Node step ``s``; False if it was skipped for a non-finite loss or gradient. The
+        injected delays (``--delay``, the pause) follow the step's work; its CPU time is
+        counted in the stats row. A fault injected at this step (tests) fires first."""
+        poison = inject(self.fault, self.rank, s)  # the NaN fault: a NaN loss
         c0, t0 = time.process_time(), time.perf_counter()
         ok = self._step(s, poison)
         self.stats[CPU_S] += time.process_time() - c0
@@ -108,7 +154,7 @@ class Stepper:
         e, i = divmod(s, self.spe)
         if e != self.epoch_cached:
             self.batches, self.epoch_cached = self.sampler.epoch(e), e
-        x, y = self.data.train.batch(self.batches[i], train=True, gen=self.gen)
+        x, y = self.train.batch(self.batches[i], train=True, gen=self.gen)
         if self.device.type != "cpu":  # (two no-op calls cost 4 us a step on CPU)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         p = self.rule.read()
@@ -117,7 +163,7 @@ class Stepper:
         if block is not None or self.block is not None:  # changed: (un)freeze parameters
             self.flat.only_grads_for(block)
         self.block = block
-        loss = F.cross_entropy(self.flat.module(x), y)
+        loss = self.loss(self.flat.module(x), y)
         if poison:
             loss = loss * math.nan
         self.flat.zero_grad()
@@ -134,7 +180,7 @@ class Stepper:
         self.t_hook = t_hook
         row = self.stats
         row[STEPS] += 1
-        # A non-finite step is skipped before it reaches the momentum or the model. The test
+        # A non-finite step is skipped before it reaches the optimizer or the model. The test
         # is one reduction over the gradient, (n_params,): its sum is NaN or infinite when an
         # element is (a finite sum overflows only for gradients near float32's limit, which
         # is divergence too); isfinite().all() measured 30x slower (0.3 ms for 118k
@@ -155,11 +201,6 @@ class Stepper:
         if self.slow > 1:  # sleep in proportion to the step's own work, not its comm wait
             time.sleep((self.slow - 1) * (time.perf_counter() - t0 - t_hook))
         return True
-
-
-def slow_factor(cfg: Config, rank: int) -> float:
-    """``--slow-factor`` on ``--slow-rank``, 1 elsewhere."""
-    return cfg.run.slow_factor if cfg.run.slow_rank == rank else 1.0
 
 
 def inject(fault: Fault | None, rank: int, step: int) -> bool:

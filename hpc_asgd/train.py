@@ -2,13 +2,16 @@
 
 config -> comm -> data -> model in a flat buffer -> update rule + synchroniser -> steps -> outputs.
 
-Two process layouts run the same step (``step.Stepper``) on the same event schedule
-(``driver.Events``: blocking rounds, evaluations, checkpoint checks at fixed node steps, in
-step order, so the ranks agree on every collective by construction):
-- in process (W = 1, the default): the rank's own process takes every node step (here);
+It builds the library's parts (``FlatModel``, the rule, the synchroniser, a ``StepSpec``: the
+same classes a training script of your own uses) from the configuration, and hands them to
+one of two process layouts that run the same step (``step.Stepper``) on the same event
+schedule (``driver.Events``: blocking rounds, evaluations, checkpoint checks at fixed node
+steps, in step order, so the ranks agree on every collective by construction):
+- in process (W = 1, the default): the rank's own process takes every node step
+  (``loops.train_in_process``);
 - workers (W > 1, or ``--spawn-workers``): W spawned processes take node steps from a shared
   counter while the rank's main process supervises them, evaluates, and runs the blocking
-  averaging rounds at node-step boundaries (``workers.train_workers``).
+  averaging rounds at node-step boundaries (``loops.train_workers``).
 With a non-blocking synchroniser the ranks' steps count against the job's budget
 (``--budget job``, ``rounds.Budget``): a rank that has taken its scheduled steps goes on with
 extra ones, unevaluated, and one that finds the budget spent first stops short, still running
@@ -23,28 +26,36 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from hpc_asgd import metrics, signals
+from hpc_asgd import metrics, plugins, signals
 from hpc_asgd.checkpoint import Checkpointer
 from hpc_asgd.comm import Comm, make_comm
 from hpc_asgd.config import Config, shares_budget
-from hpc_asgd.data import ShardSampler, load_dataset
-from hpc_asgd.driver import Events, Job, Tracker
+from hpc_asgd.data import Dataset, ShardSampler, load_dataset
+from hpc_asgd.delays import Delays
+from hpc_asgd.driver import Job, Tracker
 from hpc_asgd.env import Launch, is_tty
 from hpc_asgd.evaluate import Evaluator
 from hpc_asgd.flat import FlatModel
+from hpc_asgd.loops import train_in_process, train_workers
 from hpc_asgd.models import build_model
+from hpc_asgd.optim import FlatAdamW, FlatOptimizer, FlatSGD, Schedule
 from hpc_asgd.registry import SYNCHRONIZERS
 from hpc_asgd.rules import make_rule
-from hpc_asgd.stats import NSTATS, check_finite
-from hpc_asgd.step import Stepper, inject, slow_factor
+from hpc_asgd.stats import NSTATS
+from hpc_asgd.step import StepSpec, augment_seed
 from hpc_asgd.sync import make_synchronizer
-from hpc_asgd.workers import augment_seed, spawn_context, start_early, train_workers
+from hpc_asgd.workers import spawn_context, start_early
 
-__all__ = ["Tracker", "run", "spawns_workers"]
+__all__ = ["PRELOAD", "Tracker", "run", "spawns_workers"]
+
+# The application's modules a worker needs (the zoo, the splits, your own factories' loader):
+# its fork server imports them once (``workers.spawn_context``).
+PRELOAD = ("hpc_asgd.data", "hpc_asgd.models", "hpc_asgd.plugins")
 
 
 def spawns_workers(cfg: Config) -> bool:
@@ -83,12 +94,51 @@ def run(
             signals.restore()
 
 
+def schedule_of(cfg: Config) -> Schedule:
+    """The LR schedule over (fractional) epochs."""
+    o = cfg.optim
+    return Schedule(
+        o.lr,
+        cfg.run.epochs,
+        o.lr_schedule,
+        o.warmup_epochs,
+        o.warmup_lr,
+        tuple(o.lr_milestones),
+        o.lr_gamma,
+    )
+
+
+def step_spec(cfg: Config, data: Dataset, rank: int, world: int, launch: Launch) -> StepSpec:
+    """How this rank's steps are made, from the configuration."""
+    o, r = cfg.optim, cfg.run
+    optimizer: Callable[[], FlatOptimizer]
+    if o.optimizer == "adamw":
+        betas = (float(o.adam_betas[0]), float(o.adam_betas[1]))
+        optimizer = functools.partial(FlatAdamW, betas, o.adam_eps, o.weight_decay)
+    else:
+        optimizer = functools.partial(FlatSGD, o.momentum, o.weight_decay, o.nesterov)
+    return StepSpec(
+        data.train,
+        cfg.data.batch_size,
+        r.seed,
+        rank,
+        world,
+        plugins.loss_function(cfg.model.loss),
+        optimizer,
+        schedule_of(cfg),
+        Delays.from_config(cfg, rank, 0),
+        r.slow_factor if r.slow_rank == rank else 1.0,  # straggler injection
+        launch.fault,
+    )
+
+
 def _run(cfg: Config, launch: Launch, comm: Comm | None, tracker: Tracker) -> dict:
     t_start = time.perf_counter()
     cfg.validate(launch.size, launch.local_size)
     cfg.check_paths()
+    cfg.check_factories()
     if spawns_workers(cfg):  # the workers' fork server imports torch while the data loads
-        start_early()
+        start_early(preload=PRELOAD)
     rank_threads = _threads_per_rank(launch)
     torch.set_num_threads(rank_threads)
     comm = comm or make_comm(cfg.run.comm, launch, cfg.run.comm_timeout)
@@ -110,8 +160,10 @@ def _run(cfg: Config, launch: Launch, comm: Comm | None, tracker: Tracker) -> di
             load(download=True)
         comm.barrier()
     data = load(download=False)
+    # the model's builder: the workers (and the evaluation copy) make theirs with it
+    factory = functools.partial(build_model, cfg.model.model, data.input_shape, data.num_classes)
     torch.manual_seed(r.seed)
-    model = build_model(cfg.model.model, data.input_shape, data.num_classes)
+    model = factory()
     spawn = spawns_workers(cfg)
     if spawn:  # the workers own the rank's cores; this process's evaluation passes (beside
         # them) and averages would only contend with them, and OpenMP threads that spin
@@ -120,12 +172,10 @@ def _run(cfg: Config, launch: Launch, comm: Comm | None, tracker: Tracker) -> di
     elif w.threads_per_worker:  # this process is the rank's one worker
         torch.set_num_threads(w.threads_per_worker)
     flat = FlatModel(model, device=device, shared=spawn)
-    ctx = spawn_context()
+    ctx = spawn_context(PRELOAD)
     rule = make_rule(cfg, flat.params, ctx)
-    sampler = ShardSampler(len(data.train), comm.rank, comm.size, d.batch_size, r.seed)
-    spe = sampler.steps_per_epoch
-    sync = make_synchronizer(cfg, comm, flat, rule, spe)
-    sync.start()
+    spe = ShardSampler(len(data.train), comm.rank, comm.size, d.batch_size, r.seed).steps_per_epoch
+    sync = make_synchronizer(cfg, comm, flat, rule, spe)  # every rank takes rank 0's model
     total = max(1, math.ceil(r.epochs * spe))
     if shares_budget(cfg, comm.size):  # the ranks' node steps count together
         sync.budget.steps, sync.budget.world = total * comm.size, comm.size
@@ -133,7 +183,10 @@ def _run(cfg: Config, launch: Launch, comm: Comm | None, tracker: Tracker) -> di
     stats = torch.zeros((w.workers, NSTATS), dtype=torch.float64)
     out = Path(r.out) if r.out else None
     progress = metrics.Progress(total, spe, comm.rank == 0, is_tty(sys.stderr))
-    evaluator = Evaluator(data, comm, device, stats, spe, d.batch_size, progress, out, t_start)
+    spec = step_spec(cfg, data, comm.rank, comm.size, launch)
+    evaluator = Evaluator(
+        data, comm, device, stats, spe, d.batch_size, progress, out, t_start, spec.loss
+    )
     evaluator.job_epochs = bool(sync.budget.steps)
     ck = Checkpointer(cfg, comm)
     resumed = ck.resume(total)
@@ -145,7 +198,8 @@ def _run(cfg: Config, launch: Launch, comm: Comm | None, tracker: Tracker) -> di
         flat,
         rule,
         sync,
-        sampler,
+        spec,
+        factory,
         stats,
         total,
         spe,
@@ -163,94 +217,15 @@ def _run(cfg: Config, launch: Launch, comm: Comm | None, tracker: Tracker) -> di
     if resumed is not None:  # each rank takes back its own model, counters and metrics
         job.load_state(resumed)
         # A final or a workers' state (resumed with --force-resume, say by a longer run) has
-        # no W = 1 momentum or RNG states: those then start afresh, as the workers' do.
+        # no W = 1 optimizer or RNG states: those then start afresh, as the workers' do.
         fresh = torch.Generator().manual_seed(augment_seed(r.seed, comm.rank, 0)).get_state()
-        job.resumed = {"momentum": None, "generator": fresh, "torch_rng": torch.get_rng_state()}
+        job.resumed = {"optimizer": None, "generator": fresh, "torch_rng": torch.get_rng_state()}
         job.resumed |= resumed
     if resumed is not None and resumed["step"] == total:  # complete: only the outputs
         train_s, job.extra = resumed["train_s"], resumed.get("extra", 0)
     else:
-        train_s = train_workers(job, ctx) if spawn else _train_in_process(job)
+        train_s = train_workers(job, ctx) if spawn else train_in_process(job)
         job.run_s = time.perf_counter() - job.t_start - job.setup_s
         if ck.root is not None:  # committed before the outputs: a rerun finds it complete
             ck.save(total, job.state(total, train_s, {"extra": job.extra}))
     return metrics.summarise(job, train_s, out)
-
-
-def _train_in_process(job: Job) -> float:
-    """W = 1 in the rank's own process: step, then the events the step holds."""
-    comm, flat, sync, spe, ev = job.comm, job.flat, job.sync, job.spe, job.evaluator
-    job.rule.attach(0)
-    gen = torch.Generator().manual_seed(augment_seed(job.cfg.run.seed, comm.rank, 0))
-    hook = sync.grads_ready if sync.averages_gradients else None
-    slow = slow_factor(job.cfg, comm.rank)
-    stepper = Stepper(
-        job.cfg, job.data, flat, job.rule, job.sampler, gen, job.device, job.stats[0], hook, slow
-    )
-    stepper.offset = sync.budget.offset.numpy()  # the job's progress, for the LR schedule
-    start, train_s = 0, 0.0
-    if job.resumed is not None:  # the rest of a W = 1 run's state: bitwise continuation
-        start, train_s = job.resumed["step"], job.resumed["train_s"]
-        stepper.opt.buf = job.resumed["momentum"]
-        gen.set_state(job.resumed["generator"])
-        torch.set_rng_state(job.resumed["torch_rng"])
-    events = Events(job, start)
-    job.begin(start)
-    t_seg = time.perf_counter()
-    job.setup_s = t_seg - job.t_start
-    budget = job.start_budget(start, train_s)
-    flat.module.train()
-    s = start
-    while s < job.total:
-        if budget.spent(s):  # no more steps: this rank's remaining events still run, in order
-            if not job.extra:  # (its peers meet it there); the steps it did not take:
-                job.extra = s - job.total
-            s = events.next - 1
-        else:
-            job.tracker.step = s + 1  # node steps are named 1-based, as in the error lines
-            if not stepper.step(s, poison=inject(job.launch.fault, comm.rank, s)):
-                check_finite(job.stats, job.cfg.run.max_nonfinite, job.cfg.optim.lr)
-        ev.complete(wait=False)
-        events.round(s + 1)
-        if sync.overlaps:  # the rounds' own cost (snapshot, progress, delta) stalls the steps
-            t_poll = time.perf_counter()
-            sync.poll(s + 1, (s + 1) / spe)
-            sync.wait_s += time.perf_counter() - t_poll
-        job.progress.step(s + 1)
-        if events.evaluation(s + 1):
-            final = s + 1 == job.total
-            if final and job.trains_on and not budget.exhausted:
-                job.extra = _keep_training(job, stepper)
-            train_s += time.perf_counter() - t_seg
-            job.rule.publish()  # evaluate the latest parameters, in the flat buffer
-            flat.bind_params(flat.params)
-            if final:
-                sync.drain(job.total + job.extra)  # wait for the other ranks' rounds
-                sync.finish()  # the final exact average comes before the final evaluation
-            ev.at(s + 1, flat.module, final=final)  # before the end: the sum completes later
-            t_seg = time.perf_counter()
-        save, halt = events.check(s + 1)
-        if save and s + 1 < job.total:
-            state = {
-                "momentum": stepper.opt.buf,
-                "generator": gen.get_state(),
-                "torch_rng": torch.get_rng_state(),
-            }
-            job.checkpoint(s + 1, train_s + time.perf_counter() - t_seg, halt, state)
-        s += 1
-    return train_s
-
-
-def _keep_training(job: Job, stepper: Stepper) -> int:
-    """In process, after the last scheduled step: steps past it, until the job's budget is
-    spent (``--budget job``) or, with ``--keep-training``, until the slower ranks finish."""
-    sync, x = job.sync, job.total
-    while True:
-        t_poll = time.perf_counter()
-        over = job.trained_on(x)
-        sync.wait_s += time.perf_counter() - t_poll
-        if over:
-            return x - job.total
-        stepper.step(x)
-        job.evaluator.complete(wait=False)
-        x += 1

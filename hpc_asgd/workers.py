@@ -23,6 +23,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing import connection, forkserver, resource_tracker
 from multiprocessing import util as mp_util
@@ -30,16 +31,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.multiprocessing as mp
+from torch import nn
 
 from hpc_asgd import worker_entry
-from hpc_asgd.data import Dataset
-from hpc_asgd.driver import Events, Job
-from hpc_asgd.env import Launch
 from hpc_asgd.errors import HpcAsgdError
 from hpc_asgd.flat import FlatModel
-from hpc_asgd.models import build_model
 from hpc_asgd.rules.base import AtomicArray, UpdateRule
-from hpc_asgd.stats import check_finite
+from hpc_asgd.step import StepSpec
 
 if TYPE_CHECKING:
     from multiprocessing.queues import SimpleQueue
@@ -84,13 +82,11 @@ def claim(ctl: AtomicArray, total: int) -> int | None:
 
 @dataclass
 class WorkerSpec:
-    """Everything a worker needs; pickled to it at spawn (tensors travel as shared memory)."""
+    """Everything a worker needs; pickled to it at spawn (tensors travel as shared memory,
+    functions by reference: the worker imports the model factory's module itself)."""
 
-    config: dict
-    launch: Launch
-    rank: int
-    world: int
-    data: Dataset
+    model: Callable[[], nn.Module]  # builds the module that adopts the shared flat buffer
+    step: StepSpec  # how to make its steps: data, loss, optimizer, schedule, delays
     flat_data: torch.Tensor  # the rank's shared flat buffer
     rule: UpdateRule
     ctl: AtomicArray
@@ -98,6 +94,7 @@ class WorkerSpec:
     total: int
     threads: int
     device: str
+    stall_timeout: float  # s without a node step after which a worker counts as hung
     # a spawn-context SimpleQueue of (worker, message): written synchronously
     errors: SimpleQueue[tuple[int, str]]
     # (W,) int64, shared: 1 + the node step each worker is in, 0 between steps (WorkerPool sets it)
@@ -117,36 +114,12 @@ def worker_main(index: int, spec: WorkerSpec) -> None:
     # averaging round (on an oversubscribed node it would otherwise wait for a time slice).
     os.nice(WORKER_NICE)
     try:
-        from hpc_asgd.config import Config
-        from hpc_asgd.data import ShardSampler
-        from hpc_asgd.flat import FlatModel
-        from hpc_asgd.models import build_model
-        from hpc_asgd.step import Stepper, inject, slow_factor
-
         torch.set_num_threads(spec.threads)
-        cfg = Config.from_flat(spec.config)
-        data = spec.data
-        model = build_model(cfg.model.model, data.input_shape, data.num_classes)
+        model = spec.model()
         flat = FlatModel(model, data=spec.flat_data)  # adopt the shared buffer, no copy
         spec.rule.attach(index)
-        sampler = ShardSampler(
-            len(data.train), spec.rank, spec.world, cfg.data.batch_size, cfg.run.seed
-        )
-        gen = torch.Generator().manual_seed(augment_seed(cfg.run.seed, spec.rank, index))
         device = torch.device(spec.device)
-        stepper = Stepper(
-            cfg,
-            data,
-            flat,
-            spec.rule,
-            sampler,
-            gen,
-            device,
-            spec.stats[index],
-            None,
-            slow_factor(cfg, spec.rank),
-            worker=index,
-        )
+        stepper = spec.step.stepper(flat, spec.rule, spec.stats[index], device, worker=index)
         if spec.offset is not None:
             stepper.offset = spec.offset.numpy()
         model.train()
@@ -155,7 +128,7 @@ def worker_main(index: int, spec: WorkerSpec) -> None:
         spec.ctl[READY].inc()
         while (s := claim(spec.ctl, spec.total)) is not None:
             busy[index] = s + 1  # step numbers are unique: the same value means the same step
-            stepper.step(s, poison=inject(spec.launch.fault, spec.rank, s))
+            stepper.step(s)
             busy[index] = 0
             if spec.ctl[DONE].fetch_inc() + 1 == spec.ctl[LIMIT].load() and spec.wake:
                 spec.wake.release()  # the event's step: wake the main process now
@@ -164,22 +137,15 @@ def worker_main(index: int, spec: WorkerSpec) -> None:
         os._exit(1)
 
 
-def augment_seed(seed: int, rank: int, worker: int) -> int:
-    """Augmentation draws differ per rank and worker; worker 0 matches the in-process path."""
-    return seed * 7919 + rank + 104_729 * worker
-
-
 class WorkerPool:
     """Spawns, supervises and stops the workers of one rank."""
 
     def __init__(self, spec: WorkerSpec, workers: int, ctx, stall_timeout: float | None = None):
         self.spec, self.n, self.ctx = spec, workers, ctx
+        self.rank = spec.step.rank
         if spec.busy is None:
             spec.busy = torch.zeros(workers, dtype=torch.int64).share_memory_()
-        # Three quarters of --comm-timeout: a peer waiting for this rank in a collective starts
-        # its own deadline later, but often by only a step; the rank that knows which worker
-        # stalled should speak (and record failure.json) first.
-        self.stall_timeout = stall_timeout or 0.75 * float(spec.config.get("comm_timeout", 300.0))
+        self.stall_timeout = stall_timeout or spec.stall_timeout
         self.procs: list = []
         self.checked = 0.0  # monotonic time of the last check by :meth:`poll`
         self.node_seen: tuple | None = None  # (DONE, LIMIT, *busy) at the last watch
@@ -213,9 +179,7 @@ class WorkerPool:
                 what = f"was killed by signal {signal.Signals(-code).name}"
             else:
                 what = f"exited with code {code}" + (f": {message}" if message else "")
-            raise WorkerError(
-                f"rank {self.spec.rank} worker {i} (pid {p.pid}) {what}", i, p.pid, code
-            )
+            raise WorkerError(f"rank {self.rank} worker {i} (pid {p.pid}) {what}", i, p.pid, code)
 
     def poll(self, every: float = 0.05) -> bool:
         """:meth:`check` and :meth:`watch`, at most once per ``every`` seconds (the
@@ -255,7 +219,7 @@ class WorkerPool:
         stuck = stuck or [i for i, b in enumerate(self.worker_seen) if b] or list(range(self.n))
         who = ", ".join(f"worker {i} (pid {self.procs[i].pid})" for i in stuck)
         raise WorkerError(
-            f"rank {self.spec.rank} {who} took no node step in {limit:g} s "
+            f"rank {self.rank} {who} took no node step in {limit:g} s "
             "(stopped? SIGSTOP, a hung device call) (--comm-timeout)",
             stuck[0],
             self.procs[stuck[0]].pid,
@@ -276,7 +240,7 @@ class WorkerPool:
             self.check()
             if time.monotonic() > deadline:
                 raise WorkerError(
-                    f"rank {self.spec.rank}: only {self.spec.ctl[READY].load()} of {self.n} "
+                    f"rank {self.rank}: only {self.spec.ctl[READY].load()} of {self.n} "
                     f"workers started within {START_TIMEOUT:g} s"
                 )
             time.sleep(0.01)
@@ -299,34 +263,37 @@ class WorkerPool:
 
 
 # Imported once by the rank's fork server, so that no worker imports them (torch: seconds).
-# The guard comes first: it ties the server's life to the rank's main process.
+# The guard comes first: it ties the server's life to the rank's main process. The caller adds
+# the modules its workers' factories and splits live in (``preload``).
 PRELOAD = (
     "hpc_asgd.forkserver_guard",
     "torch",
     "hpc_asgd.workers",
-    "hpc_asgd.config",
-    "hpc_asgd.data",
     "hpc_asgd.flat",
-    "hpc_asgd.models",
     "hpc_asgd.step",
 )
 
 
-def spawn_context():
+_preload: list[str] = []
+
+
+def spawn_context(preload: Sequence[str] = ()):
     """The workers' start method: a fork server per rank, and each worker a fork of it, ready
     in a fraction of a second where a spawned interpreter took seconds to import torch.
 
     The server never has MPI: the CLI forks it before MPI starts, with torch and hpc_asgd
     imported (:func:`start_early`); otherwise multiprocessing starts it by exec, and it imports
-    torch and the worker's modules (:data:`PRELOAD`) once, while the rank loads its data. So
-    no worker imports mpi4py. Shared tensors, queues and locks reach the workers as for spawn
-    (their file descriptors travel through the server's socket)."""
+    torch and the worker's modules (:data:`PRELOAD`, and ``preload``) once, while the rank
+    loads its data. So no worker imports mpi4py. Shared tensors, queues and locks reach the
+    workers as for spawn (their file descriptors travel through the server's socket)."""
+    if preload:  # the caller's modules, kept for the server's restarts (``_parent_pid``)
+        _preload[:] = preload
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(list(PRELOAD))
+    ctx.set_forkserver_preload([*PRELOAD, *_preload])
     return ctx
 
 
-def start_early(fork: bool = False) -> None:
+def start_early(fork: bool = False, preload: Sequence[str] = ()) -> None:
     """Start this process's fork server now (nothing if one runs).
 
     By exec (default): the server's imports overlap the caller's next seconds. With ``fork``, a
@@ -336,7 +303,7 @@ def start_early(fork: bool = False) -> None:
     state; with mpi4py already imported it starts by exec all the same. Call from the main
     thread, as the only thread running Python: the server dies with the thread that started it.
     """
-    spawn_context()
+    spawn_context(preload)
     # SLURM's USR1 (preemption warning) is for the rank's main process: the server, and
     # through it every worker, inherits SIG_IGN, never its default action (death).
     previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
@@ -420,115 +387,6 @@ def _parent_pid(ctx) -> int:
     pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
     assert isinstance(pid, int), pid
     return pid
-
-
-KEEP_GOING = 1 << 62  # the workers' step bound with --keep-training: their STOP ends them
-
-
-def train_workers(job: Job, ctx) -> float:
-    """W spawned workers take node steps; this process supervises, averages and evaluates,
-    handling the events (blocking rounds, evaluations, checks) in node-step order on every
-    rank, with the workers held at the next one (``LIMIT``)."""
-    cfg, flat, rule, sync, spe, total = job.cfg, job.flat, job.rule, job.sync, job.spe, job.total
-    w, ev = cfg.workers, job.evaluator
-    job.stats.share_memory_()
-    budget = sync.budget
-    budget.offset.share_memory_()
-    ctl = AtomicArray(NCTL)
-    threads = w.threads_per_worker or max(1, job.rank_threads // w.workers)
-    spec = WorkerSpec(
-        cfg.to_dict(),
-        job.launch,
-        job.comm.rank,
-        job.comm.size,
-        job.data,
-        flat.data,
-        rule,
-        ctl,
-        job.stats,
-        KEEP_GOING if job.trains_on else total,
-        threads,
-        str(job.device),
-        ctx.SimpleQueue(),
-        offset=budget.offset,
-        wake=ctx.Semaphore(0),
-    )
-    # The evaluation model: a private copy, filled from a snapshot of the shared one.
-    shape, classes = job.data.input_shape, job.data.num_classes
-    eval_flat = FlatModel(build_model(cfg.model.model, shape, classes), device=job.device)
-    start, train_before = 0, 0.0
-    if job.resumed is not None:  # model and counters; the workers' momentum starts afresh
-        start, train_before = job.resumed["step"], job.resumed["train_s"]
-        ctl.t[NEXT] = ctl.t[DONE] = start
-    events = Events(job, start)
-    paused_s = 0.0  # workers held for an evaluation (its snapshot, or its pass): not training time
-    pool = WorkerPool(spec, w.workers, ctx)
-    pool.start()
-    try:
-        pool.wait_ready()
-        # The ranks start training together: spawning takes seconds, differently on each rank,
-        # and a rank that started early would run its first steps (or, with --keep-training,
-        # extra ones) alone.
-        job.comm.barrier()
-        job.begin(start)
-        t0 = train_end = time.perf_counter()  # training time starts when all may step
-        job.setup_s = t0 - job.t_start
-        job.start_budget(start, train_before)
-        ctl[LIMIT].store(events.next)
-        while True:
-            if pool.poll():  # the workers' divergence count, at the same (throttled) pace
-                check_finite(job.stats, cfg.run.max_nonfinite, cfg.optim.lr)
-            event = events.next
-            done = job.tracker.step = ctl[DONE].load()
-            ev.complete(wait=False)
-            if sync.overlaps:  # this process is the averager: rounds overlap the workers
-                sync.poll(done, done / spe)
-            if budget.spent(done):  # the job's budget is spent: the workers end the step they
-                ctl[STOP].store(1)  # are in; this rank's remaining events still run, in order
-            elif done < event:  # until the event's step is done, a supervision check or a round
-                spec.wake.acquire(timeout=nap(sync))
-                continue
-            events.round(event)  # workers are held at the limit: nothing is in flight
-            if events.evaluation(event):
-                if event == total and job.trains_on and not budget.exhausted:  # past the limit
-                    ctl[LIMIT].store(KEEP_GOING)
-                    while not job.trained_on(ctl[DONE].load()):
-                        ev.complete(wait=False)
-                        pool.poll()
-                        time.sleep(nap(sync))
-                    ctl[STOP].store(1)  # workers end the step they are in, then exit
-                if event == total:  # every step is done; the workers' exit is not training
-                    train_end = time.perf_counter()
-                    job.end_training()  # the averager's CPU time
-                    pool.join()
-                    job.extra = ctl[DONE].load() - total
-                    sync.drain(total + job.extra)  # wait for the other ranks' rounds
-                    sync.finish()  # publishes the rule's latest version, then averages
-                # The workers are held at the evaluation step: the model evaluated is a snapshot
-                # after exactly ``event`` node steps. They resume once it is taken, unless a
-                # checkpoint is due here too (its rows include this one), and the pass runs
-                # beside them; the sum over the ranks (others may be behind) completes in the
-                # background.
-                t_eval = time.perf_counter()
-                rule.snapshot(eval_flat.params)
-                eval_flat.data[flat.n_params :].copy_(flat.data[flat.n_params :])
-                if event < total and event != events.ck_at:
-                    ctl[LIMIT].store(events.next)  # release the workers
-                    paused_s += time.perf_counter() - t_eval
-                    ev.at(event, eval_flat.module)
-                    continue
-                ev.at(event, eval_flat.module, final=event == total)
-                if event == total:
-                    return train_before + train_end - t0 - paused_s
-                paused_s += time.perf_counter() - t_eval
-            save, halt = events.check(event)  # workers are held: the shared model is still
-            if save and event < total:
-                job.checkpoint(event, train_before + time.perf_counter() - t0, halt)
-            ctl[LIMIT].store(events.next)  # release the workers
-    finally:
-        pool.stop()
-        ctl.close()
-        stop_server()
 
 
 SUPERVISE_S = 5e-2  # s: the longest the main process sleeps (the workers' checks, 20 a second)

@@ -454,7 +454,7 @@ def write_tables(out_root: Path, rows: list[dict]) -> tuple[Path, Path]:
 
 def report_plots(out_root: Path) -> None:
     """The study's plots and report (``hpc-asgd report``'s code) in ``<out-root>/report``."""
-    from hpc_asgd.report import ReportError, write_report
+    from hpc_asgd.tools.report import ReportError, write_report
 
     try:
         print(f"report: {write_report([out_root], out_root / 'report')}")

@@ -34,8 +34,8 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
 fi
 
 echo "[test] ruff"
-ruff check hpc_asgd tests benchmarks scripts
-ruff format --check hpc_asgd tests benchmarks scripts
+ruff check hpc_asgd tests benchmarks scripts examples
+ruff format --check hpc_asgd tests benchmarks scripts examples
 echo "[test] mypy"
 python -m mypy  # [tool.mypy] in pyproject.toml: basic checks of hpc_asgd
 

@@ -1,14 +1,19 @@
-"""Engines behind one seam. ``make_comm`` is the only place that picks one."""
+"""Engines behind one seam. ``make_comm`` is the only place that picks one; :func:`init` is
+the Python API's door to it (once per process)."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
+import sys
+import time
 
+from hpc_asgd import env
 from hpc_asgd.comm.base import Comm, Work
 from hpc_asgd.comm.local import LocalComm
 from hpc_asgd.env import Launch
-from hpc_asgd.errors import ConfigError
+from hpc_asgd.errors import ConfigError, HpcAsgdError, error_line
 
 ENGINES = ("auto", "mpi", "gloo", "nccl", "horovod", "local")
 
@@ -66,6 +71,78 @@ def make_comm(engine: str, launch: Launch, timeout: float) -> Comm:
     raise ConfigError(f"comm: unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
 
 
+_started: list[tuple[Comm, Launch]] = []  # the world communicator :func:`init` made, if any
+_hooked: list[bool] = []  # :func:`init` installed its ``sys.excepthook``
+
+
+def init(engine: str = "auto", *, timeout: float = 300.0, abort_on_error: bool = True) -> Comm:
+    """Start the communication engine over the job the launcher started and return its world
+    communicator (:class:`Comm`): the first call of a training script of your own.
+
+    The ranks come from the launcher (``mpirun``, ``srun``, ``torchrun``; alone: world size
+    1, the same code path). ``engine``: ``auto`` (world size 1: ``local``; an MPI launcher:
+    ``mpi``; otherwise ``gloo``), ``mpi``, ``gloo``, ``nccl``, ``horovod`` or ``local``.
+    ``timeout``: the deadline, in seconds, of every wait on a collective; past it the error
+    names the ranks that did not arrive. Once per process (a second call is an error: the
+    engine starts once).
+
+    ``abort_on_error``: an exception that leaves the script on one rank ends every rank at
+    once (as ``python -m mpi4py`` does), instead of leaving its peers to wait in their next
+    collective until the deadline: hpc_asgd's own errors print one line naming the rank and
+    the cause (a configuration error: exit status 2, printed once), others their traceback
+    too (exit status 1).
+    """
+    if _started:
+        raise ConfigError(
+            "hpc_asgd.init(): called twice in this process; the engine starts once "
+            "(keep the Comm the first call returned)"
+        )
+    launch = env.detect()
+    if abort_on_error and not _hooked:  # first: a bad argument below is one line, exit 2
+        _abort_on_error(launch)
+    if engine not in ENGINES:
+        raise ConfigError(f"engine: unknown {engine!r}; choose one of {', '.join(ENGINES)}")
+    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+        raise ConfigError(f"timeout: must be a positive number of seconds, got {timeout!r}")
+    comm = make_comm(engine, launch, float(timeout))
+    _started.append((comm, launch))
+    return comm
+
+
+def current() -> Comm | None:
+    """The world communicator :func:`init` returned in this process (None before)."""
+    return _started[0][0] if _started else None
+
+
+def _abort_on_error(launch: Launch) -> None:
+    """``sys.excepthook``: an uncaught exception ends every rank of the job, one line first."""
+    previous = sys.excepthook
+
+    def hook(kind, err, tb) -> None:
+        config = isinstance(err, ConfigError)
+        if not isinstance(err, (HpcAsgdError, KeyboardInterrupt)):
+            previous(kind, err, tb)  # not ours: the script's own bug, with its traceback
+        rank, size = launch.rank, launch.size
+        line = error_line(rank, size, err, launch.hostname)
+        if config:
+            # Every rank meets the same configuration: rank 0 says it once; another rank
+            # speaks only if rank 0 did not end the job first (then it failed alone).
+            if rank == 0:
+                line = f"hpc-asgd: error: {err}"
+            else:
+                time.sleep(1.0)
+        print(line, file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        code = 2 if config else 1
+        comm = current()
+        if comm is not None and comm.size > 1:
+            comm.abort(code)  # no peer waits for this rank until its deadline
+        os._exit(code)
+
+    sys.excepthook = hook
+    _hooked.append(True)
+
+
 def _startup_fault(launch: Launch) -> None:
     """``HPC_ASGD_FAULT=startstop@RANK:0``: that rank stops (SIGSTOP) before the engine's
     start-up exchange, as a rank that hangs while starting does; its peers' deadline fires."""
@@ -74,4 +151,13 @@ def _startup_fault(launch: Launch) -> None:
         os.kill(os.getpid(), signal.SIGSTOP)
 
 
-__all__ = ["ENGINES", "Comm", "LocalComm", "Work", "make_comm", "resolve_engine"]
+__all__ = [
+    "ENGINES",
+    "Comm",
+    "LocalComm",
+    "Work",
+    "current",
+    "init",
+    "make_comm",
+    "resolve_engine",
+]

@@ -1,7 +1,8 @@
-"""Datasets as batch-indexable splits, and the sampler that shards them over ranks."""
+"""Datasets as batch-indexable splits (their shards: :class:`hpc_asgd.shard.ShardSampler`)."""
 
-from .base import Dataset, Split
+from hpc_asgd.shard import ShardSampler, Split
+
+from .base import Dataset
 from .registry import DATASETS, load_dataset
-from .sampler import ShardSampler
 
 __all__ = ["DATASETS", "Dataset", "ShardSampler", "Split", "load_dataset"]

@@ -1,37 +1,21 @@
-"""The ``Split`` protocol, the ``Dataset`` record and the in-memory split of the small datasets.
+"""The ``Dataset`` record and the in-memory split of the small datasets.
 
-A split hands out whole batches from index tensors instead of single samples: the trainer draws
-indices from a ``ShardSampler`` and calls ``batch()``, so augmentation runs as batched tensor ops
-and no DataLoader worker processes are needed next to the MPI ranks.
+A split (``hpc_asgd.shard.Split``) hands out whole batches from index tensors instead of single
+samples: the trainer draws indices from a ``ShardSampler`` and calls ``batch()``, so augmentation
+runs as batched tensor ops and no DataLoader worker processes are needed next to the MPI ranks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 
 import torch
 
+from hpc_asgd.shard import Split
+
 # augment(x, gen) -> x: x float32 (B, C, H, W) in [0, 1], before normalisation.
 Augment = Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]
-
-
-@runtime_checkable
-class Split(Protocol):
-    """One split (train or test) of a dataset, indexed by whole batches."""
-
-    def __len__(self) -> int: ...
-
-    def batch(
-        self, idx: torch.Tensor, *, train: bool, gen: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return x float32 (B, C, H, W), normalised per channel, and y int64 (B,).
-
-        ``idx`` is an int64 (B,) tensor of sample indices. ``train=True`` applies the
-        dataset's augmentation, drawing its randomness from ``gen``.
-        """
-        ...
 
 
 @dataclass
@@ -41,7 +25,7 @@ class Dataset:
     name: str
     train: Split
     test: Split
-    input_shape: tuple[int, int, int]  # (C, H, W)
+    input_shape: tuple[int, ...]  # one sample's: (C, H, W) for images; any shape for your own
     num_classes: int
 
 

@@ -3,13 +3,34 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
+from hpc_asgd import plugins
 from hpc_asgd.errors import ConfigError
 
 from .base import Dataset
 from .fileio import require_data_dir
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagenet", "synthetic")
+# (one sample's shape, classes) of each built-in dataset, known before any file is read
+SHAPES: dict[str, tuple[tuple[int, ...], int]] = {
+    "digits": ((1, 8, 8), 10),
+    "mnist": ((1, 28, 28), 10),
+    "fashion-mnist": ((1, 28, 28), 10),
+    "cifar10": ((3, 32, 32), 10),
+    "cifar100": ((3, 32, 32), 100),
+    "synthetic": ((3, 32, 32), 10),
+}
+
+
+def shape_of(name: str, data_dir: str | None) -> tuple[tuple[int, ...], int]:
+    """(sample shape, classes) of built-in dataset ``name`` without loading it (ImageNet:
+    its class folders, counted)."""
+    if name == "imagenet":
+        train = Path(data_dir or "") / "train"
+        classes = sum(p.is_dir() for p in train.iterdir()) if train.is_dir() else 1000
+        return (3, 224, 224), classes
+    return SHAPES[name]
 
 
 def load_dataset(
@@ -30,6 +51,10 @@ def load_dataset(
     their sample count only). ``seed`` only shapes the synthetic data: the digits split is
     fixed so that test scores stay comparable.
     """
+    if plugins.is_spec(str(name)):  # your own (``hpc_asgd.plugins``)
+        from .custom import load_custom
+
+        return load_custom(str(name), None if data_dir is None else str(data_dir), seed)
     key = str(name).strip().lower()
     if key == "digits":
         from .digits import load_digits_dataset

@@ -4,23 +4,21 @@ the built-in ones."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from hpc_asgd.registry import UPDATE_RULES
-from hpc_asgd.rules.base import Applied, AtomicArray, UpdateRule
+from hpc_asgd.rules.base import Applied, AtomicArray, InPlace, UpdateRule
 from hpc_asgd.rules.hogwild import Hogwild
 from hpc_asgd.rules.leashed import Leashed
 from hpc_asgd.rules.locked import Locked
 from hpc_asgd.rules.partitioned import Partitioned
 
-if TYPE_CHECKING:
-    from hpc_asgd.config import Config
 
-
-def make_rule(cfg: Config, params: torch.Tensor, ctx) -> UpdateRule:
-    """The configured rule over ``params`` (the shared flat buffer's parameter part)."""
+def make_rule(cfg: Any, params: torch.Tensor, ctx) -> UpdateRule:
+    """The rule ``cfg`` (the application's configuration) names, over ``params`` (the shared
+    flat buffer's parameter part)."""
     return UPDATE_RULES.get(cfg.workers.update).from_config(cfg, params, ctx)
 
 
@@ -28,6 +26,7 @@ __all__ = [
     "Applied",
     "AtomicArray",
     "Hogwild",
+    "InPlace",
     "Leashed",
     "Locked",
     "Partitioned",

@@ -12,19 +12,21 @@ The rank's main process (the averager) uses ``snapshot`` and ``add_`` to average
 without losing a concurrent update, and ``publish`` at the end to leave the final parameters in
 the flat buffer. Rules are built in the main process, pickled to the spawned workers (shared
 tensors travel as shared memory), and ``attach``-ed there.
+
+Each registered rule also carries the application's adapter: ``from_config`` and ``validate``
+read the application's configuration by its field names (``cfg.workers.persistence``); the
+library never imports it. :class:`InPlace` is the rule of a plain loop whose own optimizer
+writes the parameters (the Python API's default).
 """
 
 from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Any, Protocol
 
 import atomics
 import torch
-
-if TYPE_CHECKING:  # the rules sit below the configuration's users, not on it
-    from hpc_asgd.config import Config
 
 
 @dataclass
@@ -43,14 +45,15 @@ class UpdateRule(Protocol):
     name: str  # the --update value it is registered under
 
     @classmethod
-    def from_config(cls, cfg: Config, params: torch.Tensor, ctx) -> UpdateRule:
+    def from_config(cls, cfg: Any, params: torch.Tensor, ctx) -> UpdateRule:
         """Built in the rank's main process over ``params`` (the shared flat buffer's
-        parameter part, ``(n_params,)``); ``ctx`` is the spawn context (for locks)."""
+        parameter part, ``(n_params,)``) from the application's configuration ``cfg``;
+        ``ctx`` is the spawn context (for locks)."""
         ...
 
     @classmethod
-    def validate(cls, cfg: Config) -> None:
-        """This rule's own configuration rules (ConfigError), checked before any collective."""
+    def validate(cls, cfg: Any) -> None:
+        """This rule's own rules on ``cfg`` (ConfigError), checked before any collective."""
         ...
 
     def block_for(self, epoch: float) -> slice | None:
@@ -92,11 +95,50 @@ class RuleDefaults:
     """What most rules share: no rules of their own to check, full steps only."""
 
     @classmethod
-    def validate(cls, cfg: Config) -> None:
+    def validate(cls, cfg: Any) -> None:
         return None
 
     def block_for(self, epoch: float) -> slice | None:
         return None
+
+
+class InPlace(RuleDefaults):
+    """One process whose own optimizer (any ``torch.optim.Optimizer``) updates the
+    parameters in place, ``(n_params,)`` views of the flat buffer: the rule of a user's plain
+    training loop. The averager's snapshot, correction and load act on the buffer directly;
+    ``read`` and ``apply`` (the rank's own steps) are the direct ones."""
+
+    name = "in-place"
+
+    @classmethod
+    def from_config(cls, cfg: Any, params: torch.Tensor, ctx) -> InPlace:
+        return cls(params)
+
+    def __init__(self, params: torch.Tensor):
+        self.params = params
+
+    def attach(self, worker: int) -> None:
+        return None
+
+    def read(self) -> torch.Tensor:
+        return self.params
+
+    def apply(self, d: torch.Tensor, lr: float, block: slice | None = None) -> Applied:
+        (self.params if block is None else self.params[block]).add_(d, alpha=-lr)
+        return Applied()
+
+    def snapshot(self, out: torch.Tensor) -> None:
+        out.copy_(self.params)
+
+    def add_(self, delta: torch.Tensor) -> None:
+        self.params.add_(delta)
+
+    def load(self, src: torch.Tensor) -> None:
+        if src is not self.params:
+            self.params.copy_(src)
+
+    def publish(self) -> None:
+        return None  # the flat buffer is the model
 
 
 class Word:

@@ -20,21 +20,18 @@ for an applied gradient (counted at its write) can exceed S.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from hpc_asgd.registry import UPDATE_RULES
 from hpc_asgd.rules.base import Applied, AtomicArray, RuleDefaults
 
-if TYPE_CHECKING:
-    from hpc_asgd.config import Config
-
 
 @UPDATE_RULES.register("hogwild")
 class Hogwild(RuleDefaults):
     @classmethod
-    def from_config(cls, cfg: Config, params: torch.Tensor, ctx) -> Hogwild:
+    def from_config(cls, cfg: Any, params: torch.Tensor, ctx) -> Hogwild:
         return cls(params, cfg.workers.max_staleness, copy_reads=cfg.workers.workers > 1)
 
     def __init__(self, params: torch.Tensor, max_staleness: int = 0, copy_reads: bool = False):

@@ -20,16 +20,13 @@ Records staleness (versions between read and write) and CAS tries.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from hpc_asgd.errors import ConfigError
 from hpc_asgd.registry import UPDATE_RULES
 from hpc_asgd.rules.base import Applied, AtomicArray, RuleDefaults
-
-if TYPE_CHECKING:
-    from hpc_asgd.config import Config
 
 FREE, OWNED, LIVE, RETIRED = 0, 1, 2, 3
 _SLOT = 0xFF
@@ -38,11 +35,11 @@ _SLOT = 0xFF
 @UPDATE_RULES.register("leashed")
 class Leashed(RuleDefaults):
     @classmethod
-    def from_config(cls, cfg: Config, params: torch.Tensor, ctx) -> Leashed:
+    def from_config(cls, cfg: Any, params: torch.Tensor, ctx) -> Leashed:
         return cls(params, cfg.workers.workers, cfg.workers.persistence)
 
     @classmethod
-    def validate(cls, cfg: Config) -> None:
+    def validate(cls, cfg: Any) -> None:
         w = cfg.workers
         if w.max_staleness:
             raise ConfigError(

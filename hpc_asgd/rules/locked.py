@@ -12,21 +12,18 @@ et al., NeurIPS 2015). Checked under the lock, so no applied gradient is ever st
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from hpc_asgd.registry import UPDATE_RULES
 from hpc_asgd.rules.base import Applied, AtomicArray, RuleDefaults
 
-if TYPE_CHECKING:
-    from hpc_asgd.config import Config
-
 
 @UPDATE_RULES.register("locked")
 class Locked(RuleDefaults):
     @classmethod
-    def from_config(cls, cfg: Config, params: torch.Tensor, ctx) -> Locked:
+    def from_config(cls, cfg: Any, params: torch.Tensor, ctx) -> Locked:
         return cls(params, ctx, cfg.workers.max_staleness)
 
     def __init__(self, params: torch.Tensor, ctx, max_staleness: int = 0):

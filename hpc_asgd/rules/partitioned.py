@@ -10,16 +10,13 @@ sits near the output) and updates only that block, in place and lock-free.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from hpc_asgd.errors import ConfigError
 from hpc_asgd.registry import UPDATE_RULES
 from hpc_asgd.rules.hogwild import Hogwild
-
-if TYPE_CHECKING:
-    from hpc_asgd.config import Config
 
 
 def blocks(n: int, parts: int) -> list[slice]:
@@ -34,12 +31,12 @@ def blocks(n: int, parts: int) -> list[slice]:
 @UPDATE_RULES.register("partitioned")
 class Partitioned(Hogwild):
     @classmethod
-    def from_config(cls, cfg: Config, params: torch.Tensor, ctx) -> Partitioned:
+    def from_config(cls, cfg: Any, params: torch.Tensor, ctx) -> Partitioned:
         w = cfg.workers
         return cls(params, w.workers, w.partition_after_epochs)
 
     @classmethod
-    def validate(cls, cfg: Config) -> None:
+    def validate(cls, cfg: Any) -> None:
         if cfg.workers.max_staleness:
             raise ConfigError(
                 "max_staleness: only for --update hogwild or locked, not 'partitioned' "

@@ -1,42 +1,50 @@
 """The synchroniser seam: what happens across ranks around the node's steps.
 
 A synchroniser sees the flat model (``FlatModel``), the update rule that owns the parameters
-and a ``Comm``; it never sees the engine, the data or the process layout. The driver calls,
-in node-step order and identically on every rank:
+and a ``Comm``; it never sees the engine, the data or the process layout. Its driver calls,
+in node-step order and identically on every rank (through ``sync.clock``, the rounds' clock):
 
-    start()                       once: every rank takes rank 0's initial model
+    start()                       once (construction): every rank takes rank 0's model
     grads_ready(step)             after backward, before the update (synchronous SGD only)
-    next_stop(step, epoch)        the node step of the next blocking round (None: no more)
-    step_done(stop, epoch)        at that node step; with workers, they are paused there
-    poll(step, epoch)             often, never blocking: drive non-blocking rounds (overlaps)
+    next_stop(step)               the node step of the next blocking round (None: no more)
+    step_done(stop)               at that node step; with workers, they are paused there
+    poll(step)                    often, never blocking: drive non-blocking rounds (overlaps)
     nap_s()                       how long the averaging process may sleep before the next poll
-    drain(step)                   after this rank's last step: finish the non-blocking rounds
-    settle(step)                  (--keep-training) instead of drain, while this rank takes
-                                  extra steps: one non-blocking look; True once all finished
-    finish()                      once, after the last step: final exact average (consensus)
+    settle(step)                  (--keep-training) while this rank takes extra steps: one
+                                  non-blocking look at the rounds; True once all finished
+    finish(step)                  once, after this rank's last step: drain(step), the
+                                  non-blocking rounds until every rank has finished, then
+                                  final_average(), the exact average that gives consensus
     quiesce(step)                 before a checkpoint: complete every round in flight
 
 Each algorithm is one file whose class is registered under its ``--algo`` name
-(``@SYNCHRONIZERS.register``) and says how it is built from the configuration
+(``@SYNCHRONIZERS.register``). The same class is the Python API's object for a training loop of
+your own, over any ``nn.Module`` and ``torch.optim.Optimizer`` (see :class:`Averaging`). For
+the application it also carries its adapter: how it is built from the configuration
 (``from_config``), what it refuses (``validate``), whether a finished rank may keep training
-(``keep_training``), what it checkpoints (``state_dict``) and what it adds to the summary
-(``metrics``).
+(``keeps_training``); these read the application's configuration by field name, the library
+never imports it. ``state_dict`` is what it checkpoints, ``metrics`` what it adds to the
+summary, ``stats`` its figures as a dict.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 
+from hpc_asgd import comm as comms
 from hpc_asgd.comm import Comm
+from hpc_asgd.errors import ConfigError
 from hpc_asgd.flat import FlatModel
-from hpc_asgd.rules.base import UpdateRule
+from hpc_asgd.registry import SYNCHRONIZERS
+from hpc_asgd.rules.base import InPlace, UpdateRule
+from hpc_asgd.sync.clock import Clock
 from hpc_asgd.sync.rounds import Budget
-
-if TYPE_CHECKING:
-    from hpc_asgd.config import Config
 
 
 class Synchronizer(Protocol):
@@ -45,26 +53,35 @@ class Synchronizer(Protocol):
     promises_consensus: bool
     averages_gradients: bool  # True: needs grads_ready after every backward (W = 1 only)
     overlaps: bool  # True: rounds run in the background, driven by poll
-    needs_workers: bool  # True: the rank's main process must be free to average (spawn)
+    needs_workers: bool  # True: the CLI runs it with worker processes (its main process averages)
+    comm: Comm
+    flat: FlatModel
+    rule: UpdateRule
+    clock: Clock
     budget: Budget  # the job's budget, as the rounds report it (``--budget job``, time budget)
     rounds: int  # averaging (or gradient-averaging) rounds done
     wait_s: float  # seconds the node spent blocked in this synchroniser's collectives
-    inflight_s: float  # seconds collectives were in flight (= wait_s when blocking)
+
+    @property
+    def inflight_s(self) -> float:
+        """Seconds collectives were in flight (= wait_s when blocking)."""
+        ...
 
     @classmethod
     def from_config(
-        cls, cfg: Config, comm: Comm, flat: FlatModel, rule: UpdateRule, steps_per_epoch: int
+        cls, cfg: Any, comm: Comm, flat: FlatModel, rule: UpdateRule, steps_per_epoch: int
     ) -> Synchronizer:
-        """Built on every rank (collective: it may split communicators)."""
+        """Built on every rank from the application's configuration (collective: it may split
+        communicators)."""
         ...
 
     @classmethod
-    def validate(cls, cfg: Config, world_size: int, local_size: int) -> None:
-        """Its own configuration rules (ConfigError), checked before any collective."""
+    def validate(cls, cfg: Any, world_size: int, local_size: int) -> None:
+        """Its own rules on the configuration (ConfigError), checked before any collective."""
         ...
 
     @classmethod
-    def keeps_training(cls, cfg: Config) -> bool:
+    def keeps_training(cls, cfg: Any) -> bool:
         """Whether ``--keep-training`` may be used with this configuration of it (False, or
         a ConfigError that says more)."""
         ...
@@ -77,15 +94,19 @@ class Synchronizer(Protocol):
         """Extra summary fields; collective (every rank calls it, in the same order)."""
         ...
 
+    def stats(self) -> dict[str, Any]:
+        """This rank's figures of the rounds (no collective)."""
+        ...
+
     def start(self) -> None: ...
 
     def grads_ready(self, step: int) -> None: ...
 
-    def next_stop(self, step: int, epoch: float) -> int | None: ...
+    def next_stop(self, step: int) -> int | None: ...
 
-    def step_done(self, step: int, epoch: float) -> None: ...
+    def step_done(self, step: int) -> None: ...
 
-    def poll(self, step: int, epoch: float) -> None: ...
+    def poll(self, step: int) -> None: ...
 
     def nap_s(self) -> float: ...
 
@@ -93,13 +114,82 @@ class Synchronizer(Protocol):
 
     def settle(self, step: int) -> bool: ...
 
-    def finish(self) -> None: ...
+    def final_average(self) -> None: ...
+
+    def finish(self, step: int | None = None) -> None: ...
 
     def quiesce(self, step: int) -> None: ...
 
 
+def keep_training_refused(algo: str, detail: str = "") -> ConfigError:
+    """The error for ``--keep-training`` with an algorithm (or a mode of it) that cannot."""
+    able = [c.keep_training for _, c in SYNCHRONIZERS.items() if c.keep_training]
+    return ConfigError(
+        f"keep_training: only the non-blocking algorithms ({', '.join(able)}) let a rank "
+        f"train on while others finish; not {algo!r}{detail}"
+    )
+
+
+def same_model(comm: Comm, flat: FlatModel) -> None:
+    """One small collective: every rank's model has the same tensors (shapes, in order) as
+    rank 0's, else a ConfigError on every rank naming the ranks that differ."""
+    shapes = repr([tuple(t.shape) for t in flat.tensors()]).encode()
+    digest = int.from_bytes(hashlib.sha256(shapes).digest()[:7], "little")  # fits int64
+    mine = torch.tensor([len(flat.tensors()), len(flat), digest], dtype=torch.int64)
+    table = comm.allgather(mine)  # (ranks, 3): tensors, floats, shape digest
+    differ = [r for r in range(comm.size) if not torch.equal(table[r], table[0])]
+    if differ:
+        who = ", ".join(
+            f"rank {comm.world_ranks[r]} ({int(table[r, 0])} tensors, {int(table[r, 1])} floats)"
+            for r in differ
+        )
+        raise ConfigError(
+            f"model: {who} differ from rank 0's model ({int(table[0, 0])} tensors, "
+            f"{int(table[0, 1])} floats, or the same counts in other shapes): build the same "
+            "model on every rank"
+        )
+
+
+def check_optimizer(optimizer: Any, module: nn.Module) -> None:
+    """The optimizer steps the model's own parameters (no copies, no other model's)."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(
+            f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
+    mine = {id(p) for p in module.parameters()}
+    theirs = [p for group in optimizer.param_groups for p in group["params"]]
+    foreign = sum(id(p) not in mine for p in theirs)
+    if foreign:
+        raise ConfigError(
+            f"optimizer: {foreign} of its {len(theirs)} parameters are not the model's; build "
+            "it over model.parameters() (after moving the model to its device)"
+        )
+
+
 class Averaging:
-    """Shared plumbing: a comm, the model, timers and the exact averages every algorithm uses."""
+    """Shared plumbing: a comm, the model, timers and the exact averages every algorithm uses;
+    and the Python API, for a training loop of your own::
+
+        comm = hpc_asgd.init()
+        with hpc_asgd.LASGD(model, opt, comm, period=8) as avg:
+            for x, y in avg.iterate(loader):
+                opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
+        # every rank now holds the same bits
+
+    ``model``: any ``nn.Module`` (float32 parameters; its parameters and floating buffers,
+    BatchNorm statistics included, are re-pointed at ONE flat buffer, which the rounds
+    average), or a ``FlatModel``. ``optimizer``: any ``torch.optim.Optimizer`` over the model's
+    parameters, its state private to the rank; a hook on its ``step`` makes the rounds' calls
+    after each step (without one, call :meth:`step` yourself). ``comm``: the communicator
+    (default: :func:`hpc_asgd.init`'s). ``steps``: a budget of node steps per rank, for
+    :meth:`should_stop` and :meth:`iterate` (the job's, summed over the ranks, with a
+    non-blocking synchroniser); ``time_budget_s``: seconds from the first step (non-blocking
+    synchronisers and :class:`NoSync` only). ``rule``: who writes the parameters (default
+    :class:`~hpc_asgd.rules.InPlace`, the optimizer; the CLI passes its workers' rule).
+
+    Construction is collective: every rank checks that all hold the same model (one small
+    allgather), then takes rank 0's.
+    """
 
     name = ""
     keep_training: str | None = None
@@ -108,37 +198,185 @@ class Averaging:
     overlaps = False
     needs_workers = False
 
-    def __init__(self, comm: Comm, flat: FlatModel, rule: UpdateRule):
-        self.comm, self.flat, self.rule = comm, flat, rule
+    def __init__(
+        self,
+        model: nn.Module | FlatModel,
+        optimizer: torch.optim.Optimizer | None = None,
+        comm: Comm | None = None,
+        *,
+        rule: UpdateRule | None = None,
+        steps: int = 0,
+        time_budget_s: float = 0.0,
+    ):
+        if isinstance(model, FlatModel):
+            self.flat = model
+        elif isinstance(model, nn.Module):
+            first = next(model.parameters(), None)
+            self.flat = FlatModel(model, device=first.device if first is not None else "cpu")
+        else:
+            raise ConfigError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if self.flat.n_params == 0:
+            raise ConfigError("model: it has no parameters to average")
+        comm = comm if comm is not None else comms.current()
+        if comm is None:
+            raise ConfigError(f"comm: call hpc_asgd.init() first, or pass a Comm to {self.name}")
+        if not (isinstance(steps, int) and steps >= 0):
+            raise ConfigError(f"steps: must be a whole number >= 0, got {steps!r}")
+        if not time_budget_s >= 0:
+            raise ConfigError(f"time_budget_s: must be >= 0, got {time_budget_s!r}")
+        self.comm = comm
+        self.rule: UpdateRule = rule if rule is not None else InPlace(self.flat.params)
         self.budget = Budget()  # carried by the world stream's rounds, if the algorithm has one
+        self.clock = Clock(self, steps, time_budget_s)
         self.rounds = 0
         self.wait_s = 0.0
+        self._hooks: list[Any] = []
+        self._finished = False
+        if optimizer is not None:
+            check_optimizer(optimizer, self.flat.module)
+        self.start()
+        if optimizer is not None:
+            self.attach(optimizer)
 
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(rank {self.comm.rank}/{self.comm.size}, "
+            f"{self.flat.n_params} parameters, step {self.clock.step}, rounds {self.rounds})"
+        )
+
+    # ---- the application's adapter ---------------------------------------------------------
     @classmethod
     def from_config(
-        cls, cfg: Config, comm: Comm, flat: FlatModel, rule: UpdateRule, steps_per_epoch: int
+        cls, cfg: Any, comm: Comm, flat: FlatModel, rule: UpdateRule, steps_per_epoch: int
     ) -> Averaging:
-        return cls(comm, flat, rule)
+        return cls(flat, None, comm, rule=rule)
 
     @classmethod
-    def validate(cls, cfg: Config, world_size: int, local_size: int) -> None:
+    def validate(cls, cfg: Any, world_size: int, local_size: int) -> None:
         return None
 
+    @classmethod
+    def keeps_training(cls, cfg: Any) -> bool:
+        return cls.keep_training is not None
+
+    # ---- in a training loop of your own (the Python API) -----------------------------------
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Hook this synchroniser onto ``optimizer.step`` (the constructor does it when given
+        one): after each step, :meth:`step`; before it, :meth:`reduce_gradients`."""
+        check_optimizer(optimizer, self.flat.module)
+        if self.averages_gradients:
+            self._hooks.append(optimizer.register_step_pre_hook(self._pre_hook))
+        self._hooks.append(optimizer.register_step_post_hook(self._post_hook))
+
+    def _pre_hook(self, optimizer, args, kwargs) -> None:
+        self.reduce_gradients()
+
+    def _post_hook(self, optimizer, args, kwargs) -> None:
+        self.step()
+
+    def detach(self) -> None:
+        """Remove the optimizer hooks (``finish`` does)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def reduce_gradients(self) -> None:
+        """Between backward and the optimizer's step (its pre-hook calls it): synchronous SGD
+        averages the gradients here; the others do nothing. ``zero_grad(set_to_none=True)``
+        (torch's default) left the parameters gradients of their own: they are gathered
+        into the flat gradient buffer first (a missing one counts as zeros)."""
+        if self.averages_gradients:
+            self.flat.gather_grads()
+            self.grads_ready(self.clock.step + 1)
+
+    def step(self) -> None:
+        """After each optimizer step (its hook calls it): the round due at this node step,
+        if a blocking one is, and one non-blocking look at the rounds in flight."""
+        self.clock.tick()
+
+    def should_stop(self) -> bool:
+        """Whether this rank's budget (``steps``, ``time_budget_s``) is spent: stop stepping,
+        then :meth:`finish` (on leaving the ``with`` block)."""
+        return self.clock.should_stop()
+
+    def iterate(self, batches: Iterable) -> Iterator:
+        """The items of ``batches`` (a DataLoader, say), epoch after epoch, until
+        :meth:`should_stop`; without a budget, one pass. Before each epoch it calls
+        ``set_epoch(e)`` on the loader's ``sampler`` and ``batch_sampler`` where they have one
+        (:class:`~hpc_asgd.ShardSampler`, ``DistributedSampler``), so each epoch reshuffles."""
+        budget = bool(self.clock.steps or self.clock.time_budget_s)
+        epoch = 0
+        while True:
+            for name in ("sampler", "batch_sampler"):
+                sampler: Any = getattr(batches, name, None)
+                if hasattr(sampler, "set_epoch"):
+                    sampler.set_epoch(epoch)
+            n = 0
+            for item in batches:
+                if self.should_stop():
+                    return
+                n += 1
+                yield item
+            if not budget:
+                return
+            if n == 0:
+                raise ConfigError("iterate: the loader yields no batch; the budget never ends")
+            epoch += 1
+
+    def finish(self, step: int | None = None) -> None:
+        """After this rank's last step, on every rank (leaving the ``with`` block does it):
+        drain the non-blocking rounds (a rank that has finished keeps joining its peers'
+        rounds until every rank has), then the final exact average: every rank holds the
+        same bits. ``step``: this rank's node steps (default: those the clock counted)."""
+        if self._finished:
+            return
+        self.detach()
+        self.drain(self.clock.step if step is None else step)
+        self.final_average()
+        self._finished = True
+
+    def __enter__(self) -> Averaging:
+        return self
+
+    def __exit__(self, kind, err, tb) -> None:
+        if kind is None:
+            self.finish()
+        else:  # an error on this rank: no collective (its peers may never come); hooks off
+            self.detach()
+
+    def stats(self) -> dict[str, Any]:
+        """This rank's figures, as the CLI's summary reports them: node steps, rounds, the
+        seconds training was blocked by communication (``comm_wait_s``), the seconds rounds
+        were in flight (``comm_inflight_s``) and the share hidden (``comm_overlap``)."""
+        inflight = self.inflight_s
+        return {
+            "algo": self.name,
+            "steps": self.clock.step,
+            "rounds": self.rounds,
+            "comm_wait_s": self.wait_s,
+            "comm_inflight_s": inflight,
+            "comm_overlap": max(0.0, 1 - self.wait_s / inflight) if inflight > 0 else None,
+            "budget_spent": self.budget.exhausted
+            or bool(self.clock.limit and self.clock.step >= self.clock.limit),
+        }
+
+    # ---- the seam's defaults ---------------------------------------------------------------
     def nap_s(self) -> float:
         """Seconds the process driving :meth:`poll` (with workers: the rank's main process)
         may sleep before the next call: 1 ms while rounds overlap the steps (their progress
         needs the calls), no bound otherwise."""
         return 1e-3 if self.overlaps else float("inf")
 
-    @classmethod
-    def keeps_training(cls, cfg: Config) -> bool:
-        return cls.keep_training is not None
-
     def state_dict(self) -> dict[str, Any]:
-        return {"rounds": self.rounds}
+        """What a checkpoint needs to go on bitwise (no collective): the node step and the
+        rounds' schedule. A non-blocking round in flight is not in it (its correction would
+        be lost to a resumed run): :meth:`quiesce` completes it first, on every rank."""
+        return {"step": self.clock.step, "rounds": self.rounds}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rounds = state["rounds"]
+        self.clock.resume(int(state.get("step", 0)))
+        self.clock.begun = False  # the budget counts again from there
 
     def metrics(self) -> dict[str, Any]:
         return {}
@@ -162,16 +400,23 @@ class Averaging:
         self.rule.load(self.flat.params)
 
     def start(self) -> None:
+        """Every rank takes rank 0's model (parameters and buffers), once all were found to
+        hold the same one."""
+        if self.comm.size > 1:
+            same_model(self.comm, self.flat)
         self.comm.bcast_(self.flat.data, root=0)
         self.rule.load(self.flat.params)
 
     def grads_ready(self, step: int) -> None:
         return None
 
-    def next_stop(self, step: int, epoch: float) -> int | None:
+    def next_stop(self, step: int) -> int | None:
         return None
 
-    def poll(self, step: int, epoch: float) -> None:
+    def step_done(self, step: int) -> None:
+        return None
+
+    def poll(self, step: int) -> None:
         return None
 
     def drain(self, step: int) -> None:
@@ -191,10 +436,7 @@ class Averaging:
     def inflight_s(self) -> float:
         return self.wait_s  # blocking rounds: in flight exactly while the node waits
 
-    def step_done(self, step: int, epoch: float) -> None:
-        return None
-
-    def finish(self) -> None:
+    def final_average(self) -> None:
         """Average parameters and buffers exactly once more, then take rank 0's bits: an
         allreduce alone may round differently on different ranks (recursive doubling)."""
         self.rule.publish()
@@ -204,27 +446,47 @@ class Averaging:
         self.comm.bcast_(self.flat.data, root=0)
 
 
+def steps_of_epochs(epochs: float, steps_per_epoch: int) -> int:
+    """The first node step ``s`` with ``s / steps_per_epoch >= epochs``: where the application's
+    epoch-based warm-up (``--post-local-epochs``) ends, in the steps the library counts."""
+    s = max(0, int(epochs * steps_per_epoch))
+    while s > 0 and (s - 1) / steps_per_epoch >= epochs:
+        s -= 1
+    while s / steps_per_epoch < epochs:
+        s += 1
+    return s
+
+
 class Periodic(Averaging):
-    """A round every K (``--period``) local node steps; K = 1 while the epoch is below E0
-    (``--post-local-epochs``: post-local SGD, Lin et al., ICLR 2020)."""
+    """A round every K (``period``) local node steps; K = 1 for the first ``warmup_steps``
+    (post-local SGD, Lin et al., ICLR 2020; torch's ``PeriodicModelAverager`` calls it
+    ``warmup_steps`` too)."""
 
     def __init__(
         self,
-        comm: Comm,
-        flat: FlatModel,
-        rule: UpdateRule,
+        model: nn.Module | FlatModel,
+        optimizer: torch.optim.Optimizer | None = None,
+        comm: Comm | None = None,
+        *,
         period: int,
-        post_local_epochs: float = 0.0,
+        warmup_steps: int = 0,
+        **kw: Any,
     ):
-        super().__init__(comm, flat, rule)
-        self.period, self.post_local_epochs = period, post_local_epochs
+        if not (isinstance(period, int) and period >= 1):
+            raise ConfigError(f"period: must be a positive whole number of steps, got {period!r}")
+        if not (isinstance(warmup_steps, int) and warmup_steps >= 0):
+            raise ConfigError(f"warmup_steps: must be a whole number >= 0, got {warmup_steps!r}")
+        self.period, self.warmup_steps = period, warmup_steps
+        super().__init__(model, optimizer, comm, **kw)
 
     @classmethod
     def from_config(
-        cls, cfg: Config, comm: Comm, flat: FlatModel, rule: UpdateRule, steps_per_epoch: int
+        cls, cfg: Any, comm: Comm, flat: FlatModel, rule: UpdateRule, steps_per_epoch: int
     ) -> Periodic:
-        return cls(comm, flat, rule, cfg.sync.period, cfg.sync.post_local_epochs)
+        s = cfg.sync
+        warmup = steps_of_epochs(s.post_local_epochs, steps_per_epoch)
+        return cls(flat, None, comm, rule=rule, period=s.period, warmup_steps=warmup)
 
-    def period_at(self, epoch: float) -> int:
-        """K at ``epoch``: the node steps from a round to the next."""
-        return 1 if epoch < self.post_local_epochs else self.period
+    def period_at(self, step: int) -> int:
+        """K at node step ``step``: the node steps from a round to the next."""
+        return 1 if step < self.warmup_steps else self.period

@@ -9,21 +9,25 @@ lists the groups (``groups``, world ranks).
 ``--hier-mode blocking`` (the paper): the rounds block the node (workers paused).
 ``--hier-mode nonblocking``: each level runs LASGD-style rounds in the background (snapshot,
 allreduce while training goes on, add ``mean - snapshot``), at most one in flight per level.
+
+In a loop of your own: ``hpc_asgd.HierAvg(model, opt, comm, group_size=S, local_period=K1,
+global_period=K2, nonblocking=False)``, the counterpart of torch's ``HierarchicalModelAverager``
+(parameters only, blocking) with BatchNorm statistics averaged and a non-blocking mode.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from torch import nn
 
 from hpc_asgd.comm import Comm
-from hpc_asgd.config import keep_training_refused
 from hpc_asgd.errors import ConfigError
 from hpc_asgd.flat import FlatModel
 from hpc_asgd.registry import SYNCHRONIZERS
 from hpc_asgd.rules.base import UpdateRule
-from hpc_asgd.sync.base import Averaging
+from hpc_asgd.sync.base import Averaging, keep_training_refused
 from hpc_asgd.sync.rounds import AsyncRound, drain_all, settle_all
 
 
@@ -34,25 +38,22 @@ def make_group(comm: Comm, group_size: int) -> Comm:
     return comm.split_node()
 
 
-if TYPE_CHECKING:
-    from hpc_asgd.config import Config
-
-
 @SYNCHRONIZERS.register("hier-avg")
 class HierAvg(Averaging):
     keep_training = "hier-avg --hier-mode nonblocking"
 
     @classmethod
     def from_config(
-        cls, cfg: Config, comm: Comm, flat: FlatModel, rule: UpdateRule, steps_per_epoch: int
+        cls, cfg: Any, comm: Comm, flat: FlatModel, rule: UpdateRule, steps_per_epoch: int
     ) -> HierAvg:
         s = cfg.sync
-        group = make_group(comm, s.group_size)
-        nonblocking = s.hier_mode == "nonblocking"
-        return cls(comm, flat, rule, group, s.local_period, s.global_period, nonblocking)
+        return cls(
+            flat, None, comm, rule=rule, group_size=s.group_size, local_period=s.local_period,
+            global_period=s.global_period, nonblocking=s.hier_mode == "nonblocking",
+        )  # fmt: skip
 
     @classmethod
-    def validate(cls, cfg: Config, world_size: int, local_size: int) -> None:
+    def validate(cls, cfg: Any, world_size: int, local_size: int) -> None:
         size = cfg.sync.group_size or local_size
         if world_size % size:
             raise ConfigError(
@@ -61,16 +62,23 @@ class HierAvg(Averaging):
             )
 
     @classmethod
-    def keeps_training(cls, cfg: Config) -> bool:
+    def keeps_training(cls, cfg: Any) -> bool:
         if cfg.sync.hier_mode != "nonblocking":
             raise keep_training_refused(cls.name, f" ({cfg.sync.hier_mode})")
         return True
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rounds": self.rounds, "group_rounds": self.group_rounds}
+        return {**super().state_dict(), "group_rounds": self.group_rounds}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rounds, self.group_rounds = state["rounds"], state.get("group_rounds", 0)
+        super().load_state_dict(state)
+        self.group_rounds = state.get("group_rounds", 0)
+        if self.overlaps:  # the non-blocking schedule goes on from the step, as after quiesce
+            step = self.clock.step
+            self.next_local, self.next_world = step + self.k1, step + self.k1 * self.k2
+
+    def stats(self) -> dict[str, Any]:
+        return {**super().stats(), "group_rounds": self.group_rounds}
 
     def metrics(self) -> dict[str, Any]:
         # the world ranks each group averaged among; averaging_rounds counts the global rounds
@@ -78,21 +86,39 @@ class HierAvg(Averaging):
 
     def __init__(
         self,
-        comm: Comm,
-        flat: FlatModel,
-        rule: UpdateRule,
-        group: Comm,
+        model: nn.Module | FlatModel,
+        optimizer: torch.optim.Optimizer | None = None,
+        comm: Comm | None = None,
+        *,
         local_period: int,
         global_period: int,
+        group_size: int = 0,
+        group: Comm | None = None,
         nonblocking: bool = False,
+        **kw: Any,
     ):
-        super().__init__(comm, flat, rule)
-        self.group, self.k1, self.k2 = group, local_period, global_period
+        """``group_size`` S: consecutive ranks per group (0: the ranks of one node, by host
+        name); ``group``: a sub-communicator of your own instead. ``local_period`` K1: node
+        steps between group averages; ``global_period`` K2: group averages between global
+        ones. ``nonblocking``: delta-corrected rounds in the background, one per level."""
+        for name, k in (("local_period", local_period), ("global_period", global_period)):
+            if not (isinstance(k, int) and k >= 1):
+                raise ConfigError(f"{name}: must be a positive whole number, got {k!r}")
+        if not (isinstance(group_size, int) and group_size >= 0):
+            raise ConfigError(f"group_size: must be a whole number >= 0, got {group_size!r}")
+        self.k1, self.k2 = local_period, global_period
         self.group_rounds = 0
         self.overlaps = nonblocking
+        super().__init__(model, optimizer, comm, **kw)
+        if group is None and group_size and self.comm.size % group_size:
+            raise ConfigError(
+                f"group_size: {group_size} does not divide the world size {self.comm.size}"
+            )
+        self.group = group if group is not None else make_group(self.comm, group_size)
         if nonblocking:
-            self.local = AsyncRound(group, flat, rule)
-            self.world = AsyncRound(comm.split(0, comm.rank), flat, rule, self.budget)
+            self.local = AsyncRound(self.group, self.flat, self.rule)
+            world = self.comm.split(0, self.comm.rank)
+            self.world = AsyncRound(world, self.flat, self.rule, self.budget)
             self.next_local, self.next_world = self.k1, self.k1 * self.k2
 
     @property
@@ -111,10 +137,10 @@ class HierAvg(Averaging):
         return [out[f] for f in sorted(out)]
 
     # ---- blocking (the paper) --------------------------------------------------------------
-    def next_stop(self, step: int, epoch: float) -> int | None:
+    def next_stop(self, step: int) -> int | None:
         return None if self.overlaps else step + self.k1
 
-    def step_done(self, step: int, epoch: float) -> None:
+    def step_done(self, step: int) -> None:
         if step % (self.k1 * self.k2) == 0:
             self.average_model_()
             self.rounds += 1
@@ -123,7 +149,7 @@ class HierAvg(Averaging):
             self.group_rounds += 1
 
     # ---- non-blocking (delta correction) ---------------------------------------------------
-    def poll(self, step: int, epoch: float) -> None:
+    def poll(self, step: int) -> None:
         for r in (self.local, self.world):
             if r.busy and r.test():
                 r.apply()

@@ -2,10 +2,12 @@
 ("Local SGD meets asynchrony", ICLR 2021 submission; Kungurtsev, Bapi et al., "Scaling the
 Wild", arXiv 2203.06638; reference code bapi/LPP-SGD).
 
-The rank's main process is the averager while its W workers keep training (it always runs
-with spawned workers). The ranks agree on WHEN to average with a tiny non-blocking
-MAX-allreduce of ``[node steps, still training]``: when the largest node step count crosses
-the next multiple of K (``--period``, node-level steps; K = 1 before ``--post-local-epochs``),
+The rank's main process is the averager while its W workers keep training (the CLI always runs
+it with spawned workers; in a loop of your own, ``hpc_asgd.LocalAsync(model, opt, comm,
+period=K)``, the loop's process is the averager too, through the hook on its optimizer's step,
+and the rounds overlap the loop's next steps). The ranks agree on WHEN to average with a tiny
+non-blocking MAX-allreduce of ``[node steps, still training]``: when the largest node step count
+crosses the next multiple of K (``period``, node-level steps; K = 1 for the first ``warmup_steps``),
 every rank, having seen the same maximum, snapshots ``x_s``, allreduces it while the workers
 keep updating, then applies ``x += mean(x_s) - x_s`` in place (no concurrent update is lost).
 Agreement rounds run on a communicator of their own; when one shows that no rank is still
@@ -28,19 +30,16 @@ backoff of 2 to 8 ms between looks.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
+from torch import nn
 
 from hpc_asgd.comm import Comm, Work
 from hpc_asgd.flat import FlatModel
 from hpc_asgd.registry import SYNCHRONIZERS
-from hpc_asgd.rules.base import UpdateRule
 from hpc_asgd.sync.base import Periodic
 from hpc_asgd.sync.rounds import AsyncRound
-
-if TYPE_CHECKING:
-    from hpc_asgd.config import Config
 
 _AGREE_EVERY = 5e-4  # s: at most ~2,000 agreement rounds a second, to leave the cores to workers
 _AGREE_MAX = 0.1  # s: at least 10 a second (a stale step time)
@@ -63,17 +62,15 @@ class LocalAsync(Periodic):
 
     def __init__(
         self,
-        comm: Comm,
-        flat: FlatModel,
-        rule: UpdateRule,
-        period: int,
-        post_local_epochs: float,
-        steps_per_epoch: int,
+        model: nn.Module | FlatModel,
+        optimizer: torch.optim.Optimizer | None = None,
+        comm: Comm | None = None,
+        **kw: Any,
     ):
-        super().__init__(comm, flat, rule, period, post_local_epochs)
-        self.spe = steps_per_epoch
-        own = comm.split(0, comm.rank)  # agreement and model rounds: never mixed with evaluation
-        self.round = AsyncRound(own, flat, rule, self.budget)
+        super().__init__(model, optimizer, comm, **kw)
+        # agreement and model rounds: never mixed with the evaluation's collectives
+        own = self.comm.split(0, self.comm.rank)
+        self.round = AsyncRound(own, self.flat, self.rule, self.budget)
         self.agree_comm = own
         # [node steps, still training, -seconds per node step]: MAX gives the largest step
         # count, whether any rank trains, and the fastest rank's step time
@@ -84,20 +81,10 @@ class LocalAsync(Periodic):
         self.seen: tuple[int, float] | None = None  # (this rank's node step, when) at a change
         self.step_s = 0.0  # this rank's seconds per node step (0: not known yet)
         self.moved = False  # the node step has moved since the first look
-        self.next = self._k(0)
+        self.next = self.period_at(0)
         self.over = False
 
-    @classmethod
-    def from_config(
-        cls, cfg: Config, comm: Comm, flat: FlatModel, rule: UpdateRule, steps_per_epoch: int
-    ) -> LocalAsync:
-        s = cfg.sync
-        return cls(comm, flat, rule, s.period, s.post_local_epochs, steps_per_epoch)
-
-    def _k(self, step: int) -> int:
-        return self.period_at(step / self.spe)
-
-    def poll(self, step: int, epoch: float, finished: bool = False) -> None:
+    def poll(self, step: int, finished: bool = False) -> None:
         """One non-blocking look: complete what finished, post what is due."""
         if self.over:
             return
@@ -127,7 +114,7 @@ class LocalAsync(Periodic):
             return
         if top >= self.next:  # every rank saw the same maximum: all average now
             while self.next <= top:
-                self.next += self._k(self.next)
+                self.next += self.period_at(self.next)
             r.start(finished=False, step=step)
         # The next agreement when the fastest rank should have crossed the next multiple of
         # K, by half a step: the same time on every rank (the same maximum, the same fastest
@@ -172,7 +159,7 @@ class LocalAsync(Periodic):
         self.wait_s += time.perf_counter() - t0
 
     def settle(self, step: int) -> bool:
-        self.poll(step, 0.0, finished=True)
+        self.poll(step, finished=True)
         # Past a deadline (counted from the posting), the engine's error names the missing ranks.
         waited = time.perf_counter() - self.agree_posted
         if self.round.busy:
@@ -185,7 +172,14 @@ class LocalAsync(Periodic):
         self.drain(step)
         self.over = False
         while self.next <= step:
-            self.next += self._k(self.next)
+            self.next += self.period_at(self.next)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "next": self.next}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.next = int(state.get("next", self.next))
 
     @property
     def inflight_s(self) -> float:

@@ -2,8 +2,13 @@
 
 Each rank takes K local (node-level) steps, then the ranks average their models (parameters
 and float buffers, one blocking allreduce of the flat buffer; with W workers they are paused
-at the round). Post-local SGD: K = 1 while the epoch is below ``post_local_epochs``. Momentum
-buffers stay local.
+at the round). Post-local SGD: K = 1 for the first ``warmup_steps``. Optimizer state (momentum,
+Adam's moments) stays local.
+
+In a loop of your own: ``hpc_asgd.LocalSGD(model, opt, comm, period=K, warmup_steps=0)``, the
+counterpart of torch's ``PostLocalSGDOptimizer(opt, PeriodicModelAverager(K, warmup_steps))``
+(which averages the parameters only) and of torchft's ``LocalSGD(manager, model, opt,
+sync_every=K)``.
 """
 
 from __future__ import annotations
@@ -14,9 +19,9 @@ from hpc_asgd.sync.base import Periodic
 
 @SYNCHRONIZERS.register("local-sgd")
 class LocalSGD(Periodic):
-    def next_stop(self, step: int, epoch: float) -> int:
-        return step + self.period_at(epoch)
+    def next_stop(self, step: int) -> int:
+        return step + self.period_at(step)
 
-    def step_done(self, step: int, epoch: float) -> None:
+    def step_done(self, step: int) -> None:
         self.average_model_()
         self.rounds += 1

@@ -1,4 +1,7 @@
-"""``--algo none``: ranks train independently from the same start (a baseline and W-scaling)."""
+"""``--algo none``: ranks train independently from the same start (a baseline and W-scaling).
+
+In a loop of your own, ``hpc_asgd.NoSync(model, opt, comm)`` gives the same start and the same
+figures as the other synchronisers, and no averaging."""
 
 from __future__ import annotations
 

@@ -26,10 +26,10 @@ class EveryKth(Periodic):
         if cfg.sync.period < 2:
             raise ConfigError(f"period: every-kth needs K >= 2, got {cfg.sync.period}")
 
-    def next_stop(self, step: int, epoch: float) -> int:
+    def next_stop(self, step: int) -> int:
         return step + self.period
 
-    def step_done(self, step: int, epoch: float) -> None:
+    def step_done(self, step: int) -> None:
         self.average_model_()
         self.rounds += 1
 

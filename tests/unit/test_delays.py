@@ -104,12 +104,13 @@ def test_parse() -> None:
 def test_stepper_sleeps_after_the_step_and_counts_its_cpu() -> None:
     """Wired into the Stepper (both process layouts): the pause on its node step, after the
     work; the step's CPU time in the stats row."""
-    from hpc_asgd.data import ShardSampler, load_dataset
+    from hpc_asgd.data import load_dataset
+    from hpc_asgd.env import detect
     from hpc_asgd.flat import FlatModel
     from hpc_asgd.models import build_model
     from hpc_asgd.rules import make_rule
     from hpc_asgd.stats import CPU_S, NSTATS, STEPS
-    from hpc_asgd.step import Stepper
+    from hpc_asgd.train import step_spec
     from hpc_asgd.workers import spawn_context
 
     cfg = Config.from_flat({"pause_rank": 1, "pause_at": 2, "pause_s": 7.0, "delay": "exp:1"})
@@ -117,9 +118,9 @@ def test_stepper_sleeps_after_the_step_and_counts_its_cpu() -> None:
     flat = FlatModel(build_model("mlp", data.input_shape, data.num_classes))
     rule = make_rule(cfg, flat.params, spawn_context())
     rule.attach(0)
-    sampler = ShardSampler(len(data.train), 1, 2, 32, 0)  # rank 1 of 2
     stats = torch.zeros((1, NSTATS), dtype=torch.float64)
-    st = Stepper(cfg, data, flat, rule, sampler, torch.Generator(), torch.device("cpu"), stats[0])
+    spec = step_spec(cfg, data, 1, 2, detect({}))  # rank 1 of 2
+    st = spec.stepper(flat, rule, stats[0], torch.device("cpu"))
     assert st.delays is not None
     slept: list[float] = []
     st.delays.sleep = slept.append

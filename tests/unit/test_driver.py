@@ -26,19 +26,19 @@ class Recording(Periodic):
         CALLS.append(("start",))
         super().start()
 
-    def next_stop(self, step: int, epoch: float) -> int:
+    def next_stop(self, step: int) -> int:
         return step + self.period
 
-    def step_done(self, step: int, epoch: float) -> None:
+    def step_done(self, step: int) -> None:
         CALLS.append(("round", step))
         self.rounds += 1
 
     def drain(self, step: int) -> None:
         CALLS.append(("drain", step))
 
-    def finish(self) -> None:
+    def final_average(self) -> None:
         CALLS.append(("finish",))
-        super().finish()
+        super().final_average()
 
     def quiesce(self, step: int) -> None:
         CALLS.append(("quiesce", step))

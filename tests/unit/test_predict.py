@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hpc_asgd.predict import (
+from hpc_asgd.stats import STEP_BINS, step_bin, step_bin_seconds
+from hpc_asgd.tools.predict import (
     Algo,
     Compute,
     Machine,
@@ -23,8 +24,7 @@ from hpc_asgd.predict import (
     load_run,
     predict,
 )
-from hpc_asgd.predict_cli import validate
-from hpc_asgd.stats import STEP_BINS, step_bin, step_bin_seconds
+from hpc_asgd.tools.predict_cli import validate
 from tests.conftest import ROOT
 
 

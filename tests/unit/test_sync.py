@@ -19,7 +19,14 @@ class FakeComm:
     def __init__(self, size: int = 4, peer_value: float = 1.0, tag: str = "world"):
         self.rank, self.size, self.timeout = 0, size, 1.0
         self.peer_value, self.tag = peer_value, tag
+        self.world_ranks = list(range(size))
         self.calls: list[tuple[str, int]] = []
+
+    def allgather(self, t):  # the peers hold the same model (the constructor's check)
+        return t.unsqueeze(0).repeat(self.size, *([1] * t.dim()))
+
+    def split(self, color, key):
+        return self
 
     def allreduce_(self, t, op="sum"):
         self.calls.append((self.tag, t.numel()))
@@ -39,32 +46,39 @@ def _flat() -> tuple[FlatModel, Hogwild]:
     return flat, Hogwild(flat.params)
 
 
-def _drive(sync, total: int, spe: int) -> list[int]:
+def _built(cls, comm, flat, rule, **kw):
+    """The synchroniser over ``flat``; what its construction sent (the start) forgotten."""
+    s = cls(flat, None, comm, rule=rule, **kw)
+    comm.calls.clear()
+    return s
+
+
+def _drive(sync, total: int) -> list[int]:
     """The driver's loop: rounds happen exactly at the stops the synchroniser names."""
-    stops, stop = [], sync.next_stop(0, 0.0)
+    stops, stop = [], sync.next_stop(0)
     for step in range(1, total + 1):
         if step == stop:
-            sync.step_done(stop, stop / spe)
+            sync.step_done(stop)
             stops.append(stop)
-            stop = sync.next_stop(stop, stop / spe)
+            stop = sync.next_stop(stop)
     return stops
 
 
 def test_sync_sgd_averages_gradients_every_step() -> None:
     (flat, rule), comm = _flat(), FakeComm(4, peer_value=1.0)
-    s = SyncSGD(comm, flat, rule)
+    s = _built(SyncSGD, comm, flat, rule)
     flat.grad.fill_(5.0)
     s.grads_ready(1)
     assert torch.allclose(flat.grad, torch.full_like(flat.grad, (5 + 3) / 4))
     assert comm.calls == [("world", flat.n_params)] and s.rounds == 1
-    assert s.averages_gradients and s.next_stop(0, 0.0) is None
+    assert s.averages_gradients and s.next_stop(0) is None
 
 
 def test_local_sgd_period_and_post_local_warmup() -> None:
     (flat, rule), comm = _flat(), FakeComm(2, peer_value=0.0)
-    s = LocalSGD(comm, flat, rule, period=4, post_local_epochs=1.0)
-    # epoch < 1 (steps 1..5 at 5 steps per epoch): every step; then every 4
-    assert _drive(s, 20, spe=5) == [1, 2, 3, 4, 5, 9, 13, 17]
+    s = _built(LocalSGD, comm, flat, rule, period=4, warmup_steps=5)
+    # the first 5 steps (--post-local-epochs 1 at 5 steps per epoch): every step; then every 4
+    assert _drive(s, 20) == [1, 2, 3, 4, 5, 9, 13, 17]
     assert s.rounds == 8
     assert all(n == len(flat) for _, n in comm.calls)  # parameters AND buffers, one call
 
@@ -72,14 +86,14 @@ def test_local_sgd_period_and_post_local_warmup() -> None:
 def test_local_sgd_averages_in_place() -> None:
     (flat, rule), comm = _flat(), FakeComm(2, peer_value=3.0)
     flat.data.fill_(1.0)
-    LocalSGD(comm, flat, rule, period=1).step_done(1, 0.0)
+    _built(LocalSGD, comm, flat, rule, period=1).step_done(1)
     assert torch.all(flat.data == 2.0)  # mean of 1 (here) and 3 (the peer)
 
 
 def test_hier_avg_schedule() -> None:
     (flat, rule), world, group = _flat(), FakeComm(4, tag="world"), FakeComm(2, tag="group")
-    s = HierAvg(world, flat, rule, group, local_period=2, global_period=3)
-    assert _drive(s, 12, spe=100) == [2, 4, 6, 8, 10, 12]
+    s = _built(HierAvg, world, flat, rule, group=group, local_period=2, global_period=3)
+    assert _drive(s, 12) == [2, 4, 6, 8, 10, 12]
     # group rounds at 2, 4, 8, 10; global at 6, 12
     assert [c for c, _ in group.calls] == ["group"] * 4 and s.group_rounds == 4
     assert [c for c, _ in world.calls] == ["world"] * 2 and s.rounds == 2
@@ -93,21 +107,22 @@ def test_hier_avg_lists_its_groups() -> None:
         world_ranks = (0, 1, 2, 3)
 
         def allgather(self, t):
+            if t.numel() == 3:  # the constructor's check of the model: the same everywhere
+                return super().allgather(t)
             assert t.tolist() == [0]  # this rank's group starts at world rank 0
             return torch.tensor([[0], [1], [0], [1]])  # what ranks 0..3 gave
 
     (flat, rule), group = _flat(), FakeComm(2, tag="group")
     group.world_ranks = [0, 2]
-    s = HierAvg(World(4), flat, rule, group, local_period=2, global_period=3)
+    s = _built(HierAvg, World(4), flat, rule, group=group, local_period=2, global_period=3)
     assert s.members == [0, 2] and s.groups() == [[0, 2], [1, 3]]
 
 
 def test_final_average_then_broadcast_for_consensus() -> None:
     (flat, rule), comm = _flat(), FakeComm(2)
-    LocalSGD(comm, flat, rule, period=3).finish()
+    _built(LocalSGD, comm, flat, rule, period=3).finish()
     assert [c for c, _ in comm.calls] == ["world", "world-bcast"]
-    comm.calls.clear()
-    NoSync(comm, flat, rule).finish()
+    _built(NoSync, comm, flat, rule).finish()
     assert comm.calls == []  # no consensus promised, nothing averaged
 
 
@@ -128,7 +143,7 @@ def test_lasgd_settle_rounds_until_every_rank_finished_then_reopens() -> None:
             return DoneWork()
 
     (flat, rule), comm = _flat(), Peer(2, peer_value=3.0)
-    s = LASGD(comm, flat, rule, period=4)
+    s = _built(LASGD, comm, flat, rule, period=4)
     flat.data.fill_(1.0)
     assert not s.settle(100)  # posts a round flagged finished (the fake completes it at once)
     assert not s.settle(101)  # applies it: the peer still trains

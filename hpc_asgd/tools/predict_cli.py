@@ -1,5 +1,5 @@
 """``hpc-asgd predict``'s driver: scenarios from the command line, tables, the plot, and the
-leave-one-out validation of ``--calibrate``d runs (the model itself: :mod:`hpc_asgd.predict`)."""
+leave-one-out validation of ``--calibrate``d runs (the model: :mod:`hpc_asgd.tools.predict`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpc_asgd.predict import (
+from hpc_asgd.tools.predict import (
     ALGOS,
     INTERCONNECTS,
     PASSES,
