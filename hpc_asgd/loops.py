@@ -121,10 +121,8 @@ def train_workers(job: Job, ctx) -> float:
     budget.offset.share_memory_()
     ctl = AtomicArray(NCTL)
     threads = w.threads_per_worker or max(1, job.rank_threads // w.workers)
-    # Three quarters of --comm-timeout: a peer waiting for this rank in a collective starts
-    # its own deadline later, but often by only a step; the rank that knows which worker
-    # stalled should speak (and record failure.json) first.
     spec = WorkerSpec(
+        job.comm.rank,
         job.model,
         job.step,
         flat.data,
@@ -134,7 +132,7 @@ def train_workers(job: Job, ctx) -> float:
         KEEP_GOING if job.trains_on else total,
         threads,
         str(job.device),
-        0.75 * cfg.run.comm_timeout,
+        cfg.run.comm_timeout,
         ctx.SimpleQueue(),
         offset=budget.offset,
         wake=ctx.Semaphore(0),

@@ -85,6 +85,7 @@ class WorkerSpec:
     """Everything a worker needs; pickled to it at spawn (tensors travel as shared memory,
     functions by reference: the worker imports the model factory's module itself)."""
 
+    rank: int
     model: Callable[[], nn.Module]  # builds the module that adopts the shared flat buffer
     step: StepSpec  # how to make its steps: data, loss, optimizer, schedule, delays
     flat_data: torch.Tensor  # the rank's shared flat buffer
@@ -94,7 +95,7 @@ class WorkerSpec:
     total: int
     threads: int
     device: str
-    stall_timeout: float  # s without a node step after which a worker counts as hung
+    comm_timeout: float  # s: the peers' deadline on a collective (the stall deadline's base)
     # a spawn-context SimpleQueue of (worker, message): written synchronously
     errors: SimpleQueue[tuple[int, str]]
     # (W,) int64, shared: 1 + the node step each worker is in, 0 between steps (WorkerPool sets it)
@@ -142,10 +143,12 @@ class WorkerPool:
 
     def __init__(self, spec: WorkerSpec, workers: int, ctx, stall_timeout: float | None = None):
         self.spec, self.n, self.ctx = spec, workers, ctx
-        self.rank = spec.step.rank
         if spec.busy is None:
             spec.busy = torch.zeros(workers, dtype=torch.int64).share_memory_()
-        self.stall_timeout = stall_timeout or spec.stall_timeout
+        # Three quarters of --comm-timeout: a peer waiting for this rank in a collective starts
+        # its own deadline later, but often by only a step; the rank that knows which worker
+        # stalled should speak (and record failure.json) first.
+        self.stall_timeout = stall_timeout or 0.75 * spec.comm_timeout
         self.procs: list = []
         self.checked = 0.0  # monotonic time of the last check by :meth:`poll`
         self.node_seen: tuple | None = None  # (DONE, LIMIT, *busy) at the last watch
@@ -179,7 +182,9 @@ class WorkerPool:
                 what = f"was killed by signal {signal.Signals(-code).name}"
             else:
                 what = f"exited with code {code}" + (f": {message}" if message else "")
-            raise WorkerError(f"rank {self.rank} worker {i} (pid {p.pid}) {what}", i, p.pid, code)
+            raise WorkerError(
+                f"rank {self.spec.rank} worker {i} (pid {p.pid}) {what}", i, p.pid, code
+            )
 
     def poll(self, every: float = 0.05) -> bool:
         """:meth:`check` and :meth:`watch`, at most once per ``every`` seconds (the
@@ -219,7 +224,7 @@ class WorkerPool:
         stuck = stuck or [i for i, b in enumerate(self.worker_seen) if b] or list(range(self.n))
         who = ", ".join(f"worker {i} (pid {self.procs[i].pid})" for i in stuck)
         raise WorkerError(
-            f"rank {self.rank} {who} took no node step in {limit:g} s "
+            f"rank {self.spec.rank} {who} took no node step in {limit:g} s "
             "(stopped? SIGSTOP, a hung device call) (--comm-timeout)",
             stuck[0],
             self.procs[stuck[0]].pid,
@@ -240,7 +245,7 @@ class WorkerPool:
             self.check()
             if time.monotonic() > deadline:
                 raise WorkerError(
-                    f"rank {self.rank}: only {self.spec.ctl[READY].load()} of {self.n} "
+                    f"rank {self.spec.rank}: only {self.spec.ctl[READY].load()} of {self.n} "
                     f"workers started within {START_TIMEOUT:g} s"
                 )
             time.sleep(0.01)

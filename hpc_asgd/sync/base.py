@@ -118,7 +118,7 @@ class Synchronizer(Protocol):
 
     def finish(self, step: int | None = None) -> None: ...
 
-    def quiesce(self, step: int) -> None: ...
+    def quiesce(self, step: int | None = None) -> None: ...
 
 
 def keep_training_refused(algo: str, detail: str = "") -> ConfigError:
@@ -428,8 +428,9 @@ class Averaging:
         True once every rank has finished; :meth:`drain` then returns at once."""
         return True
 
-    def quiesce(self, step: int) -> None:
-        """Complete every round in flight, on every rank (before a checkpoint)."""
+    def quiesce(self, step: int | None = None) -> None:
+        """Complete every round in flight, on every rank (before a checkpoint); ``step``:
+        this rank's node steps (default: those the clock counted)."""
         return
 
     @property

@@ -78,7 +78,7 @@ class HierAvg(Averaging):
             self.next_local, self.next_world = step + self.k1, step + self.k1 * self.k2
 
     def stats(self) -> dict[str, Any]:
-        return {**super().stats(), "group_rounds": self.group_rounds}
+        return {**super().stats(), "group_rounds": self.group_rounds, "group": self.members}
 
     def metrics(self) -> dict[str, Any]:
         # the world ranks each group averaged among; averaging_rounds counts the global rounds
@@ -177,7 +177,8 @@ class HierAvg(Averaging):
         self.rounds, self.group_rounds = self.world.rounds, self.local.rounds
         return over
 
-    def quiesce(self, step: int) -> None:
+    def quiesce(self, step: int | None = None) -> None:
+        step = self.clock.step if step is None else step
         if self.overlaps:
             self.drain(step)
             self.next_local, self.next_world = step + self.k1, step + self.k1 * self.k2

@@ -64,7 +64,8 @@ class LASGD(Periodic):
         self.rounds = self.round.rounds
         return over
 
-    def quiesce(self, step: int) -> None:
+    def quiesce(self, step: int | None = None) -> None:
+        step = self.clock.step if step is None else step
         self.drain(step)
         # the schedule goes on as it would have: K = 1 still during the post-local warm-up
         self.next = step + self.period_at(step)

@@ -168,7 +168,8 @@ class LocalAsync(Periodic):
             self.agree.wait(waited=waited)
         return self.over
 
-    def quiesce(self, step: int) -> None:
+    def quiesce(self, step: int | None = None) -> None:
+        step = self.clock.step if step is None else step
         self.drain(step)
         self.over = False
         while self.next <= step:

@@ -168,3 +168,37 @@ def test_bad_api_use_is_one_line_and_exit_2(tmp_path: Path, case: str) -> None:
     assert res.rc == 2, res.text
     assert len(res.error_lines()) == 1 and res.error_lines()[0].startswith(LINES[case]), res.text
     assert "Traceback" not in res.text, res.text
+
+
+def _mine(*more: str) -> list[str]:
+    return [
+        *("--model", "mynets:build", "--dataset", "mynets:load", "--optimizer", "adamw"),
+        *("--lr", "0.003", "--epochs", "2", "--algo", "local-sgd", "--period", "3", *more),
+    ]
+
+
+def test_your_own_model_with_adamw_resumes_bitwise(tmp_path: Path, nets) -> None:
+    """W = 1: stop at a checkpoint, resume, and end with the bits of a straight run (AdamW's
+    moments and step count are in the checkpoint)."""
+    straight = train(2, *_mine("--out", str(tmp_path / "straight")), env=nets)
+    assert straight.rc == 0, straight.text
+    ck = ["--checkpoint-dir", str(tmp_path / "ck")]
+    first = train(2, *_mine(*ck, "--stop-at-step", "70"), env=nets)
+    assert first.rc == 85 and "checkpointed at node step 70" in first.text, first.text
+    resumed = train(2, *_mine(*ck, "--resume", "auto", "--out", str(tmp_path / "resumed")),
+                    env=nets)  # fmt: skip
+    assert resumed.rc == 0, resumed.text
+    a, b = summary(tmp_path / "straight"), summary(tmp_path / "resumed")
+    assert a["param_checksums"] == b["param_checksums"] and a["consensus"], (a, b)
+    assert a["final_test_acc"] >= 0.9, a["final_test_acc"]
+
+
+def test_partial_steps_with_adamw_in_the_workers(tmp_path: Path, nets) -> None:
+    """LPP-SGD's partitioned rule with AdamW as the workers' direction: each worker's block
+    keeps its own bias-correction count, and the model learns."""
+    out = tmp_path / "out"
+    flags = ["--update", "partitioned", "--workers", "2", "--epochs", "4"]
+    res = train(2, *_mine(*flags, "--partition-after-epochs", "1", "--out", str(out)), env=nets)
+    assert res.rc == 0, res.text
+    s = summary(out)
+    assert s["worker_processes"] == 2 and s["consensus"] and s["final_test_acc"] >= 0.9, s

@@ -22,7 +22,7 @@ DIGITS = ["--dataset", "digits", "--model", "mlp", "--lr", "0.05"]
 # ---- the watch's clock (no processes) ---------------------------------------------------------
 def _pool(workers: int = 2, timeout: float = 5.0) -> WorkerPool:
     ctl = AtomicArray(NCTL)
-    spec = SimpleNamespace(rank=3, config={"comm_timeout": timeout}, ctl=ctl, busy=None)
+    spec = SimpleNamespace(rank=3, comm_timeout=timeout, ctl=ctl, busy=None)
     pool = WorkerPool(spec, workers, ctx=None, stall_timeout=timeout)
     pool.procs = [SimpleNamespace(pid=1000 + i) for i in range(workers)]
     spec.ctl[LIMIT].store(100)
@@ -31,7 +31,7 @@ def _pool(workers: int = 2, timeout: float = 5.0) -> WorkerPool:
 
 def test_the_stall_deadline_is_three_quarters_of_the_comm_timeout() -> None:
     # the stalled rank, which knows the worker, speaks before its peers' collective deadline
-    spec = SimpleNamespace(rank=0, config={"comm_timeout": 8.0}, ctl=AtomicArray(NCTL), busy=None)
+    spec = SimpleNamespace(rank=0, comm_timeout=8.0, ctl=AtomicArray(NCTL), busy=None)
     assert WorkerPool(spec, 2, ctx=None).stall_timeout == 6.0
 
 

@@ -203,3 +203,30 @@ def test_bad_arguments_are_one_line(build, message) -> None:
 def test_no_comm_no_init() -> None:
     with pytest.raises(ConfigError, match=r"call hpc_asgd\.init"):
         hpc_asgd.LocalSGD(_net(), None, period=2)
+
+
+def test_a_checkpoint_of_your_own_goes_on_where_it_stopped(tmp_path) -> None:
+    """docs/api.md's recipe: quiesce, save model + optimizer + synchroniser; rebuild, load:
+    the same parameters, optimizer state and schedule."""
+    comm = LocalComm()
+    loader = DataLoader(_data(), batch_size=8)
+    model = _net()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    avg = hpc_asgd.LASGD(model, opt, comm, period=3)
+    _train(avg, model, opt, loader, steps=5)
+    avg.quiesce()
+    path = tmp_path / "ck.pt"
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "avg": avg.state_dict()},
+               path)  # fmt: skip
+    model2 = _net()
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
+    avg2 = hpc_asgd.LASGD(model2, opt2, comm, period=3)
+    state = torch.load(path, weights_only=True)
+    model2.load_state_dict(state["model"])
+    opt2.load_state_dict(state["opt"])
+    avg2.load_state_dict(state["avg"])
+    assert torch.equal(avg2.flat.data, avg.flat.data)  # the flat buffer took the values
+    assert (avg2.clock.step, avg2.next, avg2.rounds) == (5, avg.next, avg.rounds)
+    _train(avg, model, opt, loader, steps=2)
+    _train(avg2, model2, opt2, loader, steps=2)
+    assert torch.equal(avg2.flat.data, avg.flat.data)  # and both go on alike

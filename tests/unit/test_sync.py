@@ -177,3 +177,18 @@ def test_budget_stops_on_a_lower_bound_of_the_jobs_steps() -> None:
     t = Budget()  # rank mode: no step budget, a time budget already spent (resumed run)
     t.begin(0, minutes=1.0, train_before=61.0)
     assert t.spent(0) and t.ended_by == "time" and t.offset[0] == 0.0
+
+
+def test_lasgd_quiesce_keeps_the_post_local_warm_up() -> None:
+    """A checkpoint during the warm-up (K = 1 for the first steps) leaves the next round one
+    step away, as a straight run has it, not K (the schedule used to restart with K), and a
+    resumed run takes that schedule from the checkpoint."""
+    (flat, rule), comm = _flat(), FakeComm(2, peer_value=0.0)
+    s = _built(LASGD, comm, flat, rule, period=4, warmup_steps=10)
+    s.quiesce(3)
+    assert s.next == 4
+    s.quiesce(12)  # past the warm-up: K again
+    assert s.next == 16
+    again = _built(LASGD, comm, *_flat(), period=4, warmup_steps=10)
+    again.load_state_dict(s.state_dict())
+    assert again.next == 16
