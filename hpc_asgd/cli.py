@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import sys
 import time
 from dataclasses import fields
@@ -144,7 +145,8 @@ def cmd_train(args: argparse.Namespace, launch: env.Launch) -> int:
         # so that the launcher, which ends the job at the first non-zero exit, lets it speak.
         if launch.rank == 0:
             print(f"hpc-asgd: error: {e}", file=sys.stderr, flush=True)
-        else:
+        else:  # the launcher's SIGTERM ends the wait quietly (no StoppedError traceback)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             time.sleep(1.0)
         return 2
     folders = [Path(p) for p in (cfg.run.out, cfg.run.checkpoint_dir) if p]

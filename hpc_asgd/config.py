@@ -345,7 +345,10 @@ class Config:
             raise ConfigError("nesterov: needs --momentum > 0")
         if o.optimizer == "adamw":
             if o.momentum or o.nesterov:
-                raise ConfigError("momentum: adamw has no --momentum; its betas are --adam-betas")
+                raise ConfigError(
+                    "momentum: adamw has no --momentum (its betas are --adam-betas); add "
+                    "--momentum 0 where a --config preset sets one"
+                )
             if len(o.adam_betas) != 2 or not all(0 <= b < 1 for b in o.adam_betas):
                 raise ConfigError(f"adam_betas: two numbers in [0, 1), got {list(o.adam_betas)}")
             if not o.adam_eps > 0:

@@ -64,17 +64,10 @@ def test_api_local_sgd_equals_the_cli_bitwise(tmp_path: Path, model: str, epochs
 
 
 NETS = '''
-    """Factories of a user's own: the example's model and data, and bad ones."""
-    import torch
+    """Factories of a user's own (examples/own_factories.py) and bad ones."""
     import torch.nn.functional as F
-    from own_loop import WaveNet, waveforms
-
-    def build(input_shape, num_classes):
-        assert input_shape == (1, 64), input_shape
-        return WaveNet(num_classes)
-
-    def load(data_dir, seed):
-        return waveforms(4096, 8, seed).tensors, waveforms(1024, 8, seed + 1)
+    from own_factories import build, load
+    from own_loop import WaveNet
 
     def smooth(output, target):
         return F.cross_entropy(output, target, label_smoothing=0.05)

@@ -102,6 +102,20 @@ CASES = {
         {"update": "leashed", "workers_per_rank": 1},
         from_elsewhere=True,
     ),
+    # Your own model and dataset (examples/own_factories.py) through the template's knobs.
+    "cifar100_lasgd-own-model": Case(
+        "cifar100_lasgd.sh",
+        "mpirun",
+        "",
+        "lasgd",
+        {
+            "MODEL": "own_factories:build",
+            "DATASET": "own_factories:load",
+            "PYTHONPATH": str(ROOT / "examples"),
+            "EXTRA_ARGS": "--optimizer adamw --momentum 0 --lr 0.003 --comm-timeout 120",
+        },
+        {"model": "own_factories:build", "dataset": "own_factories:load"},
+    ),
     "error-missing-data": Case(
         "cifar100_lasgd.sh",
         "mpirun",
