@@ -183,7 +183,8 @@ def test_lasgd_quiesce_keeps_the_post_local_warm_up() -> None:
     """A checkpoint during the warm-up (K = 1 for the first steps) leaves the next round one
     step away, as a straight run has it, not K (the schedule used to restart with K), and a
     resumed run takes that schedule from the checkpoint."""
-    (flat, rule), comm = _flat(), FakeComm(2, peer_value=0.0)
+    # peer_value 1: the peer's "finished" flag adds up with ours, so the drain ends
+    (flat, rule), comm = _flat(), FakeComm(2, peer_value=1.0)
     s = _built(LASGD, comm, flat, rule, period=4, warmup_steps=10)
     s.quiesce(3)
     assert s.next == 4
