@@ -40,4 +40,4 @@ echo "[test] mypy"
 python -m mypy  # [tool.mypy] in pyproject.toml: basic checks of hpc_asgd
 
 echo "[test] pytest"
-exec python -m pytest -q -p no:cacheprovider "$@"
+exec python -m pytest -q -p no:cacheprovider --durations=25 "$@"

@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,3 +153,35 @@ def pytest_configure(config: pytest.Config) -> None:
     for stale in old[:-3]:
         shutil.rmtree(stale, ignore_errors=True)
     config.option.basetemp = str(SHARED_TMP / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+
+
+NETS = '''
+    """Factories of a user's own (examples/own_factories.py) and bad ones."""
+    import torch.nn.functional as F
+    from own_factories import build, load
+    from own_loop import WaveNet
+
+    def smooth(output, target):
+        return F.cross_entropy(output, target, label_smoothing=0.05)
+
+    def boom(input_shape, num_classes):
+        raise ValueError("no such layer")
+
+    def number(input_shape, num_classes):
+        return 3
+
+    def narrow(input_shape, num_classes):
+        return WaveNet(num_classes - 3)
+
+    def five(data_dir, seed):
+        return 5
+
+    NOT_A_FUNCTION = 7
+'''
+
+
+@pytest.fixture
+def nets(tmp_path: Path) -> dict[str, str]:
+    """A user's module of factories, good and bad; the environment that imports it."""
+    (tmp_path / "mynets.py").write_text(textwrap.dedent(NETS))
+    return {"PYTHONPATH": f"{tmp_path}:{ROOT / 'examples'}:{ROOT}"}

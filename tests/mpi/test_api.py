@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -63,37 +62,6 @@ def test_api_local_sgd_equals_the_cli_bitwise(tmp_path: Path, model: str, epochs
     assert a["checksums"] == s["param_checksums"] and len(set(a["checksums"])) == 1
 
 
-NETS = '''
-    """Factories of a user's own (examples/own_factories.py) and bad ones."""
-    import torch.nn.functional as F
-    from own_factories import build, load
-    from own_loop import WaveNet
-
-    def smooth(output, target):
-        return F.cross_entropy(output, target, label_smoothing=0.05)
-
-    def boom(input_shape, num_classes):
-        raise ValueError("no such layer")
-
-    def number(input_shape, num_classes):
-        return 3
-
-    def narrow(input_shape, num_classes):
-        return WaveNet(num_classes - 3)
-
-    def five(data_dir, seed):
-        return 5
-
-    NOT_A_FUNCTION = 7
-'''
-
-
-@pytest.fixture
-def nets(tmp_path: Path) -> dict[str, str]:
-    (tmp_path / "mynets.py").write_text(textwrap.dedent(NETS))
-    return {"PYTHONPATH": f"{tmp_path}:{ROOT / 'examples'}:{ROOT}"}
-
-
 def test_the_cli_with_your_own_model_dataset_and_loss(tmp_path: Path, nets) -> None:
     """W = 2 workers per rank import the factory themselves; local-async averages while they
     train with AdamW (its state private per worker and rank)."""
@@ -115,16 +83,12 @@ def test_the_cli_with_your_own_model_dataset_and_loss(tmp_path: Path, nets) -> N
     ("flags", "line"),
     [
         (["--model", "nosuch.mod:build"], "model: cannot import 'nosuch.mod' for nosuch.mod:build"),
-        (["--model", "mynets:nothere"], "model: 'mynets' has no 'nothere'"),
-        (["--model", "mynets:NOT_A_FUNCTION"], "is a int, not a function"),
-        (["--model", "mynets:boom"], "mynets:boom((1, 64), 8) raised ValueError: no such layer"),
-        (["--model", "mynets:number"], "model: mynets:number returned a int, not a torch.nn"),
         (["--model", "mynets:narrow"], "has shape (2, 5), but mynets:load has 8 classes"),
-        (["--dataset", "mynets:five"], "dataset: mynets:five returned a int; expected"),
-        (["--model", "mynets"], "model: unknown value 'mynets'"),
     ],
 )  # fmt: skip
 def test_bad_factories_are_one_line_before_any_collective(nets, flags, line) -> None:
+    """Every rank checks (tests/unit/test_models.py has the other messages, in process); rank 0
+    says it once, and no collective was started."""
     base = {"--model": "mynets:build", "--dataset": "mynets:load"}
     base.update(dict(zip(flags[::2], flags[1::2], strict=True)))
     res = train(2, *(x for kv in base.items() for x in kv), env=nets, timeout=60)

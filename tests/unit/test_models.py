@@ -111,3 +111,33 @@ def test_seeded_init_is_deterministic(name: str) -> None:
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+
+
+@pytest.mark.parametrize(
+    ("flags", "line"),
+    [
+        (["--model", "mynets:nothere"], "model: 'mynets' has no 'nothere'"),
+        (["--model", "mynets:NOT_A_FUNCTION"], "is a int, not a function"),
+        (["--model", "mynets:boom"], "mynets:boom((1, 64), 8) raised ValueError: no such layer"),
+        (["--model", "mynets:number"], "model: mynets:number returned a int, not a torch.nn"),
+        (["--model", "mynets:narrow"], "has shape (2, 5), but mynets:load has 8 classes"),
+        (["--dataset", "mynets:five"], "dataset: mynets:five returned a int; expected"),
+        (["--loss", "mynets:NOT_A_FUNCTION"], "is a int, not a function"),
+        (["--model", "mynets"], "model: unknown value 'mynets'"),
+    ],
+)  # fmt: skip
+def test_bad_factories_are_config_errors(nets, monkeypatch, flags, line) -> None:
+    """The CLI's preflight (validate, then check_factories) on a user's module of factories:
+    each bad one is a ConfigError whose message names the flag and the cause."""
+    from hpc_asgd.cli import build_parser, config_from_args
+
+    for folder in reversed(nets["PYTHONPATH"].split(":")):
+        monkeypatch.syspath_prepend(folder)
+    base = {"--model": "mynets:build", "--dataset": "mynets:load"}
+    base.update(dict(zip(flags[::2], flags[1::2], strict=True)))
+    args = build_parser().parse_args(["train", *(x for kv in base.items() for x in kv)])
+    with pytest.raises(ConfigError) as e:
+        cfg = config_from_args(args)
+        cfg.validate(2, 2)
+        cfg.check_factories()
+    assert line in str(e.value) and "\n" not in str(e.value), str(e.value)
