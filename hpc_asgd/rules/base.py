@@ -135,6 +135,7 @@ class InPlace(RuleDefaults):
         self.params.add_(delta)
 
     def load(self, src: torch.Tensor) -> None:
+        """Replace the parameters by ``src`` (workers paused)."""
         if src is not self.params:
             self.params.copy_(src)
 
