@@ -98,6 +98,21 @@ class SyncConfig:
     hier_mode: str = _f(
         "blocking", "hier-avg: blocking (the paper) | nonblocking (delta correction)"
     )
+    outer_lr: float = _f(
+        1.0,
+        "outer optimizer of the rounds (SlowMo, DiLoCo; local-sgd, local-async, lasgd and "
+        "hier-avg's global rounds): its lr on the pseudo-gradient x_g - mean; lr 1 with "
+        "momentum 0 is plain averaging. Keeps the global model x_g: one extra copy of the "
+        "parameters per rank, two with --outer-momentum",
+    )
+    outer_momentum: float = _f(0.0, "outer optimizer's momentum (DiLoCo: 0.9, SlowMo: 0.5)")
+    outer_nesterov: bool = _f(False, "outer optimizer's Nesterov momentum (DiLoCo's)")
+    avg_dtype: str = _f(
+        "fp32",
+        "the global rounds' payload: fp32 (the model) | bf16 | fp16 (the change since the "
+        "last global model in 16 bits, with error feedback; keeps 2.5 extra copies of the "
+        "parameters per rank; the final average stays fp32)",
+    )
     keep_training: bool = _f(
         False,
         "non-blocking algorithms: a rank that has taken its steps keeps training (extra "
@@ -300,6 +315,7 @@ class Config:
         _choice("device", r.device, DEVICES)
         _choice("comm", r.comm, ENGINES)
         _choice("hier_mode", s.hier_mode, ("blocking", "nonblocking"))
+        _choice("avg_dtype", s.avg_dtype, ("fp32", "bf16", "fp16"))
         _choice("budget", r.budget, BUDGETS)
         positive_ints = {
             "batch_size": d.batch_size,
@@ -353,6 +369,23 @@ class Config:
                 raise ConfigError(f"adam_betas: two numbers in [0, 1), got {list(o.adam_betas)}")
             if not o.adam_eps > 0:
                 raise ConfigError(f"adam_eps: must be positive, got {o.adam_eps}")
+        outer = s.outer_lr != 1.0 or s.outer_momentum or s.outer_nesterov
+        for name, asked in (("outer_lr", outer), ("avg_dtype", s.avg_dtype != "fp32")):
+            if asked and not SYNCHRONIZERS.get(s.algo).outer_step:
+                able = [n for n, c in SYNCHRONIZERS.items() if c.outer_step]
+                raise ConfigError(
+                    f"{name}: only for the model-averaging rounds ({', '.join(able)}); "
+                    f"{s.algo!r} has none"
+                )
+        if s.avg_dtype == "bf16" and r.comm == "horovod":
+            raise ConfigError(
+                "avg_dtype: Horovod 0.28 has no bfloat16 allreduce; use --avg-dtype fp16, "
+                "or another --comm"
+            )
+        if outer:
+            from hpc_asgd.sync.outer import OuterSGD
+
+            OuterSGD(s.outer_lr, s.outer_momentum, s.outer_nesterov)  # its own checks
         if w.max_staleness < 0:
             raise ConfigError(f"max_staleness: must be >= 0, got {w.max_staleness}")
         algo, rule = SYNCHRONIZERS.get(s.algo), UPDATE_RULES.get(w.update)

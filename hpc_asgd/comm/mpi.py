@@ -78,6 +78,38 @@ def cuda_aware() -> bool:
     return bool(fn())
 
 
+def _sum_16(kind: str):
+    """An MPI reduction over 16-bit floats (viewed as 2-byte integers: MPI has no bfloat16):
+    each addition in float32, rounded back to nearest (even) once."""
+    import numpy as np
+
+    def widen(buf) -> np.ndarray:
+        raw = np.frombuffer(buf, dtype=np.uint16)
+        if kind == "fp16":
+            return raw.view(np.float16).astype(np.float32)
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+
+    def add(inbuf, inoutbuf, datatype) -> None:
+        total = widen(inbuf) + widen(inoutbuf)  # (n,) float32
+        out = np.frombuffer(inoutbuf, dtype=np.uint16)
+        if kind == "fp16":
+            out[:] = total.astype(np.float16).view(np.uint16)
+        else:  # bfloat16: the top 16 bits, rounded to nearest even
+            bits = total.view(np.uint32)
+            out[:] = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+    return mpi_module().Op.Create(add, commute=True)
+
+
+_SUMS_16: dict[torch.dtype, object] = {}
+
+
+def _sum_op(dtype: torch.dtype):
+    if dtype not in _SUMS_16:
+        _SUMS_16[dtype] = _sum_16("fp16" if dtype == torch.float16 else "bf16")
+    return _SUMS_16[dtype]
+
+
 class _Process:
     """Per-process state shared by every communicator: the status service, the peers'
     addresses (by world rank), the live communicators (by id) and the watchdog thread."""
@@ -227,6 +259,9 @@ class MpiComm:
         """(buffer MPI reads/writes, staging pair or None). CPU: a zero-copy numpy view."""
         if not t.is_contiguous():
             raise ValueError("collectives need contiguous (flat) tensors")
+        if t.dtype in (torch.float16, torch.bfloat16):  # 2-byte words (``_sum_16``)
+            host = t.detach().to("cpu")
+            return host.view(torch.int16).numpy(), (None if t.device.type == "cpu" else (host, t))
         if t.device.type == "cpu":
             return t.detach().numpy(), None
         if self.cuda_aware:
@@ -256,13 +291,20 @@ class MpiComm:
         return out
 
     # ---- collectives ---------------------------------------------------------------------
+    def _op(self, op: str, t: torch.Tensor):
+        if t.dtype in (torch.float16, torch.bfloat16):
+            if op != "sum":
+                raise ValueError(f"16-bit float allreduce: only 'sum', not {op!r}")
+            return _sum_op(t.dtype)
+        return self._ops[check_op(op)]
+
     def iallreduce_(self, t: torch.Tensor, op: str = "sum") -> MpiWork:
-        mop = self._ops[check_op(op)]
+        mop = self._op(op, t)
         inplace = mpi_module().IN_PLACE
         return self._post("allreduce", lambda b: self.c.Iallreduce(inplace, b, op=mop), t)
 
     def allreduce_(self, t: torch.Tensor, op: str = "sum") -> None:
-        mop = self._ops[check_op(op)]
+        mop = self._op(op, t)
         inplace = mpi_module().IN_PLACE
         self._blocking("allreduce", lambda b: self.c.Allreduce(inplace, b, op=mop), t)
 

@@ -22,6 +22,7 @@ writes the parameters (the Python API's default).
 from __future__ import annotations
 
 import ctypes
+import weakref
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -134,6 +135,7 @@ class InPlace(RuleDefaults):
         self.params.add_(delta)
 
     def load(self, src: torch.Tensor) -> None:
+        """Replace the parameters by ``src`` (workers paused)."""
         if src is not self.params:
             self.params.copy_(src)
 
@@ -151,11 +153,13 @@ class Word:
     """
 
     __slots__ = (
+        "__weakref__",  # (``weakref.finalize``)
         "_a",
         "_addr",
         "_b",
         "_cas",
         "_ctx",
+        "_done",
         "_fadd",
         "_load",
         "_pa",
@@ -169,6 +173,10 @@ class Word:
 
         self._ctx = atomics.atomicview(buffer=buffer, atype=atomics.INT)
         self._view = self._ctx.__enter__()
+        # Closed at the latest when the interpreter exits, before its teardown collects the
+        # context in some order: collected open, it raises "Cannot call 'release' while
+        # context is open" (ignored, but printed) from its __del__.
+        self._done = weakref.finalize(self, self._ctx.__exit__, None, None, None)
         core = self._view._core
         self._addr = core.address
         self._load = core.get_op_func(OpType.LOAD)
@@ -209,7 +217,7 @@ class Word:
         return bool(self._cas(self._addr, self._pa, self._pb, _SEQ_CST, _SEQ_CST))
 
     def close(self) -> None:
-        self._ctx.__exit__(None, None, None)
+        self._done()  # (once)
 
 
 _SEQ_CST = atomics.MemoryOrder.SEQ_CST.value

@@ -25,17 +25,20 @@ from typing import Any
 import torch
 
 from hpc_asgd.registry import UPDATE_RULES
-from hpc_asgd.rules.base import Applied, AtomicArray, RuleDefaults
+from hpc_asgd.rules.base import Applied, AtomicArray, InPlace
 
 
 @UPDATE_RULES.register("hogwild")
-class Hogwild(RuleDefaults):
+class Hogwild(InPlace):
+    """In place, lock-free (snapshot, correction, load: :class:`InPlace`'s), with the
+    staleness count and bound, and private reads with several workers."""
+
     @classmethod
     def from_config(cls, cfg: Any, params: torch.Tensor, ctx) -> Hogwild:
         return cls(params, cfg.workers.max_staleness, copy_reads=cfg.workers.workers > 1)
 
     def __init__(self, params: torch.Tensor, max_staleness: int = 0, copy_reads: bool = False):
-        self.params = params  # (n_params,) view of the shared flat buffer
+        super().__init__(params)  # (n_params,) view of the shared flat buffer
         self.version = AtomicArray(1)  # updates applied so far, by every worker
         self.max_staleness = max_staleness  # S: drop gradients staler than S; 0 = never
         self.read_version = 0
@@ -64,17 +67,3 @@ class Hogwild(RuleDefaults):
         else:
             self.params[block].add_(d, alpha=-lr)
         return Applied(staleness=self.version[0].fetch_inc() - self.read_version)
-
-    def snapshot(self, out: torch.Tensor) -> None:
-        out.copy_(self.params)
-
-    def add_(self, delta: torch.Tensor) -> None:
-        self.params.add_(delta)
-
-    def load(self, src: torch.Tensor) -> None:
-        """Replace the parameters by ``src`` (workers paused)."""
-        if src is not self.params:
-            self.params.copy_(src)
-
-    def publish(self) -> None:
-        return None  # the shared buffer is the model

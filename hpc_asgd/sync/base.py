@@ -44,6 +44,8 @@ from hpc_asgd.flat import FlatModel
 from hpc_asgd.registry import SYNCHRONIZERS
 from hpc_asgd.rules.base import InPlace, UpdateRule
 from hpc_asgd.sync.clock import Clock
+from hpc_asgd.sync.outer import OuterSGD, outer_of
+from hpc_asgd.sync.payload import Payload, payload_of
 from hpc_asgd.sync.rounds import Budget
 
 
@@ -54,6 +56,7 @@ class Synchronizer(Protocol):
     averages_gradients: bool  # True: needs grads_ready after every backward (W = 1 only)
     overlaps: bool  # True: rounds run in the background, driven by poll
     needs_workers: bool  # True: the CLI runs it with worker processes (its main process averages)
+    outer_step: bool  # True: an outer optimizer may step its (global) rounds
     comm: Comm
     flat: FlatModel
     rule: UpdateRule
@@ -197,6 +200,7 @@ class Averaging:
     averages_gradients = False
     overlaps = False
     needs_workers = False
+    outer_step = False  # takes an outer optimizer on its (global) rounds
 
     def __init__(
         self,
@@ -207,6 +211,8 @@ class Averaging:
         rule: UpdateRule | None = None,
         steps: int = 0,
         time_budget_s: float = 0.0,
+        outer: OuterSGD | None = None,
+        avg_dtype: str = "fp32",
     ):
         if isinstance(model, FlatModel):
             self.flat = model
@@ -230,6 +236,14 @@ class Averaging:
         self.clock = Clock(self, steps, time_budget_s)
         self.rounds = 0
         self.wait_s = 0.0
+        self.outer = outer  # the rounds' outer optimizer (None: plain averaging)
+        # the global rounds' parameters in 16 bits (None: float32; one rank has no rounds)
+        self.payload: Payload | None = None
+        if avg_dtype != "fp32" and comm.size > 1:
+            if not self.outer_step:
+                raise ConfigError(f"avg_dtype: {self.name!r} has no model-averaging rounds")
+            self.payload = payload_of(avg_dtype, self.flat.n_params)
+            self.outer = outer or OuterSGD()  # the payload is the change since x_g
         self._hooks: list[Any] = []
         self._finished = False
         if optimizer is not None:
@@ -371,10 +385,19 @@ class Averaging:
         """What a checkpoint needs to go on bitwise (no collective): the node step and the
         rounds' schedule. A non-blocking round in flight is not in it (its correction would
         be lost to a resumed run): :meth:`quiesce` completes it first, on every rank."""
-        return {"step": self.clock.step, "rounds": self.rounds}
+        state: dict[str, Any] = {"step": self.clock.step, "rounds": self.rounds}
+        if self.outer is not None:  # the global model and the outer momentum
+            state["outer"] = self.outer.state_dict()
+        if self.payload is not None:  # what the rounds have not sent yet
+            state["payload"] = self.payload.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rounds = state["rounds"]
+        if self.outer is not None and "outer" in state:
+            self.outer.load_state_dict(state["outer"])
+        if self.payload is not None and "payload" in state:
+            self.payload.load_state_dict(state["payload"])
         self.clock.resume(int(state.get("step", 0)))
         self.clock.begun = False  # the budget counts again from there
 
@@ -399,6 +422,26 @@ class Averaging:
         self.average_(self.flat.data, comm)
         self.rule.load(self.flat.params)
 
+    def global_round_(self) -> None:
+        """A blocking round of all ranks: the model average, then the outer optimizer's step
+        on it, if there is one (every rank goes on from the new global model; the buffers
+        stay averaged)."""
+        self.rule.publish()
+        flat, outer, payload = self.flat, self.outer, self.payload
+        if payload is None:
+            self.average_(flat.data)
+            if outer is not None:
+                flat.params.copy_(outer.step(flat.params))
+        else:  # the change since x_g in 16 bits, the buffers in float32 (a second call)
+            assert outer is not None and outer.x_g is not None  # made with the payload
+            t0 = time.perf_counter()
+            self.comm.allreduce_(payload.pack(flat.params, outer.x_g))
+            self.wait_s += time.perf_counter() - t0
+            if flat.n_buffers:
+                self.average_(flat.data[flat.n_params :])
+            flat.params.copy_(outer.step(payload.mean(outer.x_g, self.comm.size)))
+        self.rule.load(flat.params)
+
     def start(self) -> None:
         """Every rank takes rank 0's model (parameters and buffers), once all were found to
         hold the same one."""
@@ -406,6 +449,8 @@ class Averaging:
             same_model(self.comm, self.flat)
         self.comm.bcast_(self.flat.data, root=0)
         self.rule.load(self.flat.params)
+        if self.outer is not None:
+            self.outer.start(self.flat.params)
 
     def grads_ready(self, step: int) -> None:
         return None
@@ -447,6 +492,18 @@ class Averaging:
         self.comm.bcast_(self.flat.data, root=0)
 
 
+def outer_args(cfg: Any) -> dict[str, Any]:
+    """The global rounds' arguments (outer optimizer, payload) from the application's
+    configuration."""
+    s = cfg.sync
+    return {
+        "outer_lr": s.outer_lr,
+        "outer_momentum": s.outer_momentum,
+        "outer_nesterov": s.outer_nesterov,
+        "avg_dtype": s.avg_dtype,
+    }
+
+
 def steps_of_epochs(epochs: float, steps_per_epoch: int) -> int:
     """The first node step ``s`` with ``s / steps_per_epoch >= epochs``: where the application's
     epoch-based warm-up (``--post-local-epochs``) ends, in the steps the library counts."""
@@ -461,7 +518,10 @@ def steps_of_epochs(epochs: float, steps_per_epoch: int) -> int:
 class Periodic(Averaging):
     """A round every K (``period``) local node steps; K = 1 for the first ``warmup_steps``
     (post-local SGD, Lin et al., ICLR 2020; torch's ``PeriodicModelAverager`` calls it
-    ``warmup_steps`` too)."""
+    ``warmup_steps`` too). ``outer_lr``, ``outer_momentum``, ``outer_nesterov``: the rounds'
+    outer optimizer (``hpc_asgd.sync.outer``; lr 1, momentum 0: plain averaging)."""
+
+    outer_step = True
 
     def __init__(
         self,
@@ -471,13 +531,19 @@ class Periodic(Averaging):
         *,
         period: int,
         warmup_steps: int = 0,
+        outer_lr: float = 1.0,
+        outer_momentum: float = 0.0,
+        outer_nesterov: bool = False,
         **kw: Any,
     ):
+        """``avg_dtype``: ``bf16`` | ``fp16`` sends the rounds' parameters in 16 bits, with
+        error feedback (``hpc_asgd.sync.payload``); ``fp32`` (default) the model itself."""
         if not (isinstance(period, int) and period >= 1):
             raise ConfigError(f"period: must be a positive whole number of steps, got {period!r}")
         if not (isinstance(warmup_steps, int) and warmup_steps >= 0):
             raise ConfigError(f"warmup_steps: must be a whole number >= 0, got {warmup_steps!r}")
         self.period, self.warmup_steps = period, warmup_steps
+        kw["outer"] = outer_of(outer_lr, outer_momentum, outer_nesterov)
         super().__init__(model, optimizer, comm, **kw)
 
     @classmethod
@@ -486,7 +552,10 @@ class Periodic(Averaging):
     ) -> Periodic:
         s = cfg.sync
         warmup = steps_of_epochs(s.post_local_epochs, steps_per_epoch)
-        return cls(flat, None, comm, rule=rule, period=s.period, warmup_steps=warmup)
+        return cls(
+            flat, None, comm, rule=rule, period=s.period, warmup_steps=warmup,
+            **outer_args(cfg),
+        )  # fmt: skip
 
     def period_at(self, step: int) -> int:
         """K at node step ``step``: the node steps from a round to the next."""

@@ -27,7 +27,8 @@ from hpc_asgd.errors import ConfigError
 from hpc_asgd.flat import FlatModel
 from hpc_asgd.registry import SYNCHRONIZERS
 from hpc_asgd.rules.base import UpdateRule
-from hpc_asgd.sync.base import Averaging, keep_training_refused
+from hpc_asgd.sync.base import Averaging, keep_training_refused, outer_args
+from hpc_asgd.sync.outer import outer_of
 from hpc_asgd.sync.rounds import AsyncRound, drain_all, settle_all
 
 
@@ -41,6 +42,7 @@ def make_group(comm: Comm, group_size: int) -> Comm:
 @SYNCHRONIZERS.register("hier-avg")
 class HierAvg(Averaging):
     keep_training = "hier-avg --hier-mode nonblocking"
+    outer_step = True
 
     @classmethod
     def from_config(
@@ -50,6 +52,7 @@ class HierAvg(Averaging):
         return cls(
             flat, None, comm, rule=rule, group_size=s.group_size, local_period=s.local_period,
             global_period=s.global_period, nonblocking=s.hier_mode == "nonblocking",
+            **outer_args(cfg),
         )  # fmt: skip
 
     @classmethod
@@ -95,12 +98,17 @@ class HierAvg(Averaging):
         group_size: int = 0,
         group: Comm | None = None,
         nonblocking: bool = False,
+        outer_lr: float = 1.0,
+        outer_momentum: float = 0.0,
+        outer_nesterov: bool = False,
         **kw: Any,
     ):
         """``group_size`` S: consecutive ranks per group (0: the ranks of one node, by host
         name); ``group``: a sub-communicator of your own instead. ``local_period`` K1: node
         steps between group averages; ``global_period`` K2: group averages between global
-        ones. ``nonblocking``: delta-corrected rounds in the background, one per level."""
+        ones. ``nonblocking``: delta-corrected rounds in the background, one per level.
+        ``outer_lr``, ``outer_momentum``, ``outer_nesterov``: the global level's outer
+        optimizer (``hpc_asgd.sync.outer``); the group level averages plainly."""
         for name, k in (("local_period", local_period), ("global_period", global_period)):
             if not (isinstance(k, int) and k >= 1):
                 raise ConfigError(f"{name}: must be a positive whole number, got {k!r}")
@@ -109,6 +117,7 @@ class HierAvg(Averaging):
         self.k1, self.k2 = local_period, global_period
         self.group_rounds = 0
         self.overlaps = nonblocking
+        kw["outer"] = outer_of(outer_lr, outer_momentum, outer_nesterov)
         super().__init__(model, optimizer, comm, **kw)
         if group is None and group_size and self.comm.size % group_size:
             raise ConfigError(
@@ -118,7 +127,9 @@ class HierAvg(Averaging):
         if nonblocking:
             self.local = AsyncRound(self.group, self.flat, self.rule)
             world = self.comm.split(0, self.comm.rank)
-            self.world = AsyncRound(world, self.flat, self.rule, self.budget)
+            self.world = AsyncRound(
+                world, self.flat, self.rule, self.budget, self.outer, self.payload
+            )
             self.next_local, self.next_world = self.k1, self.k1 * self.k2
 
     @property
@@ -142,7 +153,7 @@ class HierAvg(Averaging):
 
     def step_done(self, step: int) -> None:
         if step % (self.k1 * self.k2) == 0:
-            self.average_model_()
+            self.global_round_()
             self.rounds += 1
         else:
             self.average_model_(self.group)

@@ -41,7 +41,7 @@ class LASGD(Periodic):
     ):
         super().__init__(model, optimizer, comm, **kw)
         own = self.comm.split(0, self.comm.rank)  # its rounds never mix with other collectives
-        self.round = AsyncRound(own, self.flat, self.rule, self.budget)
+        self.round = AsyncRound(own, self.flat, self.rule, self.budget, self.outer, self.payload)
         self.next = 0  # node step at or after which the next round may start
 
     def poll(self, step: int) -> None:

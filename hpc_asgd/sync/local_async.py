@@ -70,7 +70,7 @@ class LocalAsync(Periodic):
         super().__init__(model, optimizer, comm, **kw)
         # agreement and model rounds: never mixed with the evaluation's collectives
         own = self.comm.split(0, self.comm.rank)
-        self.round = AsyncRound(own, self.flat, self.rule, self.budget)
+        self.round = AsyncRound(own, self.flat, self.rule, self.budget, self.outer, self.payload)
         self.agree_comm = own
         # [node steps, still training, -seconds per node step]: MAX gives the largest step
         # count, whether any rank trains, and the fastest rank's step time

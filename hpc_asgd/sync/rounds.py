@@ -6,6 +6,13 @@ goes on, and on completion adds ``mean(x_s) - x_s`` to the model that moved on:
 
     x  <-  x + (mean(x_s) - x_s)          (every update made meanwhile is kept)
 
+With an outer optimizer (``hpc_asgd.sync.outer``), the round's mean is its step's input: the
+pseudo-gradient is ``x_g - mean(x_s)``, with ``x_g`` this rank's global model after the
+previous completed round; the step moves ``x_g`` (and the momentum, once per completed round)
+to ``x_g'``, and the rank adds ``x_g' - x_s`` to the model that moved on, so the steps taken
+while the round was in flight are kept on top of the new global model. Buffers: the plain
+correction above.
+
 The round's buffer carries two extra elements: this rank's "finished training" flag, so the
 ranks can end a stream of order-matched rounds together (when a round's flags sum to the world
 size, every rank has seen the same thing in the same round and stops after it), and, for the
@@ -22,6 +29,8 @@ from hpc_asgd.comm import Comm, Work
 from hpc_asgd.comm.base import Poller
 from hpc_asgd.flat import FlatModel
 from hpc_asgd.rules.base import UpdateRule
+from hpc_asgd.sync.outer import OuterSGD
+from hpc_asgd.sync.payload import Payload
 
 
 class Budget:
@@ -88,8 +97,18 @@ class AsyncRound:
     """At most one round in flight on ``comm`` (a communicator of its own: its collectives
     never interleave with the evaluation's). ``budget``: the job's, for the world stream."""
 
-    def __init__(self, comm: Comm, flat: FlatModel, rule: UpdateRule, budget: Budget | None = None):
+    def __init__(
+        self,
+        comm: Comm,
+        flat: FlatModel,
+        rule: UpdateRule,
+        budget: Budget | None = None,
+        outer: OuterSGD | None = None,
+        payload: Payload | None = None,
+    ):
         self.comm, self.flat, self.rule, self.budget = comm, flat, rule, budget
+        self.outer, self.payload = outer, payload  # a payload comes with an outer's x_g
+        self.wire: Work | None = None  # the payload's allreduce, beside ``work``
         n = len(flat)
         # (n + 2,): [x_s (params, buffers), finished, node steps]
         self.buf = torch.zeros(n + TAIL, dtype=flat.data.dtype)
@@ -116,14 +135,26 @@ class AsyncRound:
         self.at_post = step
         self.snap.copy_(self.buf)
         self.posted_at = time.perf_counter()
-        self.work = self.comm.iallreduce_(self.buf)
+        if self.payload is None:
+            self.work = self.comm.iallreduce_(self.buf)
+            return
+        # the parameters' change since x_g in 16 bits; buffers and flags in float32
+        assert self.outer is not None and self.outer.x_g is not None
+        self.wire = self.comm.iallreduce_(self.payload.pack(self.snap[:p], self.outer.x_g))
+        self.work = self.comm.iallreduce_(self.buf[p:])
 
     def test(self) -> bool:
         """Drive progress; True when the round completed (call :meth:`apply` then)."""
-        return self.work is not None and self.work.test()
+        if self.work is None:
+            return False
+        if self.wire is not None and not self.wire.test():
+            return False
+        return self.work.test()
 
     def wait(self, timeout: float | None = None) -> None:
         assert self.work is not None
+        if self.wire is not None:
+            self.wire.wait(timeout)
         self.work.wait(timeout)
 
     def overdue(self) -> None:
@@ -132,11 +163,11 @@ class AsyncRound:
         polls, or trains on, must not wait forever)."""
         waited = time.perf_counter() - self.posted_at
         if self.work is not None and waited > self.comm.timeout:
-            self.work.wait(waited=waited)
+            (self.wire or self.work).wait(waited=waited)
 
     def apply(self) -> bool:
         """Add ``mean(x_s) - x_s`` to the live model; True if every rank had finished."""
-        self.work = None
+        self.work = self.wire = None
         self.inflight_s += time.perf_counter() - self.posted_at
         self.rounds += 1
         size = self.comm.size
@@ -144,8 +175,18 @@ class AsyncRound:
         self.closed = all_finished
         if self.budget is not None:
             self.budget.record(float(self.buf[-1]), self.at_post)
-        self.buf.div_(size).sub_(self.snap)  # delta = mean - x_s
         p = self.flat.n_params
+        if self.outer is None:
+            self.buf.div_(size).sub_(self.snap)  # delta = mean - x_s
+        else:  # delta = x_g' - x_s, x_g' the outer step's from mean(x_s)
+            self.buf.div_(size)
+            if self.payload is None:
+                mean = self.buf[:p]
+            else:
+                assert self.outer.x_g is not None
+                mean = self.payload.mean(self.outer.x_g, size)
+            self.buf[:p].copy_(self.outer.step(mean)).sub_(self.snap[:p])
+            self.buf[p:].sub_(self.snap[p:])
         self.rule.add_(self.buf[:p])
         self.flat.data[p:].add_(self.buf[p:-TAIL])
         return all_finished
