@@ -10,13 +10,15 @@ from hpc_asgd.comm import Comm
 from hpc_asgd.flat import FlatModel
 from hpc_asgd.registry import SYNCHRONIZERS
 from hpc_asgd.rules.base import UpdateRule
-from hpc_asgd.sync.base import Averaging, Periodic, Synchronizer, keep_training_refused
+from hpc_asgd.sync.base import Averaging
 from hpc_asgd.sync.clock import Clock
 from hpc_asgd.sync.hier_avg import HierAvg
 from hpc_asgd.sync.lasgd import LASGD
 from hpc_asgd.sync.local_async import LocalAsync
 from hpc_asgd.sync.local_sgd import LocalSGD
 from hpc_asgd.sync.none import NoSync
+from hpc_asgd.sync.periodic import Periodic
+from hpc_asgd.sync.protocol import Synchronizer, keep_training_refused
 from hpc_asgd.sync.synchronous import SyncSGD
 
 

@@ -1,30 +1,7 @@
-"""The synchroniser seam: what happens across ranks around the node's steps.
-
-A synchroniser sees the flat model (``FlatModel``), the update rule that owns the parameters
-and a ``Comm``; it never sees the engine, the data or the process layout. Its driver calls,
-in node-step order and identically on every rank (through ``sync.clock``, the rounds' clock):
-
-    start()                       once (construction): every rank takes rank 0's model
-    grads_ready(step)             after backward, before the update (synchronous SGD only)
-    next_stop(step)               the node step of the next blocking round (None: no more)
-    step_done(stop)               at that node step; with workers, they are paused there
-    poll(step)                    often, never blocking: drive non-blocking rounds (overlaps)
-    nap_s()                       how long the averaging process may sleep before the next poll
-    settle(step)                  (--keep-training) while this rank takes extra steps: one
-                                  non-blocking look at the rounds; True once all finished
-    finish(step)                  once, after this rank's last step: drain(step), the
-                                  non-blocking rounds until every rank has finished, then
-                                  final_average(), the exact average that gives consensus
-    quiesce(step)                 before a checkpoint: complete every round in flight
-
-Each algorithm is one file whose class is registered under its ``--algo`` name
-(``@SYNCHRONIZERS.register``). The same class is the Python API's object for a training loop of
-your own, over any ``nn.Module`` and ``torch.optim.Optimizer`` (see :class:`Averaging`). For
-the application it also carries its adapter: how it is built from the configuration
-(``from_config``), what it refuses (``validate``), whether a finished rank may keep training
-(``keeps_training``); these read the application's configuration by field name, the library
-never imports it. ``state_dict`` is what it checkpoints, ``metrics`` what it adds to the
-summary, ``stats`` its figures as a dict.
+"""The synchronisers' common base, :class:`Averaging`: the flat model, the rounds' arithmetic
+(averages, the outer step, 16-bit payloads) and the Python API around a training loop (hooks on
+the optimizer's step, ``iterate``, ``finish``, ``stats``, ``state_dict``). The seam it fills is
+``hpc_asgd.sync.protocol``; :class:`~hpc_asgd.sync.periodic.Periodic` adds the round every K.
 """
 
 from __future__ import annotations
@@ -32,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,96 +18,11 @@ from hpc_asgd import comm as comms
 from hpc_asgd.comm import Comm
 from hpc_asgd.errors import ConfigError
 from hpc_asgd.flat import FlatModel
-from hpc_asgd.registry import SYNCHRONIZERS
 from hpc_asgd.rules.base import InPlace, UpdateRule
 from hpc_asgd.sync.clock import Clock
-from hpc_asgd.sync.outer import OuterSGD, outer_of
+from hpc_asgd.sync.outer import OuterSGD
 from hpc_asgd.sync.payload import Payload, payload_of
 from hpc_asgd.sync.rounds import Budget
-
-
-class Synchronizer(Protocol):
-    name: str  # the --algo value it is registered under
-    keep_training: str | None  # how to ask for --keep-training with it (None: it cannot)
-    promises_consensus: bool
-    averages_gradients: bool  # True: needs grads_ready after every backward (W = 1 only)
-    overlaps: bool  # True: rounds run in the background, driven by poll
-    needs_workers: bool  # True: the CLI runs it with worker processes (its main process averages)
-    outer_step: bool  # True: an outer optimizer may step its (global) rounds
-    comm: Comm
-    flat: FlatModel
-    rule: UpdateRule
-    clock: Clock
-    budget: Budget  # the job's budget, as the rounds report it (``--budget job``, time budget)
-    rounds: int  # averaging (or gradient-averaging) rounds done
-    wait_s: float  # seconds the node spent blocked in this synchroniser's collectives
-
-    @property
-    def inflight_s(self) -> float:
-        """Seconds collectives were in flight (= wait_s when blocking)."""
-        ...
-
-    @classmethod
-    def from_config(
-        cls, cfg: Any, comm: Comm, flat: FlatModel, rule: UpdateRule, steps_per_epoch: int
-    ) -> Synchronizer:
-        """Built on every rank from the application's configuration (collective: it may split
-        communicators)."""
-        ...
-
-    @classmethod
-    def validate(cls, cfg: Any, world_size: int, local_size: int) -> None:
-        """Its own rules on the configuration (ConfigError), checked before any collective."""
-        ...
-
-    @classmethod
-    def keeps_training(cls, cfg: Any) -> bool:
-        """Whether ``--keep-training`` may be used with this configuration of it (False, or
-        a ConfigError that says more)."""
-        ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-    def metrics(self) -> dict[str, Any]:
-        """Extra summary fields; collective (every rank calls it, in the same order)."""
-        ...
-
-    def stats(self) -> dict[str, Any]:
-        """This rank's figures of the rounds (no collective)."""
-        ...
-
-    def start(self) -> None: ...
-
-    def grads_ready(self, step: int) -> None: ...
-
-    def next_stop(self, step: int) -> int | None: ...
-
-    def step_done(self, step: int) -> None: ...
-
-    def poll(self, step: int) -> None: ...
-
-    def nap_s(self) -> float: ...
-
-    def drain(self, step: int) -> None: ...
-
-    def settle(self, step: int) -> bool: ...
-
-    def final_average(self) -> None: ...
-
-    def finish(self, step: int | None = None) -> None: ...
-
-    def quiesce(self, step: int | None = None) -> None: ...
-
-
-def keep_training_refused(algo: str, detail: str = "") -> ConfigError:
-    """The error for ``--keep-training`` with an algorithm (or a mode of it) that cannot."""
-    able = [c.keep_training for _, c in SYNCHRONIZERS.items() if c.keep_training]
-    return ConfigError(
-        f"keep_training: only the non-blocking algorithms ({', '.join(able)}) let a rank "
-        f"train on while others finish; not {algo!r}{detail}"
-    )
 
 
 def same_model(comm: Comm, flat: FlatModel) -> None:
@@ -502,61 +394,3 @@ def outer_args(cfg: Any) -> dict[str, Any]:
         "outer_nesterov": s.outer_nesterov,
         "avg_dtype": s.avg_dtype,
     }
-
-
-def steps_of_epochs(epochs: float, steps_per_epoch: int) -> int:
-    """The first node step ``s`` with ``s / steps_per_epoch >= epochs``: where the application's
-    epoch-based warm-up (``--post-local-epochs``) ends, in the steps the library counts."""
-    s = max(0, int(epochs * steps_per_epoch))
-    while s > 0 and (s - 1) / steps_per_epoch >= epochs:
-        s -= 1
-    while s / steps_per_epoch < epochs:
-        s += 1
-    return s
-
-
-class Periodic(Averaging):
-    """A round every K (``period``) local node steps; K = 1 for the first ``warmup_steps``
-    (post-local SGD, Lin et al., ICLR 2020; torch's ``PeriodicModelAverager`` calls it
-    ``warmup_steps`` too). ``outer_lr``, ``outer_momentum``, ``outer_nesterov``: the rounds'
-    outer optimizer (``hpc_asgd.sync.outer``; lr 1, momentum 0: plain averaging)."""
-
-    outer_step = True
-
-    def __init__(
-        self,
-        model: nn.Module | FlatModel,
-        optimizer: torch.optim.Optimizer | None = None,
-        comm: Comm | None = None,
-        *,
-        period: int,
-        warmup_steps: int = 0,
-        outer_lr: float = 1.0,
-        outer_momentum: float = 0.0,
-        outer_nesterov: bool = False,
-        **kw: Any,
-    ):
-        """``avg_dtype``: ``bf16`` | ``fp16`` sends the rounds' parameters in 16 bits, with
-        error feedback (``hpc_asgd.sync.payload``); ``fp32`` (default) the model itself."""
-        if not (isinstance(period, int) and period >= 1):
-            raise ConfigError(f"period: must be a positive whole number of steps, got {period!r}")
-        if not (isinstance(warmup_steps, int) and warmup_steps >= 0):
-            raise ConfigError(f"warmup_steps: must be a whole number >= 0, got {warmup_steps!r}")
-        self.period, self.warmup_steps = period, warmup_steps
-        kw["outer"] = outer_of(outer_lr, outer_momentum, outer_nesterov)
-        super().__init__(model, optimizer, comm, **kw)
-
-    @classmethod
-    def from_config(
-        cls, cfg: Any, comm: Comm, flat: FlatModel, rule: UpdateRule, steps_per_epoch: int
-    ) -> Periodic:
-        s = cfg.sync
-        warmup = steps_of_epochs(s.post_local_epochs, steps_per_epoch)
-        return cls(
-            flat, None, comm, rule=rule, period=s.period, warmup_steps=warmup,
-            **outer_args(cfg),
-        )  # fmt: skip
-
-    def period_at(self, step: int) -> int:
-        """K at node step ``step``: the node steps from a round to the next."""
-        return 1 if step < self.warmup_steps else self.period

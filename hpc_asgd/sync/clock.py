@@ -20,7 +20,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from hpc_asgd.sync.base import Synchronizer
+    from hpc_asgd.sync.protocol import Synchronizer
 
 _UNSET = -1  # no schedule computed yet (the synchroniser may still be under construction)
 

@@ -27,8 +27,9 @@ from hpc_asgd.errors import ConfigError
 from hpc_asgd.flat import FlatModel
 from hpc_asgd.registry import SYNCHRONIZERS
 from hpc_asgd.rules.base import UpdateRule
-from hpc_asgd.sync.base import Averaging, keep_training_refused, outer_args
+from hpc_asgd.sync.base import Averaging, outer_args
 from hpc_asgd.sync.outer import outer_of
+from hpc_asgd.sync.protocol import keep_training_refused
 from hpc_asgd.sync.rounds import AsyncRound, drain_all, settle_all
 
 

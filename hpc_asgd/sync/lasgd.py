@@ -23,7 +23,7 @@ from torch import nn
 from hpc_asgd.comm import Comm
 from hpc_asgd.flat import FlatModel
 from hpc_asgd.registry import SYNCHRONIZERS
-from hpc_asgd.sync.base import Periodic
+from hpc_asgd.sync.periodic import Periodic
 from hpc_asgd.sync.rounds import AsyncRound, settle_all
 
 

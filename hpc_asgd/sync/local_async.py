@@ -38,7 +38,7 @@ from torch import nn
 from hpc_asgd.comm import Comm, Work
 from hpc_asgd.flat import FlatModel
 from hpc_asgd.registry import SYNCHRONIZERS
-from hpc_asgd.sync.base import Periodic
+from hpc_asgd.sync.periodic import Periodic
 from hpc_asgd.sync.rounds import AsyncRound
 
 _AGREE_EVERY = 5e-4  # s: at most ~2,000 agreement rounds a second, to leave the cores to workers

@@ -16,7 +16,7 @@ sync_every=K)``.
 from __future__ import annotations
 
 from hpc_asgd.registry import SYNCHRONIZERS
-from hpc_asgd.sync.base import Periodic
+from hpc_asgd.sync.periodic import Periodic
 
 
 @SYNCHRONIZERS.register("local-sgd")
