@@ -11,6 +11,7 @@ the rank reads every peer's mark: the peers still below n are the ones that did 
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import re
@@ -35,6 +36,25 @@ from hpc_asgd.errors import CommError
 
 _MARK_AFTER = 0.1  # s of waiting after which a rank records its arrival in the store
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+_LIVE: list[TorchComm] = []  # every group this process made, for :func:`shutdown`
+
+
+def shutdown() -> None:
+    """Destroy every process group before the interpreter finalizes (registered with atexit).
+
+    Why: a Gloo thread drops its reference to a finished collective's tensors a moment after
+    the collective completes. When that reference is the last one and falls after Python began
+    finalizing, the thread needs the GIL, is unwound by ``pthread_exit`` and the process aborts
+    ("terminate called without an active exception") after a run that succeeded. Destroying
+    the groups joins those threads while Python still runs. Skipped while a collective is in
+    flight: destroying would wait for its peers (that is an error path, which exits anyway).
+    """
+    if not dist.is_initialized():
+        return
+    if any(c.last is not None and not c.last.is_completed() for c in _LIVE):
+        return
+    _LIVE.clear()
+    dist.destroy_process_group()
 
 
 def _free_port() -> int:
@@ -146,6 +166,8 @@ class TorchComm:
         self.timeout = timeout
         self.tag = tag
         self.seq = 0
+        self.last = None  # the newest collective's engine Work (they complete in order)
+        _LIVE.append(self)
         self.hosts: list[str] = []  # every world rank's host (set by ``init``, shared by splits)
         self.device = (
             torch.device("cuda", torch.cuda.current_device())
@@ -164,12 +186,14 @@ class TorchComm:
         dist.init_process_group(
             backend, store=store, rank=launch.rank, world_size=launch.size, timeout=engine_timeout
         )
+        atexit.register(shutdown)
         comm = cls(backend, store, None, None, timeout)
         comm.hosts = gather_hosts(comm, launch.hostname)  # by world rank, for error lines
         return comm
 
     def _post(self, what: str, work, after=None) -> TorchWork:
         self.seq += 1
+        self.last = work
         return TorchWork(self, work, self.seq, what, after)
 
     def iallreduce_(self, t: torch.Tensor, op: str = "sum") -> TorchWork:
