@@ -134,3 +134,36 @@ def test_rank0_joins_the_store_torchruns_agent_hosts(monkeypatch) -> None:
     own = torch_dist._connect_store(launch, "127.0.0.1", port, timeout)
     own.set("k", "v")
     assert own.get("k") == b"v" and not own.check(["agent"])
+
+
+def test_gloo_groups_are_destroyed_before_the_interpreter_finalizes(tmp_path) -> None:
+    """A Gloo thread that drops a finished collective's last tensor reference after Python began
+    finalizing aborts the process ("terminate called without an active exception"): the
+    engine's atexit handler destroys every group, sub-groups included, joining those threads
+    first. Checked by a handler registered before ``init`` (atexit runs them last-in first-out).
+    """
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "leave.py"
+    script.write_text(
+        "import atexit, torch, torch.distributed as dist, hpc_asgd\n"
+        "atexit.register(lambda: print('initialized at exit:', dist.is_initialized()))\n"
+        "comm = hpc_asgd.init('gloo')\n"
+        "sub = comm.split(0, 0)\n"
+        "t = torch.ones(1000)\n"
+        "sub.iallreduce_(t).wait()\n"
+        "comm.iallreduce_(t).wait()\n"
+        "print('sum', float(t.sum()))\n"
+    )
+    with socket.socket() as s:  # a free port for the rendezvous of a world of one
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False,
+        env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "sum 1000.0" in proc.stdout and "initialized at exit: False" in proc.stdout, proc.stdout
