@@ -41,10 +41,10 @@ HEAD = ["contender", "samples/s", "aggregate", "train s", "test acc", "rounds", 
 class Lighthouse:
     """torchft's lighthouse on 127.0.0.1 (a free port) for one run, in this process."""
 
-    def __init__(self) -> None:
+    def __init__(self, replicas: int = RANKS) -> None:
         from torchft.coordination import LighthouseServer
 
-        self.server = LighthouseServer(bind="127.0.0.1:0", min_replicas=RANKS)
+        self.server = LighthouseServer(bind="127.0.0.1:0", min_replicas=replicas)
         self.address = "http://127.0.0.1:" + self.server.address().rsplit(":", 1)[1]
 
     def __enter__(self) -> Lighthouse:

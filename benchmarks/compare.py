@@ -52,6 +52,7 @@ LINKS = ("uncapped", "one-capped", "all-capped")  # --nodes: the link settings
 NODE_CONTENDERS = ("sync", "local-sgd", "local-async", "lasgd", "hier-avg", "torch-ddp")
 NONBLOCKING = ("local-async", "lasgd", "hier-avg-nb", *RANKED)
 PEER_SCRIPT = str(Path(__file__).resolve().parent / "peers" / "ddp.py")
+PEER_SCRIPTS = {"torchft-diloco": str(Path(PEER_SCRIPT).with_name("diloco.py"))}  # outer.py's
 WHAT = {
     "sync": "`--algo sync` (gradient allreduce every step)",
     "local-sgd": "`--algo local-sgd --period K` (blocking)",
@@ -140,8 +141,9 @@ def job_cmd(args, name: str, variant: str, tmp: Path, out: Path) -> tuple[list[s
     common = {"dataset": args.dataset, "data_dir": args.data_dir, "model": args.model,
               "batch_size": args.batch_size, "lr": args.lr, "momentum": args.momentum,
               "epochs": args.epochs, "eval_every": args.eval_every, "seed": 0}  # fmt: skip
-    if name in PEERS:
+    if name in PEERS or name in PEER_SCRIPTS:
         opts = {**common, "period": args.period, "local_period": args.local_period}
+        opts.update(getattr(args, "peer_opts", None) or {})  # outer.py's (DiLoCo's outer SGD)
         opts.update(group_size=args.group_size, threads=threads)
         opts.update(slow_rank=SLOW_RANK if slow else -1, slow_factor=SLOW_FACTOR if slow else 1.0)
         opts.update(delay_flags(args, variant))
@@ -149,9 +151,11 @@ def job_cmd(args, name: str, variant: str, tmp: Path, out: Path) -> tuple[list[s
         with socket.socket() as s:  # a free port for the rendezvous
             s.bind(("127.0.0.1", 0))
             env["MASTER_ADDR"], env["MASTER_PORT"] = master, str(s.getsockname()[1])
-        return [*cmd, sys.executable, PEER_SCRIPT, name, json.dumps(opts)], env
+        script = PEER_SCRIPTS.get(name, PEER_SCRIPT)
+        return [*cmd, sys.executable, script, name, json.dumps(opts)], env
     flags = {k.replace("_", "-"): v for k, v in common.items()}
     flags.update(ours_flags(name, args), out=out, **{"threads-per-worker": threads or None})
+    flags.update(getattr(args, "extra_flags", None) or {})  # outer.py's (--outer-*, --avg-dtype)
     if slow:
         flags.update({"slow-rank": SLOW_RANK, "slow-factor": SLOW_FACTOR})
     flags.update({k.replace("_", "-"): v for k, v in delay_flags(args, variant).items()})
@@ -193,7 +197,8 @@ def launch(args: argparse.Namespace, name: str, variant: str, tmp: Path) -> dict
     if proc.returncode != 0:
         return {**res, "error": f"rc {proc.returncode}: {(proc.stdout + proc.stderr)[-2000:]}"}
     try:  # a node taken down under the job (slurm_local.sh stop) can leave no summary
-        res.update(h.result_line(proc.stdout, PEER_MARK) if name in PEERS else read_ours(out))
+        peer = name in PEERS or name in PEER_SCRIPTS
+        res.update(h.result_line(proc.stdout, PEER_MARK) if peer else read_ours(out))
     except (OSError, ValueError, KeyError, TypeError) as e:
         return {**res, "error": f"no result: {e!r} {proc.stdout[-2000:]}"}
     if args.keep_runs:  # for hpc-asgd report / predict --calibrate

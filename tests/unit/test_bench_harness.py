@@ -77,3 +77,36 @@ def test_compare_goals_and_tables(nodes):
         la = next(g for g in report["goals"] if "2.5x torch DDP" in g["goal"])
         assert la["value"] == 1.0 and not la["met"] and la["paired"] == 1.0
     assert "| contender | samples/s | aggregate samples/s | wall to 0.9 (s) |" in md
+
+
+def test_outer_goals_from_made_up_runs():
+    """outer.py's goals: the outer step's time to target at K = 32, DiLoCo's samples/s, and the
+    bf16 round time on capped links, as measured and as capped minus uncapped."""
+    import outer
+
+    args = outer.parse(["--nodes", "4"])
+    runs = {}
+    for name in args.contenders:
+        for k in args.periods:
+            sps = 100.0 if name == "torchft-diloco" else 130.0
+            tt = 2.0 if name.endswith("+outer") else 3.0
+            runs[f"ranks|uncapped|K{k}|{name}"] = [{"samples_per_s": sps, "train_to_target_s": tt}]
+    for link, base in (("uncapped", 80.0), ("all-capped", 180.0)):
+        for name in args.node_contenders:  # bf16 halves what the link adds: 100 ms -> 50 ms
+            ms = base if "+bf16" not in name else (80.0 if link == "uncapped" else 130.0)
+            acc = 0.95 if "+bf16" not in name else 0.947
+            runs[f"nodes|{link}|K32|{name}"] = [{"round_ms": ms, "final_test_acc": acc}]
+    report = {"args": vars(args), "runs": runs,
+              "results": {k: outer.summarise(v) for k, v in runs.items()}}  # fmt: skip
+    goals = {g["goal"]: g for g in outer.goals(report)}
+    assert goals["K = 32: local-sgd with the outer step reaches 0.9 in <= 0.8x plain's training "
+                 "time"]["value"] == pytest.approx(2 / 3)  # fmt: skip
+    diloco = goals["K = 128: lasgd+outer samples/s >= 1.2x torchft DiLoCo's"]
+    assert diloco["value"] == pytest.approx(1.3) and diloco["met"]
+    raw = goals["capped, K = 32: local-sgd bf16 round time <= 0.55x fp32's"]
+    assert raw["value"] == pytest.approx(130 / 180) and not raw["met"]
+    wire = goals["capped, K = 32: local-sgd bf16 round time minus uncapped <= 0.55x fp32's (what "
+                 "the link adds)"]  # fmt: skip
+    assert wire["value"] == pytest.approx(0.5) and wire["met"]
+    acc = goals["capped, K = 32: local-sgd bf16 final accuracy within 0.5 points of fp32's"]
+    assert acc["value"] == pytest.approx(-0.003) and acc["met"]
