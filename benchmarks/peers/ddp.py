@@ -29,6 +29,35 @@ def eval_steps(total: int, spe: int, eval_every: float) -> list[int]:
     return [*range(every, total, every), total]
 
 
+def eval_row(module, data, test, step: int, loss_sum: float, seen: list, t0: float, spe: int,
+             batch: int, world: int) -> dict:  # fmt: skip
+    """One row of hpc_asgd's metrics.jsonl: this rank's ``module`` on its test shard (``test``,
+    a ShardSampler), summed over the ranks (the default group); the train loss since the last
+    row, whose [loss sum, steps] ``seen`` holds and this updates."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    acc = torch.zeros(5, dtype=torch.float64)
+    module.eval()
+    with torch.no_grad():
+        for idx in test.epoch(0):
+            x, y = data.test.batch(idx, train=False)
+            out = module(x)
+            acc[0] += (out.argmax(1) == y).sum().item()
+            acc[1] += F.cross_entropy(out, y, reduction="sum").item()
+            acc[2] += y.numel()
+    module.train()
+    acc[3], acc[4] = loss_sum - seen[0], step - seen[1]
+    seen[0], seen[1] = loss_sum, step
+    dist.all_reduce(acc)
+    return {
+        "epoch": round(step / spe, 4), "time_s": round(time.perf_counter() - t0, 3),
+        "samples": step * batch * world, "train_loss": float(acc[3] / max(float(acc[4]), 1)),
+        "test_acc": float(acc[0] / acc[2]), "test_loss": float(acc[1] / acc[2]),
+    }  # fmt: skip
+
+
 def averager_round(model_name: str, shape, classes: int, n: int, seed: int):
     """``PeriodicModelAverager(period=1, warmup_steps=0).average_parameters`` on the model
     (the default process group must be up); returns (round, the model's parameters)."""
@@ -152,24 +181,7 @@ def train_rank(name: str, opts: dict) -> None:
     loss_sum = 0.0
 
     def evaluate(step: int, module: torch.nn.Module) -> None:
-        acc = torch.zeros(5, dtype=torch.float64)
-        module.eval()
-        with torch.no_grad():
-            for idx in test.epoch(0):
-                x, y = data.test.batch(idx, train=False)
-                out = module(x)
-                acc[0] += (out.argmax(1) == y).sum().item()
-                acc[1] += F.cross_entropy(out, y, reduction="sum").item()
-                acc[2] += y.numel()
-        module.train()
-        acc[3], acc[4] = loss_sum - seen[0], step - seen[1]
-        seen[0], seen[1] = loss_sum, step
-        dist.all_reduce(acc)
-        rows.append({
-            "epoch": round(step / spe, 4), "time_s": round(time.perf_counter() - t_start, 3),
-            "samples": step * batch * world, "train_loss": float(acc[3] / max(float(acc[4]), 1)),
-            "test_acc": float(acc[0] / acc[2]), "test_loss": float(acc[1] / acc[2]),
-        })  # fmt: skip
+        rows.append(eval_row(module, data, test, step, loss_sum, seen, t_start, spe, batch, world))
 
     net.train()
     dist.barrier()

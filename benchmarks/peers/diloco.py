@@ -34,7 +34,7 @@ def train_rank(opts: dict) -> None:
 
     from hpc_asgd.data import ShardSampler, load_dataset
     from hpc_asgd.models import build_model
-    from peers.ddp import eval_steps
+    from peers.ddp import eval_row, eval_steps
 
     rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
     world = int(os.environ["OMPI_COMM_WORLD_SIZE"])
@@ -79,24 +79,7 @@ def train_rank(opts: dict) -> None:
     loss_sum, seen = 0.0, [0.0, 0]
 
     def evaluate(step: int) -> None:  # as peers/ddp.py: this rank's model on its test shard
-        acc = torch.zeros(5, dtype=torch.float64)
-        model.eval()
-        with torch.no_grad():
-            for idx in test.epoch(0):
-                x, y = data.test.batch(idx, train=False)
-                out = model(x)
-                acc[0] += (out.argmax(1) == y).sum().item()
-                acc[1] += F.cross_entropy(out, y, reduction="sum").item()
-                acc[2] += y.numel()
-        model.train()
-        acc[3], acc[4] = loss_sum - seen[0], step - seen[1]
-        seen[0], seen[1] = loss_sum, step
-        dist.all_reduce(acc)
-        rows.append({
-            "epoch": round(step / spe, 4), "time_s": round(time.perf_counter() - t_start, 3),
-            "samples": step * batch * world, "train_loss": float(acc[3] / max(float(acc[4]), 1)),
-            "test_acc": float(acc[0] / acc[2]), "test_loss": float(acc[1] / acc[2]),
-        })  # fmt: skip
+        rows.append(eval_row(model, data, test, step, loss_sum, seen, t_start, spe, batch, world))
 
     try:
         with DiLoCo(manager, [model], inner, outer, sync_every=opts["period"], pin_memory=False):
