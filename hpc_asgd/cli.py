@@ -128,7 +128,7 @@ def _table(summary: dict) -> str:
 
 
 def cmd_train(args: argparse.Namespace, launch: env.Launch) -> int:
-    from hpc_asgd import failure, signals
+    from hpc_asgd import elastic, failure, signals
 
     signals.install()  # before torch is imported: a USR1 or TERM at start-up is not lost
     from hpc_asgd.comm import make_comm
@@ -138,6 +138,7 @@ def cmd_train(args: argparse.Namespace, launch: env.Launch) -> int:
     try:
         cfg = config_from_args(args)
         cfg.validate(launch.size, launch.local_size)
+        elastic.check(cfg, launch)
         cfg.check_paths()
         cfg.check_factories()  # your own model / dataset / loss: imported, built, fitted
     except ConfigError as e:

@@ -191,6 +191,13 @@ class RunConfig:
     force_resume: bool = _f(
         False, "resume from a checkpoint even if another configuration wrote it"
     )
+    min_ranks: int = _f(
+        0,
+        "keep training while at least M ranks live: a rank that dies is dropped and the "
+        "survivors shrink the job, average their models and take its remaining steps (MPI "
+        "with ULFM: mpirun --with-ft ulfm; W = 1; lasgd, local-sgd, sync, none); 0: the world "
+        "size (a lost rank ends the job)",
+    )
     max_nonfinite: int = _f(
         3,
         "steps with a non-finite loss or gradient tolerated per rank (each is skipped before "
@@ -351,6 +358,7 @@ class Config:
             "checkpoint_minutes": r.checkpoint_minutes,
             "stop_at_step": r.stop_at_step,
             "time_budget": r.time_budget,
+            "min_ranks": r.min_ranks,
         }
         for name, value in non_negative.items():
             if value < 0:
@@ -409,6 +417,10 @@ class Config:
             raise ConfigError(
                 "keep_training: the cosine schedule ends at lr 0, so the steps past --epochs "
                 "would not move the model; use a constant or step schedule"
+            )
+        if r.min_ranks > world_size:
+            raise ConfigError(
+                f"min_ranks: {r.min_ranks} is more than the job's {world_size} rank(s)"
             )
         if r.slow_rank >= world_size:
             raise ConfigError(f"slow_rank: {r.slow_rank} is not a rank of a {world_size}-rank job")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -77,6 +77,10 @@ class Job:
     # evaluation passes: the averager's cost when workers train (``summary.json``)
     averager_cpu_s: float | None = None
     cpu_begin: float = 0.0  # process_time() at ``begin`` (this session)
+    # --min-ranks: one row per shrink (``elastic.recover``), for summary.json's ``membership``
+    membership: list[dict] = field(default_factory=list)
+    world_size_start: int = 0  # the ranks the job started with
+    total_start: int = 0  # the node steps per rank it was scheduled with
 
     @property
     def trains_on(self) -> bool:

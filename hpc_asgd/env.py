@@ -47,6 +47,9 @@ class Launch:
     # torchrun's agent already hosts the rendezvous store at MASTER_ADDR:MASTER_PORT
     # (TORCHELASTIC_USE_AGENT_STORE=True): every rank, rank 0 included, connects as a client
     agent_store: bool = False
+    # Open MPI runs with ULFM (``mpirun --with-ft ulfm`` sets OMPI_MCA_mpi_ft_enable=1): a dead
+    # rank is reported to the survivors instead of ending the job (``--min-ranks``)
+    ulfm: bool = False
 
     @property
     def under_mpi(self) -> bool:
@@ -85,20 +88,29 @@ def short_host(name: str) -> str:
     return name.split(".", maxsplit=1)[0]
 
 
-def _parse_fault(spec: str | None) -> Fault | None:
+def _parse_fault(spec: str | None, rank: int = 0) -> Fault | None:
+    """``KIND@RANK:STEP``, or several separated by commas (one per rank: this rank's, else
+    the first), e.g. ``kill@3:30,kill@2:60`` for two losses one after the other."""
     if not spec:
         return None
     kinds = "raise|stop|kill|ckptkill|nan|startstop"
-    m = re.fullmatch(rf"({kinds})@(\d+):(\d+)", spec.strip())
-    if not m:
-        raise ValueError(f"HPC_ASGD_FAULT={spec!r}: expected {kinds}@RANK:STEP")
-    return Fault(m.group(1), int(m.group(2)), int(m.group(3)))
+    faults = []
+    for part in spec.split(","):
+        m = re.fullmatch(rf"({kinds})@(\d+):(\d+)", part.strip())
+        if not m:
+            raise ValueError(f"HPC_ASGD_FAULT={spec!r}: expected {kinds}@RANK:STEP[,...]")
+        faults.append(Fault(m.group(1), int(m.group(2)), int(m.group(3))))
+    return next((f for f in faults if f.rank == rank), faults[0])
 
 
 def detect(env: dict[str, str] | None = None) -> Launch:
     """Read the launcher's variables. Precedence: Open MPI, PMIx/PMI, torchrun, SLURM, single."""
     env = dict(os.environ if env is None else env)
-    launch = replace(_detect(env), threads=_int(env, "OMP_NUM_THREADS") or None)
+    launch = replace(
+        _detect(env),
+        threads=_int(env, "OMP_NUM_THREADS") or None,
+        ulfm=env.get("OMPI_MCA_mpi_ft_enable", "0").lower() in ("1", "true", "yes", "ulfm"),
+    )
     if launch.launcher == "torchrun":
         # torch's own env:// rendezvous makes the same test (the string torch writes is "True").
         launch = replace(launch, agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
@@ -139,7 +151,6 @@ _LAUNCHERS: list[tuple[str, tuple[str, ...], list[str], list[str], list[str], li
 def _detect(env: dict[str, str]) -> Launch:
     host = short_host(socket.gethostname())
     job = env.get("SLURM_JOB_ID")
-    fault = _parse_fault(env.get("HPC_ASGD_FAULT"))
     port = _int(env, "MASTER_PORT")
     addr = env.get("MASTER_ADDR")
     for name, when, rank, size, local_rank, local_size in _LAUNCHERS:
@@ -153,8 +164,11 @@ def _detect(env: dict[str, str]) -> Launch:
         ids = (_int(env, *v) for v in (rank, size, local_rank, local_size))
         r, n, lr, ln = (x if x is not None else d for x, d in zip(ids, (0, 1, 0, 1), strict=True))
         kind = "srun" if name == "pmi" and "SLURM_PROCID" in env else name
+        fault = _parse_fault(env.get("HPC_ASGD_FAULT"), r)
         return Launch(kind, r, n, lr, ln, host, addr, port, job, fault)
-    return Launch("single", 0, 1, 0, 1, host, addr, port, job, fault)
+    return Launch(
+        "single", 0, 1, 0, 1, host, addr, port, job, _parse_fault(env.get("HPC_ASGD_FAULT"))
+    )
 
 
 def is_tty(stream) -> bool:

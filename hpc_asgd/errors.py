@@ -24,6 +24,12 @@ class CommError(HpcAsgdError):
     """A collective failed or passed its deadline; the message names the missing ranks."""
 
 
+class PeerLost(CommError):
+    """An engine that survives failures (MPI with ULFM) reported a peer's process as dead, or
+    a communicator revoked by a survivor that saw one: the survivors may shrink and go on
+    (``--min-ranks``); otherwise it ends the job like any CommError."""
+
+
 def error_line(rank: int, size: int, err: BaseException, host: str | None = None) -> str:
     """The one line a failing rank prints; it names the host too, since nodes fail."""
     what = str(err) if isinstance(err, HpcAsgdError) else f"{type(err).__name__}: {err}"

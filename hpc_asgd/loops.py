@@ -17,11 +17,14 @@ import time
 
 import torch
 
+from hpc_asgd import elastic
 from hpc_asgd.driver import Events, Job
+from hpc_asgd.errors import PeerLost
 from hpc_asgd.flat import FlatModel
 from hpc_asgd.rules.base import AtomicArray
-from hpc_asgd.stats import check_finite
+from hpc_asgd.stats import STEPS, check_finite
 from hpc_asgd.step import Stepper
+from hpc_asgd.sync.rounds import Budget
 from hpc_asgd.workers import (
     DONE,
     LIMIT,
@@ -39,7 +42,7 @@ KEEP_GOING = 1 << 62  # the workers' step bound with --keep-training: their STOP
 
 def train_in_process(job: Job) -> float:
     """W = 1 in the rank's own process: step, then the events the step holds."""
-    flat, sync, ev = job.flat, job.sync, job.evaluator
+    flat, sync = job.flat, job.sync
     job.rule.attach(0)
     hook = sync.grads_ready if sync.averages_gradients else None
     stepper = job.step.stepper(flat, job.rule, job.stats[0], job.device, grads_hook=hook)
@@ -52,47 +55,64 @@ def train_in_process(job: Job) -> float:
         stepper.gen.set_state(job.resumed["generator"])
         torch.set_rng_state(job.resumed["torch_rng"])
     events = Events(job, start)
-    clock = events.clock
     job.begin(start)
     t_seg = time.perf_counter()
     job.setup_s = t_seg - job.t_start
     budget = job.start_budget(start, train_s)
     flat.module.train()
     s = start
+    base = (start, float(job.stats[0, STEPS]))  # node step <-> steps counted (--min-ranks)
     while s < job.total:
-        if budget.spent(s):  # no more steps: this rank's remaining events still run, in order
-            if not job.extra:  # (its peers meet it there); the steps it did not take:
-                job.extra = s - job.total
-            s = events.next - 1
-        else:
-            job.tracker.step = s + 1  # node steps are named 1-based, as in the error lines
-            if not stepper.step(s):
-                check_finite(job.stats, job.cfg.run.max_nonfinite, job.cfg.optim.lr)
-        ev.complete(wait=False)
-        clock.round(s + 1)
-        clock.poll(s + 1)
-        job.progress.step(s + 1)
-        if events.evaluation(s + 1):
-            final = s + 1 == job.total
-            if final and job.trains_on and not budget.exhausted:
-                job.extra = _keep_training(job, stepper)
-            train_s += time.perf_counter() - t_seg
-            job.rule.publish()  # evaluate the latest parameters, in the flat buffer
-            flat.bind_params(flat.params)
-            if final:  # the final exact average comes before the final evaluation
-                sync.finish(job.total + job.extra)  # after the other ranks' rounds
-            ev.at(s + 1, flat.module, final=final)  # before the end: the sum completes later
-            t_seg = time.perf_counter()
-        save, halt = events.check(s + 1)
-        if save and s + 1 < job.total:
-            state = {
-                "optimizer": stepper.opt.state_dict(),
-                "generator": stepper.gen.get_state(),
-                "torch_rng": torch.get_rng_state(),
-            }
-            job.checkpoint(s + 1, train_s + time.perf_counter() - t_seg, halt, state)
+        try:
+            s, train_s, t_seg = _in_process(job, stepper, events, budget, s, train_s, t_seg)
+        except PeerLost as err:  # --min-ranks: shrink to the survivors and go on
+            taken = base[0] + round(float(job.stats[0, STEPS]) - base[1])
+            s, events = elastic.recover(job, err, taken, events, stepper)
+            base, budget = (s, float(job.stats[0, STEPS])), job.sync.budget
+            continue
         s += 1
     return train_s
+
+
+def _in_process(
+    job: Job, stepper: Stepper, events: Events, budget: Budget, s: int, train_s: float,
+    t_seg: float,
+) -> tuple[int, float, float]:  # fmt: skip
+    """Node step ``s`` (0-based), then the events it holds; returns (s, train_s, t_seg) as
+    the step left them (``s`` moves on to the next event when the budget is spent)."""
+    flat, sync, ev, clock = job.flat, job.sync, job.evaluator, events.clock
+    if budget.spent(s):  # no more steps: this rank's remaining events still run, in order
+        if not job.extra:  # (its peers meet it there); the steps it did not take:
+            job.extra = s - job.total
+        s = events.next - 1
+    else:
+        job.tracker.step = s + 1  # node steps are named 1-based, as in the error lines
+        if not stepper.step(s):
+            check_finite(job.stats, job.cfg.run.max_nonfinite, job.cfg.optim.lr)
+    ev.complete(wait=False)
+    clock.round(s + 1)
+    clock.poll(s + 1)
+    job.progress.step(s + 1)
+    if events.evaluation(s + 1):
+        final = s + 1 == job.total
+        if final and job.trains_on and not budget.exhausted:
+            job.extra = _keep_training(job, stepper)
+        train_s += time.perf_counter() - t_seg
+        job.rule.publish()  # evaluate the latest parameters, in the flat buffer
+        flat.bind_params(flat.params)
+        if final:  # the final exact average comes before the final evaluation
+            sync.finish(job.total + job.extra)  # after the other ranks' rounds
+        ev.at(s + 1, flat.module, final=final)  # before the end: the sum completes later
+        t_seg = time.perf_counter()
+    save, halt = events.check(s + 1)
+    if save and s + 1 < job.total:
+        state = {
+            "optimizer": stepper.opt.state_dict(),
+            "generator": stepper.gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        job.checkpoint(s + 1, train_s + time.perf_counter() - t_seg, halt, state)
+    return s, train_s, t_seg
 
 
 def _keep_training(job: Job, stepper: Stepper) -> int:

@@ -154,7 +154,7 @@ def summarise(job: Job, train_s: float, out: Path | None) -> dict:
     the per-rank figures); rank 0 writes the outputs. Raises rather than write a model with
     non-finite parameters."""
     from hpc_asgd.comm.base import gather_hosts
-    from hpc_asgd.stats import CPU_S, NONFINITE, DivergedError, step_times, worker_metrics
+    from hpc_asgd.stats import CPU_S, NONFINITE, STEPS, DivergedError, step_times, worker_metrics
 
     cfg, comm, flat, sync, total = job.cfg, job.comm, job.flat, job.sync, job.total
     d, s = cfg.data, cfg.sync
@@ -178,6 +178,12 @@ def summarise(job: Job, train_s: float, out: Path | None) -> dict:
     all_stats = comm.allgather(job.stats)  # (ranks, W, NSTATS)
     extra = [round(float(x)) for x in waits[:, 3]]
     taken = [total + x for x in extra]
+    if job.membership:  # the schedule changed under the ranks: the steps they counted
+        taken = [round(float(x)) for x in all_stats[:, :, STEPS].sum(1)]
+        extra = [t - total for t in taken]
+    # --min-ranks: the job's budget as it started; the lost ranks' steps that count for it
+    budget = job.world_size_start * job.total_start if job.membership else total * comm.size
+    credited = sum(m["credited_steps"] for m in job.membership)
     samples = sum(taken) * d.batch_size
     train_s_max = float(waits[:, 1].max())
     rows = job.evaluator.rows
@@ -202,7 +208,7 @@ def summarise(job: Job, train_s: float, out: Path | None) -> dict:
         # the steps taken over the job's budget (steps_per_rank x ranks); never below 1 under
         # --budget job (unless the time budget ended it); above 1 by the steps the other ranks
         # took after the last round a rank saw before it stopped (``rounds.Budget``)
-        "budget_used": round(sum(taken) / (total * comm.size), 4),
+        "budget_used": round((sum(taken) + credited) / budget, 4),
         "time_budget_min": cfg.run.time_budget or None,
         "ended_by": "time" if waits[:, 7].max() > 0 else "steps",
         "samples_processed": samples,
@@ -239,6 +245,10 @@ def summarise(job: Job, train_s: float, out: Path | None) -> dict:
             round(max(0.0, 1 - float(w) / float(f)), 4) if f > 0 else None
             for w, f in zip(waits[:, 0], waits[:, 2], strict=True)
         ],
+        # --min-ranks: the ranks the job started with, and one row per loss (elastic.py)
+        "world_size_start": job.world_size_start or comm.size,
+        "membership": job.membership,
+        "steps_lost": round(sum(m["steps_lost"] for m in job.membership), 1),
         "param_checksums": [bytes(row.tolist()).hex() for row in sums],
         "consensus": len({bytes(row.tolist()) for row in sums}) == 1,
         "workers": worker_metrics(cfg.workers.update, all_stats),

@@ -133,6 +133,20 @@ class Stepper:
         self.t_hook = 0.0  # the last step's seconds in sync's gradient allreduce
         self.epoch_cached = -1
         self.batches: list[torch.Tensor] = []
+        # node step -> position in the current shard's epochs (and the LR schedule's, where
+        # the job's budget does not set ``offset``): changed by :meth:`reshard` only
+        self.shift, self.lr_shift = 0, 0
+
+    def reshard(self, sampler: ShardSampler, step: int, job_budget: bool) -> None:
+        """From node step ``step`` on, draw from ``sampler``'s shard (the job shrank: fewer,
+        larger shards), at the same point of the epochs: the data order and the LR schedule
+        go on where the job was, in the new shard's steps per epoch. ``job_budget``: the
+        rounds' ``offset`` places the LR schedule (it is recomputed for the new world)."""
+        at = (step + self.shift) / self.spe  # epochs into the data at this step
+        self.sampler, self.spe = sampler, sampler.steps_per_epoch
+        self.shift = round(at * self.spe) - step
+        self.lr_shift = 0 if job_budget else self.shift
+        self.epoch_cached = -1
 
     def step(self, s: int) -> bool:
         """Node step ``s``; False if it was skipped for a non-finite loss or gradient. The
@@ -151,7 +165,7 @@ class Stepper:
 
     def _step(self, s: int, poison: bool) -> bool:
         t0 = time.perf_counter()
-        e, i = divmod(s, self.spe)
+        e, i = divmod(s + self.shift, self.spe)
         if e != self.epoch_cached:
             self.batches, self.epoch_cached = self.sampler.epoch(e), e
         x, y = self.train.batch(self.batches[i], train=True, gen=self.gen)
@@ -159,7 +173,7 @@ class Stepper:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         p = self.rule.read()
         self.flat.bind_params(p)
-        block = self.rule.block_for(s / self.spe)
+        block = self.rule.block_for((s + self.shift) / self.spe)
         if block is not None or self.block is not None:  # changed: (un)freeze parameters
             self.flat.only_grads_for(block)
         self.block = block
@@ -192,7 +206,7 @@ class Stepper:
             row[NF_LAST] = s + 1
             return False
         d = self.opt.direction(p, grad, block)
-        res = self.rule.apply(d, self.sched((s + self.offset[0]) / self.spe), block)
+        res = self.rule.apply(d, self.sched((s + self.offset[0] + self.lr_shift) / self.spe), block)
         row[APPLIED if res.applied else DROPPED] += 1
         row[LOCK_WAIT] += res.lock_wait_s
         row[LOSS_SUM] += value

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from hpc_asgd import metrics, plugins, signals
+from hpc_asgd import elastic, metrics, plugins, signals
 from hpc_asgd.checkpoint import Checkpointer
 from hpc_asgd.comm import Comm, make_comm
 from hpc_asgd.config import Config, shares_budget
@@ -135,6 +135,7 @@ def step_spec(cfg: Config, data: Dataset, rank: int, world: int, launch: Launch)
 def _run(cfg: Config, launch: Launch, comm: Comm | None, tracker: Tracker) -> dict:
     t_start = time.perf_counter()
     cfg.validate(launch.size, launch.local_size)
+    elastic.check(cfg, launch)
     cfg.check_paths()
     cfg.check_factories()
     if spawns_workers(cfg):  # the workers' fork server imports torch while the data loads
@@ -214,6 +215,7 @@ def _run(cfg: Config, launch: Launch, comm: Comm | None, tracker: Tracker) -> di
         spawn,
         t_start=t_start,
     )
+    job.world_size_start, job.total_start = comm.size, total
     if resumed is not None:  # each rank takes back its own model, counters and metrics
         job.load_state(resumed)
         # A final or a workers' state (resumed with --force-resume, say by a longer run) has

@@ -39,7 +39,7 @@ from hpc_asgd.comm.base import (
     timeout_error,
 )
 from hpc_asgd.env import short_host
-from hpc_asgd.errors import CommError, error_line
+from hpc_asgd.errors import CommError, PeerLost, error_line
 
 _WATCH_EVERY = 0.05  # s between the watchdog's looks at blocked collectives
 _GRACE = 2.0  # s peers get to answer "where are you?"
@@ -356,7 +356,13 @@ class MpiComm:
     def failure(self, what: str, seq: int, err) -> CommError:
         """MPI reported an error (with Open MPI's ULFM, ``OMPI_MCA_mpi_ft_enable=1``, a dead
         peer gives MPI_ERR_PROC_FAILED instead of aborting this process): the peers that do
-        not answer the status service are the ones that failed."""
+        not answer the status service are the ones that failed. A dead peer, or a
+        communicator a survivor revoked on seeing one, is :class:`PeerLost`."""
+        cls = err.Get_error_class() if hasattr(err, "Get_error_class") else None
+        if cls is not None and cls in _ft_classes():
+            cause = err.Get_error_string()
+            if cls == mpi_module().ERR_REVOKED:  # a survivor saw the failure first: no asking
+                return PeerLost(f"mpi {what} #{seq} on rank {self.world_ranks[self.rank]}: {cause}")
         peers = {self.world_ranks[r]: r for r in range(self.size) if r != self.rank}
         answers = status.ask_all(
             {w: self.proc.addresses[w] for w in peers}, self.cid, _GRACE, self.proc.token
@@ -364,7 +370,40 @@ class MpiComm:
         dead = sorted(w for w, n in answers.items() if n is None)
         hosts = {w: short_host(self.proc.addresses[w][0]) for w in dead}
         cause = err.Get_error_string() if hasattr(err, "Get_error_string") else str(err)
-        return failure_error(self.name, self.world_ranks[self.rank], what, seq, dead, hosts, cause)
+        line = failure_error(self.name, self.world_ranks[self.rank], what, seq, dead, hosts, cause)
+        return PeerLost(str(line)) if cls is not None and cls in _ft_classes() else line
+
+    # ---- shrinking (ULFM: --min-ranks) -------------------------------------------------------
+    @property
+    def hosts(self) -> list[str]:
+        """Every job-wide rank's host (from the start-up exchange)."""
+        return [short_host(a[0]) for a in self.proc.addresses]
+
+    def revoke_all(self) -> None:
+        """Revoke every communicator of this process (ULFM's MPI_Comm_revoke): a peer blocked
+        in, or entering, any collective on any of them gets MPI_ERR_REVOKED at once, so every
+        survivor reaches :meth:`shrink`, whichever collective it was in."""
+        for comm in list(self.proc.comms.values()):
+            try:
+                comm.c.Revoke()
+            except (AttributeError, mpi_module().Exception):  # freed, or not made yet
+                pass
+
+    def shrink(self) -> MpiComm:
+        """The survivors' communicator (ULFM's MPI_Comm_shrink on this revoked one: every
+        survivor gets the same group, the failed ranks left out), its ``world_ranks`` still
+        the job-wide ranks. Collective over the survivors; run under the watchdog's deadline."""
+        sub = self._blocking("shrink", lambda _: self.c.Shrink())
+        out = MpiComm(sub, self.timeout, self._world_ranks_of(sub))
+        sub.Free()
+        return out
+
+
+def _ft_classes() -> tuple[int, ...]:
+    """MPI error classes of a failed peer under ULFM (empty where the MPI has none)."""
+    mpi = mpi_module()
+    names = ("ERR_PROC_FAILED", "ERR_PROC_FAILED_PENDING", "ERR_REVOKED")
+    return tuple(getattr(mpi, n) for n in names if hasattr(mpi, n))
 
 
 def library_version() -> str:

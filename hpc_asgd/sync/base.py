@@ -127,6 +127,7 @@ class Averaging:
         self.budget = Budget()  # carried by the world stream's rounds, if the algorithm has one
         self.clock = Clock(self, steps, time_budget_s)
         self.rounds = 0
+        self.last_round = 0  # node step of the last blocking round (a shrunk job's credit)
         self.wait_s = 0.0
         self.outer = outer  # the rounds' outer optimizer (None: plain averaging)
         # the global rounds' parameters in 16 bits (None: float32; one rank has no rounds)

@@ -27,3 +27,4 @@ class LocalSGD(Periodic):
     def step_done(self, step: int) -> None:
         self.global_round_()
         self.rounds += 1
+        self.last_round = step

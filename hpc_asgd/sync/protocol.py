@@ -56,6 +56,7 @@ class Synchronizer(Protocol):
     clock: Clock
     budget: Budget  # the job's budget, as the rounds report it (``--budget job``, time budget)
     rounds: int  # averaging (or gradient-averaging) rounds done
+    last_round: int  # node step of the last blocking round (0: none yet)
     wait_s: float  # seconds the node spent blocked in this synchroniser's collectives
 
     @property

@@ -64,6 +64,9 @@ class Budget:
         self.exhausted = False
         self.ended_by: str | None = None  # "steps" | "time"
         self.offset = torch.zeros(1, dtype=torch.float64)  # job progress - own node step
+        # node steps of ranks that were lost (--min-ranks) that still count for the job: the
+        # rounds' sums, over the survivors, leave them out
+        self.credit = 0.0
 
     def begin(self, step: int, minutes: float, train_before: float) -> None:
         """At this rank's first step ``step`` (all ranks start, or resume, at the same one)."""
@@ -85,9 +88,9 @@ class Budget:
 
     def record(self, steps: float, at_post: int) -> None:
         """A round of the world stream completed: its sum of the ranks' node steps."""
-        self.seen, self.at_post = steps, at_post
+        self.seen, self.at_post = steps + self.credit, at_post
         if self.steps:
-            self.offset[0] = steps / self.world - at_post
+            self.offset[0] = self.seen / self.world - at_post
 
 
 TAIL = 2  # [finished, node steps] after the snapshot

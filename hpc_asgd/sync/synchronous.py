@@ -32,3 +32,4 @@ class SyncSGD(Averaging):
     def grads_ready(self, step: int) -> None:
         self.average_(self.flat.grad)
         self.rounds += 1
+        self.last_round = step

@@ -31,6 +31,7 @@ APPLICATION = [
     ["data", "models", "metrics", "tools"],
     ["evaluate", "checkpoint"],
     ["driver"],
+    ["elastic"],
     ["loops"],
     ["train"],
     ["cli"],

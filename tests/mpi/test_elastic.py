@@ -1,0 +1,86 @@
+"""``--min-ranks``: a rank that dies (SIGKILL, as the OOM killer does it) is dropped and the
+survivors go on (MPI with ULFM, real ranks under ``mpirun --with-ft ulfm``)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from tests.conftest import assert_no_orphans, mpirun, summary
+
+pytestmark = [pytest.mark.mpi, pytest.mark.timeout(150)]
+
+# digits / mlp, 4 ranks: every algorithm is past 0.8 test accuracy at 8 epochs (0.85-0.93)
+BASE = ["--dataset", "digits", "--model", "mlp", "--epochs", "8", "--comm-timeout", "60"]
+ALGOS = {
+    "lasgd": ["--algo", "lasgd", "--period", "4"],
+    "local-sgd": ["--algo", "local-sgd", "--period", "4"],
+    "sync": ["--algo", "sync"],
+}
+
+
+def elastic(n: int, faults: str, flags: list[str], out, timeout: float = 120):
+    args = ["--with-ft", "ulfm", sys.executable, "-m", "hpc_asgd.cli", "train", *BASE, *flags]
+    return mpirun(n, [*args, "--out", str(out)], timeout, {"HPC_ASGD_FAULT": faults})
+
+
+@pytest.mark.parametrize("algo", list(ALGOS))
+def test_one_rank_killed_the_survivors_finish(algo: str, tmp_path) -> None:
+    res = elastic(4, "kill@3:30", [*ALGOS[algo], "--min-ranks", "2"], tmp_path / "out")
+    assert res.rc == 0, res.text
+    s = summary(tmp_path / "out")
+    assert s["world_size_start"] == 4 and s["world_size"] == 3
+    assert s["consensus"] and len(s["param_checksums"]) == 3
+    assert s["final_test_acc"] >= 0.8, s["final_test_acc"]
+    [m] = s["membership"]
+    assert m["left"] == [3] and m["world_size"] == 3 and m["joined"] == []
+    # rank 3 took 30 steps before it died; its work up to its last completed round counts
+    assert 0 < m["credited_steps"] <= 30 and m["steps_lost"] >= 0
+    assert m["recovery_s"] < 5
+    # the survivors took the dead rank's share: the job's budget is spent, not 3/4 of it
+    assert 0.95 <= s["budget_used"] <= 1.25, s["budget_used"]
+    assert "lost rank(s) 3" in res.text and "3 ranks go on" in res.text
+    assert not res.error_lines(), res.text
+    assert_no_orphans(res.sid)
+
+
+def test_rank_0_killed_the_lowest_survivor_writes(tmp_path) -> None:
+    res = elastic(4, "kill@0:30", [*ALGOS["lasgd"], "--min-ranks", "2"], tmp_path / "out")
+    assert res.rc == 0, res.text
+    s = summary(tmp_path / "out")
+    assert s["world_size"] == 3 and s["consensus"] and s["final_test_acc"] >= 0.8
+    assert [m["left"] for m in s["membership"]] == [[0]]
+    assert (tmp_path / "out" / "model.pt").is_file()
+    assert_no_orphans(res.sid)
+
+
+def test_two_losses_one_after_the_other(tmp_path) -> None:
+    flags = [*ALGOS["local-sgd"], "--min-ranks", "2"]
+    res = elastic(4, "kill@3:20,kill@1:60", flags, tmp_path / "out")
+    assert res.rc == 0, res.text
+    s = summary(tmp_path / "out")
+    assert s["world_size"] == 2 and s["consensus"] and s["final_test_acc"] >= 0.8
+    assert [m["left"] for m in s["membership"]] == [[3], [1]]
+    assert [m["world_size"] for m in s["membership"]] == [3, 2]
+    assert 0.95 <= s["budget_used"] <= 1.25, s["budget_used"]
+    assert_no_orphans(res.sid)
+
+
+def test_a_loss_below_min_ranks_ends_the_job(tmp_path) -> None:
+    flags = [*ALGOS["local-sgd"], "--min-ranks", "3"]
+    res = elastic(4, "kill@3:20,kill@2:60", flags, tmp_path / "out")
+    assert res.rc != 0
+    assert any("fewer than --min-ranks 3" in ln for ln in res.error_lines()), res.text
+    assert "Traceback" not in res.text
+    assert not (tmp_path / "out" / "summary.json").exists()
+    assert_no_orphans(res.sid)
+
+
+def test_min_ranks_without_ulfm_is_refused_up_front(tmp_path) -> None:
+    args = [sys.executable, "-m", "hpc_asgd.cli", "train", *BASE, "--min-ranks", "1"]
+    res = mpirun(2, args, 60)
+    assert res.rc == 2, res.text
+    lines = res.error_lines()
+    assert len(lines) == 1 and "--with-ft ulfm" in lines[0], res.text
+    assert_no_orphans(res.sid)

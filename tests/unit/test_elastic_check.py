@@ -1,0 +1,46 @@
+"""``--min-ranks``'s refusals: one ConfigError line before any engine starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from hpc_asgd import elastic
+from hpc_asgd.config import Config
+from hpc_asgd.env import Launch
+from hpc_asgd.errors import ConfigError
+
+
+def launch(size: int = 4, ulfm: bool = True) -> Launch:
+    return Launch("mpirun", 0, size, 0, size, "node1", None, None, None, None, ulfm=ulfm)
+
+
+def cfg(**flat) -> Config:
+    return Config.from_flat({"min_ranks": 2, "algo": "lasgd", **flat}, source="test")
+
+
+@pytest.mark.parametrize(
+    ("flat", "ulfm", "message"),
+    [
+        ({"comm": "gloo"}, True, "needs MPI with ULFM"),
+        ({}, False, "mpirun --with-ft ulfm"),
+        ({"algo": "hier-avg"}, True, "not yet for --algo hier-avg"),
+        ({"workers": 2}, True, "W = 1"),
+    ],
+)
+def test_refused(flat: dict, ulfm: bool, message: str) -> None:
+    c = cfg(**flat)
+    with pytest.raises(ConfigError, match=message.replace("-", "\\-")):
+        elastic.check(c, launch(ulfm=ulfm))
+
+
+def test_more_than_the_world_is_refused() -> None:
+    with pytest.raises(ConfigError, match="min_ranks: 5 is more than the job's 4"):
+        cfg(min_ranks=5).validate(4)
+
+
+def test_the_world_size_or_zero_is_today_s_behaviour() -> None:
+    for m in (0, 4):
+        c = cfg(min_ranks=m, comm="gloo", algo="hier-avg")
+        assert not elastic.wanted(c, 4)
+        elastic.check(c, launch(ulfm=False))  # nothing to refuse
+    elastic.check(cfg(), launch())  # lasgd over MPI with ULFM: accepted
