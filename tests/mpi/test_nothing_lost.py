@@ -191,9 +191,11 @@ def _catches_usr1(pid: int) -> bool:
 @pytest.mark.parametrize("delay", [0.0, 1.5], ids=["handler-installed", "torch-import"])
 def test_usr1_during_start_up_exits_85(tmp_path: Path, delay: float) -> None:
     """A USR1 the moment the handler is in place (before torch is imported: no fixed sleep, which
-    a loaded machine outruns) or while torch imports is not lost."""
+    a loaded machine outruns) or while torch imports is not lost. The run is long enough that
+    the second signal cannot come after it ended (digits at 3 epochs took 1.2 s here, warm);
+    on a fast machine that signal may reach the first steps instead: honoured all the same."""
     ck = tmp_path / "ck"
-    proc = _cli(["--epochs", "3", "--checkpoint-dir", str(ck), "--workers", "2"], tmp_path)
+    proc = _cli(["--epochs", "60", "--checkpoint-dir", str(ck), "--workers", "2"], tmp_path)
     deadline = time.monotonic() + 30
     while not _catches_usr1(proc.pid):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
@@ -202,7 +204,8 @@ def test_usr1_during_start_up_exits_85(tmp_path: Path, delay: float) -> None:
     proc.send_signal(signal.SIGUSR1)
     out, err = proc.communicate(timeout=90)
     assert proc.returncode == 85, out + err
-    assert "USR1 before the first step" in err and "Traceback" not in err, err
+    honoured = "USR1 before the first step" in err or (delay and "checkpointed at node step" in err)
+    assert honoured and "Traceback" not in err, err
     assert_no_orphans(proc.pid)
 
 
