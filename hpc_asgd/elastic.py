@@ -47,7 +47,6 @@ from hpc_asgd.config import Config, shares_budget
 from hpc_asgd.driver import Events, Job
 from hpc_asgd.env import Launch
 from hpc_asgd.errors import CommError, ConfigError, PeerLost
-from hpc_asgd.shard import ShardSampler
 from hpc_asgd.step import Stepper
 from hpc_asgd.sync import make_synchronizer
 
@@ -163,10 +162,10 @@ def recover(
     left = sorted({later(e) for e in job.evals if e > max(s_star, consumed)} | {job.total})
     job.evals = [e for e in job.evals if e <= consumed] + left
     # ---- rebuild on the survivors ---------------------------------------------------------
-    spec = job.step
-    sampler = ShardSampler(len(job.data.train), new.rank, new.size, spec.batch_size, spec.seed)
+    # the new shard; the stepper keeps its job-wide rank (its augmentation stream, faults)
+    job.step = replace(job.step, rank=new.rank, world=new.size)
+    sampler = job.step.sampler()
     job.spe = sampler.steps_per_epoch
-    job.step = replace(spec, world=new.size)  # the rank keeps its job-wide name (faults)
     old_sync = job.sync
     state = {k: v for k, v in old_sync.state_dict().items() if k != "payload"}
     sync = make_synchronizer(cfg, new, flat, rule, job.spe)  # takes rank 0's bits again
@@ -192,8 +191,7 @@ def recover(
         b.exhausted, b.ended_by = True, "time"
     if ob.steps:  # the job's budget: the survivors' steps and the dead ranks' credit
         b.steps, b.world, b.credit = ob.steps, new.size, ob.credit + credited
-        b.seen, b.at_post = float(table[:, 0].sum()) + b.credit, step
-        b.offset[0] = b.seen / new.size - step
+        b.record(float(table[:, 0].sum()), step)  # as a round of the survivors would
     job.extra = 0  # recounted against the new schedule
     job.sync, job.comm = sync, new
     ev = job.evaluator

@@ -106,9 +106,11 @@ def _parse_fault(spec: str | None, rank: int = 0) -> Fault | None:
 def detect(env: dict[str, str] | None = None) -> Launch:
     """Read the launcher's variables. Precedence: Open MPI, PMIx/PMI, torchrun, SLURM, single."""
     env = dict(os.environ if env is None else env)
+    base = _detect(env)
     launch = replace(
-        _detect(env),
+        base,
         threads=_int(env, "OMP_NUM_THREADS") or None,
+        fault=_parse_fault(env.get("HPC_ASGD_FAULT"), base.rank),
         ulfm=env.get("OMPI_MCA_mpi_ft_enable", "0").lower() in ("1", "true", "yes", "ulfm"),
     )
     if launch.launcher == "torchrun":
@@ -164,11 +166,8 @@ def _detect(env: dict[str, str]) -> Launch:
         ids = (_int(env, *v) for v in (rank, size, local_rank, local_size))
         r, n, lr, ln = (x if x is not None else d for x, d in zip(ids, (0, 1, 0, 1), strict=True))
         kind = "srun" if name == "pmi" and "SLURM_PROCID" in env else name
-        fault = _parse_fault(env.get("HPC_ASGD_FAULT"), r)
-        return Launch(kind, r, n, lr, ln, host, addr, port, job, fault)
-    return Launch(
-        "single", 0, 1, 0, 1, host, addr, port, job, _parse_fault(env.get("HPC_ASGD_FAULT"))
-    )
+        return Launch(kind, r, n, lr, ln, host, addr, port, job, None)
+    return Launch("single", 0, 1, 0, 1, host, addr, port, job, None)
 
 
 def is_tty(stream) -> bool:

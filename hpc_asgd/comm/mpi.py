@@ -359,10 +359,10 @@ class MpiComm:
         not answer the status service are the ones that failed. A dead peer, or a
         communicator a survivor revoked on seeing one, is :class:`PeerLost`."""
         cls = err.Get_error_class() if hasattr(err, "Get_error_class") else None
-        if cls is not None and cls in _ft_classes():
-            cause = err.Get_error_string()
-            if cls == mpi_module().ERR_REVOKED:  # a survivor saw the failure first: no asking
-                return PeerLost(f"mpi {what} #{seq} on rank {self.world_ranks[self.rank]}: {cause}")
+        lost = cls is not None and cls in _ft_classes()
+        if lost and cls == mpi_module().ERR_REVOKED:  # a survivor saw the failure: no asking
+            me = self.world_ranks[self.rank]
+            return PeerLost(f"mpi {what} #{seq} on rank {me}: {err.Get_error_string()}")
         peers = {self.world_ranks[r]: r for r in range(self.size) if r != self.rank}
         answers = status.ask_all(
             {w: self.proc.addresses[w] for w in peers}, self.cid, _GRACE, self.proc.token
@@ -371,7 +371,7 @@ class MpiComm:
         hosts = {w: short_host(self.proc.addresses[w][0]) for w in dead}
         cause = err.Get_error_string() if hasattr(err, "Get_error_string") else str(err)
         line = failure_error(self.name, self.world_ranks[self.rank], what, seq, dead, hosts, cause)
-        return PeerLost(str(line)) if cls is not None and cls in _ft_classes() else line
+        return PeerLost(str(line)) if lost else line
 
     # ---- shrinking (ULFM: --min-ranks) -------------------------------------------------------
     @property
