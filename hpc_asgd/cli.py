@@ -3,7 +3,8 @@
 
 Errors end the job with one readable line (``hpc-asgd: error on rank R/N (HOST): ...``) and a
 non-zero exit: configuration errors on every rank before any collective (exit 2, printed by rank 0);
-anything later aborts every rank through the engine (exit 1), as ``python -m mpi4py`` does.
+anything later aborts every rank through the engine (exit 1), as ``python -m mpi4py`` does,
+except where every survivor of a lost rank knows the job ends (``TooFewRanks``): each exits.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from hpc_asgd import env
 from hpc_asgd.config import SECTIONS, Config
-from hpc_asgd.errors import ConfigError, Preempted, error_line
+from hpc_asgd.errors import ConfigError, Preempted, TooFewRanks, error_line
 
 
 def _flag(name: str) -> str:
@@ -173,6 +174,10 @@ def cmd_train(args: argparse.Namespace, launch: env.Launch) -> int:
             import traceback
 
             traceback.print_exc()
+        if isinstance(e, TooFewRanks):  # every survivor raised it: no abort (see above)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)  # not MPI_Finalize: a fence with the dead ranks
         if comm is not None and comm.size > 1:
             comm.abort(1)
         return 1

@@ -9,8 +9,10 @@ every survivor calls :func:`recover`, collective over the survivors:
 1. **Membership.** ULFM's ``MPI_Comm_shrink`` gives every survivor the same communicator: the
    members are agreed by ULFM's own fault-tolerant consensus among the survivors, so two
    survivors never go on in different worlds, and no coordinator can die with a rank (rank 0
-   included: the lowest surviving rank becomes rank 0 and writes the outputs). A rank cut off
-   by its link is declared dead by the launcher's daemons, which end its processes.
+   included: the lowest surviving rank becomes rank 0 and writes the outputs). A cut link
+   looks like dead peers to both of its sides, so the survivors go on only if they are a
+   strict majority of the last membership: of two sides at most one can be, the other stops
+   (as it also does when half the ranks or more die at once).
 2. **The round in flight is abandoned** on every survivor (its partial result, wherever one
    arrived, is dropped with the revoked communicator) and replaced by a recovery round: the
    exact average of the survivors' models, parameters and buffers, then rank 0's bits; every
@@ -30,8 +32,10 @@ every survivor calls :func:`recover`, collective over the survivors:
 5. **Rebuilt**: the synchroniser (its sub-communicators, its schedule), the evaluation's and
    the checkpoints' communicator. Each loss is a row of ``summary.json``'s ``membership``.
 
-Fewer than ``--min-ranks`` survivors, or a loss during the final summary, ends the job as
-without ``--min-ranks``. Engines: MPI with ULFM only (Gloo, NCCL, Horovod: refused with one line).
+Fewer than ``--min-ranks`` survivors, or not a majority, ends the job with one line from every
+survivor (``TooFewRanks``: each exits by itself, since all of them know); a loss during the
+final summary ends it as without ``--min-ranks``. Engines: MPI with ULFM only (Gloo, NCCL,
+Horovod: refused with one line).
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ import torch
 from hpc_asgd.config import Config, shares_budget
 from hpc_asgd.driver import Events, Job
 from hpc_asgd.env import Launch
-from hpc_asgd.errors import CommError, ConfigError, PeerLost
+from hpc_asgd.errors import ConfigError, PeerLost, TooFewRanks
 from hpc_asgd.step import Stepper
 from hpc_asgd.sync import make_synchronizer
 
@@ -119,9 +123,15 @@ def recover(
     if not lost:  # revoked without a failure: not ours to repair
         raise err
     if new.size < cfg.run.min_ranks:
-        raise CommError(
+        raise TooFewRanks(
             f"lost rank(s) {who}: {new.size} rank(s) left, fewer than --min-ranks "
             f"{cfg.run.min_ranks} ({err})"
+        )
+    if 2 * new.size <= old.size:  # no split brain: a cut link looks like dead peers to both sides
+        raise TooFewRanks(
+            f"lost rank(s) {who}: {new.size} of {old.size} rank(s) left, not a majority: "
+            f"the others may live on behind a cut link, so these stop rather than train as "
+            f"a second job ({err})"
         )
     # ---- agree on where the job stands --------------------------------------------------
     ck = job.ck

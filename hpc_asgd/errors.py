@@ -30,6 +30,12 @@ class PeerLost(CommError):
     (``--min-ranks``); otherwise it ends the job like any CommError."""
 
 
+class TooFewRanks(CommError):
+    """Fewer ranks than ``--min-ranks`` survived a loss. Every survivor raises it at the same
+    point (they agreed on the membership), so each ends on its own, without MPI_Abort: the
+    survivors aborting at once under ULFM could leave mpirun waiting."""
+
+
 def error_line(rank: int, size: int, err: BaseException, host: str | None = None) -> str:
     """The one line a failing rank prints; it names the host too, since nodes fail."""
     what = str(err) if isinstance(err, HpcAsgdError) else f"{type(err).__name__}: {err}"

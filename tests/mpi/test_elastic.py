@@ -77,6 +77,19 @@ def test_a_loss_below_min_ranks_ends_the_job(tmp_path) -> None:
     assert_no_orphans(res.sid)
 
 
+def test_half_the_ranks_left_is_not_a_majority_and_stops(tmp_path) -> None:
+    """A cut link looks like a dead peer to both sides: a survivor that is not a strict
+    majority of the last membership stops rather than train on as a second job."""
+    res = elastic(2, "kill@1:20", [*ALGOS["lasgd"], "--min-ranks", "1"], tmp_path / "out")
+    assert res.rc != 0
+    [line] = res.error_lines()
+    assert "lost rank(s) 1" in line and "1 of 2 rank(s) left, not a majority" in line, line
+    assert "Traceback" not in res.text
+    assert not (tmp_path / "out" / "summary.json").exists()
+    assert (tmp_path / "out" / "failure.json").exists()
+    assert_no_orphans(res.sid)
+
+
 def test_min_ranks_without_ulfm_is_refused_up_front(tmp_path) -> None:
     args = [sys.executable, "-m", "hpc_asgd.cli", "train", *BASE, "--min-ranks", "1"]
     res = mpirun(2, args, 60)
