@@ -54,8 +54,8 @@ from hpc_asgd.errors import ConfigError, PeerLost, TooFewRanks
 from hpc_asgd.step import Stepper
 from hpc_asgd.sync import make_synchronizer
 
-# the synchronisers whose rebuild on the survivors is implemented and tested
-SUPPORTED = ("lasgd", "local-sgd", "sync", "none")
+# the synchronisers whose rebuild on the survivors is implemented and tested (a plug-in is not)
+SUPPORTED = ("lasgd", "local-sgd", "hier-avg", "sync", "none")
 
 
 def wanted(cfg: Config, world_size: int) -> bool:
@@ -85,6 +85,12 @@ def check(cfg: Config, launch: Launch) -> None:
         raise ConfigError(
             f"min_ranks: not yet for --algo {cfg.sync.algo}; shrinking is implemented for "
             f"{', '.join(SUPPORTED)}"
+        )
+    if cfg.sync.algo == "hier-avg" and (cfg.sync.hier_mode != "blocking" or cfg.sync.group_size):
+        raise ConfigError(
+            "min_ranks: hier-avg is rebuilt on the survivors with blocking rounds and node "
+            "groups only (--hier-mode blocking, --group-size 0: groups re-formed from the "
+            "hosts left; a fixed size need not divide the survivors)"
         )
     if spawns_workers(cfg):
         raise ConfigError(
@@ -228,6 +234,7 @@ def recover(
             "steps_lost": round(steps_lost, 1),
             "steps_per_rank": job.total,
             "recovery_s": round(recovery_s, 3),
+            "resumed_unix": round(time.time(), 3),  # a benchmark's clock: kill to training
         }
     )
     if new.rank == 0:

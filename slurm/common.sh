@@ -238,6 +238,10 @@ hpc_asgd_run() {
   hpc_asgd_log "job $job_ref (${SLURM_JOB_NAME:-}) on ${SLURM_JOB_NODELIST:-$(hostname -s)}: $ntasks ranks, ${RANKS_PER:-node} mode, $cpus cpus/rank, workers ${WORKERS:-1}, OMP_NUM_THREADS=$OMP_NUM_THREADS, restart ${SLURM_RESTART_COUNT:-0}/${MAX_RESTARTS:-3}"
   hpc_asgd_log "out: $OUT_DIR  data: $DATA_DIR  cli: $(command -v hpc-asgd)"
   hpc_asgd_log "run: ${launch[*]} ${exe[*]} ${args[*]}"
+  # A finished run is one whose rank 0 wrote summary.json: Open MPI's mpirun exits 0 after it
+  # ended the ranks itself on losing a node's daemon, and a job must not read as COMPLETED then.
+  HPC_ASGD_SUMMARY="$OUT_DIR/summary.json"
+  HPC_ASGD_T0=$(date +%s)
   hpc_asgd_launch "${launch[@]}" "${exe[@]}" "${args[@]}"
 }
 
@@ -259,6 +263,11 @@ hpc_asgd_launch() {
   done
   trap - USR1 USR2 TERM INT
   hpc_asgd_log "launcher exited with status $rc${HPC_ASGD_SIGNALS:+ (signals:$HPC_ASGD_SIGNALS)}"
+  if [ "$rc" -eq 0 ] && [ -n "${HPC_ASGD_SUMMARY:-}" ] &&
+    { [ ! -f "$HPC_ASGD_SUMMARY" ] || [ "$(stat -c %Y "$HPC_ASGD_SUMMARY")" -lt "$HPC_ASGD_T0" ]; }; then
+    echo "hpc-asgd: error: the launcher exited with status 0 but this run wrote no $HPC_ASGD_SUMMARY: its ranks were ended without finishing (see the lines above)" >&2
+    rc=1
+  fi
   if [ "$rc" -eq "$HPC_ASGD_REQUEUE_EXIT" ]; then
     local restarts=${SLURM_RESTART_COUNT:-0} cap=${MAX_RESTARTS:-3} ref
     ref=$(hpc_asgd_job_ref)

@@ -156,6 +156,7 @@ class HierAvg(Averaging):
         if step % (self.k1 * self.k2) == 0:
             self.global_round_()
             self.rounds += 1
+            self.last_round = step  # every rank's steps are in every model from here
         else:
             self.average_model_(self.group)
             self.group_rounds += 1

@@ -16,6 +16,8 @@ BASE = ["--dataset", "digits", "--model", "mlp", "--epochs", "8", "--comm-timeou
 ALGOS = {
     "lasgd": ["--algo", "lasgd", "--period", "4"],
     "local-sgd": ["--algo", "local-sgd", "--period", "4"],
+    # one host: one node group of every rank; its groups re-formed from the hosts left
+    "hier-avg": ["--algo", "hier-avg", "--local-period", "2", "--global-period", "4"],
     "sync": ["--algo", "sync"],
 }
 

@@ -172,6 +172,44 @@ def test_usr1_reaches_the_ranks_and_85_is_passed_on(tmp_path: Path, launcher: st
     assert "--checkpoint-every 100" in out
 
 
+def test_a_launcher_exit_0_without_a_summary_is_a_failure(tmp_path: Path) -> None:
+    """Open MPI's mpirun exits 0 after it ended the ranks itself on losing a node's daemon (seen
+    on the emulated cluster): the job must not read as done. A stale summary.json of an earlier
+    run in the same folder does not count either."""
+    fake = write_fake_cli(tmp_path / "bin")
+    (tmp_path / "out").mkdir()
+    stale = tmp_path / "out" / "summary.json"
+    stale.write_text("{}")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    env = job_env(
+        {
+            "PATH": f"{fake}:{job_env()['PATH']}",
+            "LAUNCHER": "none",
+            "OUT_DIR": str(tmp_path / "out"),
+            "FAKE_SECONDS": "0",
+            "FAKE_NO_SUMMARY": "1",
+        }
+    )
+    proc = subprocess.run(
+        ["bash", str(TEMPLATES / "mnist_leashed.sh")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    [line] = [ln for ln in proc.stderr.splitlines() if ln.startswith("hpc-asgd: error")]
+    assert "exited with status 0 but this run wrote no" in line and "summary.json" in line
+    env.pop("FAKE_NO_SUMMARY")  # the same run writing its summary succeeds
+    proc = subprocess.run(
+        ["bash", str(TEMPLATES / "mnist_leashed.sh")],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 @pytest.mark.parametrize(
     ("knobs", "workers", "threads", "gpu"),
     [

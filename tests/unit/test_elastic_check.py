@@ -23,8 +23,10 @@ def cfg(**flat) -> Config:
     [
         ({"comm": "gloo"}, True, "needs MPI with ULFM"),
         ({}, False, "mpirun --with-ft ulfm"),
-        ({"algo": "hier-avg"}, True, "not yet for --algo hier-avg"),
+        ({"algo": "hier-avg", "hier_mode": "nonblocking"}, True, "blocking rounds and node"),
+        ({"algo": "hier-avg", "group_size": 2}, True, "a fixed size need not divide"),
         ({"workers": 2}, True, "W = 1"),
+        ({"algo": "local-async"}, True, "not yet for --algo local-async"),  # always has workers
     ],
 )
 def test_refused(flat: dict, ulfm: bool, message: str) -> None:
@@ -43,4 +45,5 @@ def test_the_world_size_or_zero_is_today_s_behaviour() -> None:
         c = cfg(min_ranks=m, comm="gloo", algo="hier-avg")
         assert not elastic.wanted(c, 4)
         elastic.check(c, launch(ulfm=False))  # nothing to refuse
-    elastic.check(cfg(), launch())  # lasgd over MPI with ULFM: accepted
+    for algo in ("lasgd", "local-sgd", "hier-avg", "sync", "none"):
+        elastic.check(cfg(algo=algo), launch())  # over MPI with ULFM: accepted
