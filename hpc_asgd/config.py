@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -32,6 +33,57 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, (list, tuple)):
         return field(default_factory=lambda: tuple(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a --config file larger than this is not a configuration
+
+
+def _owners() -> dict[str, str]:
+    """{field name: its section}."""
+    return {f.name: sec for sec, klass in SECTIONS.items() for f in fields(klass)}
+
+
+def _shown(name: object, limit: int = 40) -> str:
+    """A key or path as one printable line: as it is when plain, else quoted and escaped."""
+    text = str(name)
+    if not re.fullmatch(r"[\w.\-/ ]*", text, flags=re.ASCII) or not text:
+        text = ascii(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _did_you_mean(name: str, known) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _number(v: Any) -> float:
+    """A float from an int or float, never from a bool (or a string: flags are typed)."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise TypeError
+    return float(v)
+
+
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\"} | {
+    chr(c): f"\\u{c:04x}" for c in (*range(0x20), 0x7F) if c != 0x09
+}
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        return repr(v) if math.isfinite(v) else ("inf" if v > 0 else "-inf")
+    if isinstance(v, str):  # a TOML basic string: quote, backslash, controls escaped
+        return '"' + "".join(_TOML_ESCAPES.get(c, c) for c in v) + '"'
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"no TOML for {type(v).__name__}")
 
 
 @dataclass
@@ -228,10 +280,12 @@ class Config:
     @classmethod
     def from_flat(cls, values: dict[str, Any], source: str = "config") -> Config:
         """Build from ``{field: value}``; unknown keys are an error naming them."""
-        owner = {f.name: sec for sec, klass in SECTIONS.items() for f in fields(klass)}
+        owner = _owners()
         unknown = sorted(set(values) - set(owner))
         if unknown:
-            raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}")
+            hint = _did_you_mean(unknown[0], owner)
+            names = ", ".join(_shown(u) for u in unknown)
+            raise ConfigError(f"{source}: unknown field(s) {names}{hint}")
         parts: dict[str, dict[str, Any]] = {sec: {} for sec in SECTIONS}
         for key, value in values.items():
             parts[owner[key]][key] = value
@@ -241,21 +295,64 @@ class Config:
 
     @staticmethod
     def read_file(path: str) -> dict[str, Any]:
-        """A flat TOML file of field names (sections are allowed and flattened)."""
+        """A TOML file of field names: at the top level, or in the table of their section
+        (``[sync] period = 8``). Strict: an unknown table or key (with a "did you mean"), a key
+        in another section's table, a key given twice, a table inside a table, and a file
+        too large or nested too deeply are refused with one line."""
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"--config: no such file {path}")
+            raise ConfigError(f"--config: no such file {_shown(path, 200)}")
+        where = f"--config {_shown(path, 200)}"
+        size = p.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{where}: {size} bytes: too large for a configuration (1 MiB)")
         try:
             raw = tomllib.loads(p.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"--config {path}: not valid TOML: {e}") from e
+            raise ConfigError(f"{where}: not valid TOML: {e}") from e
+        except RecursionError:
+            raise ConfigError(f"{where}: nested too deeply to be a configuration") from None
+        owner = _owners()
         flat: dict[str, Any] = {}
+        given: dict[str, str] = {}  # field -> where it was set (for "given twice")
         for key, value in raw.items():
-            flat.update(value if isinstance(value, dict) else {key: value})
-        return {k.replace("-", "_"): v for k, v in flat.items()}
+            if isinstance(value, dict):
+                if key not in SECTIONS:
+                    raise ConfigError(
+                        f"{where}: unknown table [{_shown(key)}]{_did_you_mean(key, SECTIONS)} "
+                        f"(tables: {', '.join(SECTIONS)}; or the keys at the top level)"
+                    )
+                items = [(f"[{key}] {_shown(k)}", k, v, key) for k, v in value.items()]
+            else:
+                items = [(_shown(key), key, value, "")]
+            for place, k, v, table in items:
+                name = k.replace("-", "_")
+                if isinstance(v, dict):
+                    raise ConfigError(f"{where}: {place}: a table inside a table")
+                if name not in owner:
+                    raise ConfigError(f"{where}: unknown key {place}{_did_you_mean(name, owner)}")
+                if table and owner[name] != table:
+                    raise ConfigError(f"{where}: {place}: {name} belongs in [{owner[name]}]")
+                if name in given:
+                    raise ConfigError(f"{where}: {name} given twice ({given[name]}, {place})")
+                flat[name], given[name] = v, place
+        return flat
+
+    def to_toml(self) -> str:
+        """This configuration as a TOML file that ``read_file`` reads back equal: one table
+        per section (None fields, unset, are left out)."""
+        lines: list[str] = []
+        for sec in SECTIONS:
+            lines.append(f"[{sec}]")
+            for key, value in dataclasses.asdict(getattr(self, sec)).items():
+                if value is not None:
+                    lines.append(f"{key} = {_toml_value(value)}")
+            lines.append("")
+        return "\n".join(lines)
 
     def _coerce(self, source: str) -> None:
-        """Check every field's type (TOML and flags give str/int/float/bool/list)."""
+        """Check every field's type strictly (TOML and flags give str/int/float/bool/list): a
+        bool is not a number (``epochs = true``), a number is not a string."""
         for sec in SECTIONS:
             obj = getattr(self, sec)
             for f in fields(obj):
@@ -265,7 +362,9 @@ class Config:
                     if value is None and "None" in typ:
                         continue
                     if typ.startswith("tuple"):
-                        value = tuple(float(v) for v in value)
+                        if isinstance(value, str | bytes | dict):
+                            raise TypeError
+                        value = tuple(_number(v) for v in value)
                     elif typ.startswith("bool"):
                         if not isinstance(value, bool):
                             raise TypeError
@@ -274,12 +373,16 @@ class Config:
                             raise TypeError
                         value = int(value)
                     elif typ.startswith("float"):
-                        value = float(value)
+                        value = _number(value)
                     elif typ.startswith("str"):
+                        if not isinstance(value, str | os.PathLike):
+                            raise TypeError
                         value = str(value)
-                except (TypeError, ValueError):
+                except (TypeError, ValueError, OverflowError):
+                    shown = repr(value)
+                    shown = shown if len(shown) <= 60 else shown[:57] + "..."
                     raise ConfigError(
-                        f"{source}: {f.name} = {value!r} is not of type {typ}"
+                        f"{source}: {f.name} = {shown} is not of type {typ}"
                     ) from None
                 setattr(obj, f.name, value)
 
@@ -296,7 +399,9 @@ class Config:
         """Every rule that can be checked without a collective. Same verdict on every rank."""
         from hpc_asgd.comm import ENGINES
         from hpc_asgd.data import DATASETS
+        from hpc_asgd.data.registry import TRAIN_SIZES
         from hpc_asgd.models import MODELS
+        from hpc_asgd.shard import ShardSampler
 
         d, o, s, w, r = self.data, self.optim, self.sync, self.workers, self.run
         for sec in SECTIONS:  # inf and nan slip through every comparison below, or overflow
@@ -345,6 +450,10 @@ class Config:
         for name, value in positive.items():
             if not value > 0:
                 raise ConfigError(f"{name}: must be positive, got {value}")
+        # a batch larger than a rank's shard: no step per epoch (known here, before the engine)
+        size = d.synthetic_size if d.dataset == "synthetic" else TRAIN_SIZES.get(d.dataset)
+        if size is not None:
+            ShardSampler.check_fits(size, world_size, d.batch_size)
         non_negative = {
             "momentum": o.momentum,
             "weight_decay": o.weight_decay,

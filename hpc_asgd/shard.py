@@ -70,9 +70,16 @@ class ShardSampler:
         self.shuffle, self.drop_last = shuffle, drop_last
         self.per_shard = n // num_shards  # the last n % num_shards samples sit out the epoch
         self.current_epoch = 0  # the epoch ``__iter__`` hands out (``set_epoch``)
-        if self.steps_per_epoch == 0:
+        if drop_last:
+            self.check_fits(n, num_shards, batch_size)
+
+    @staticmethod
+    def check_fits(n: int, num_shards: int, batch_size: int) -> None:
+        """ConfigError unless a shard of ``n // num_shards`` samples holds one full batch (no
+        step in an epoch otherwise: drop_last drops the only, partial, batch)."""
+        if n // num_shards < batch_size:
             raise ConfigError(
-                f"batch_size: {batch_size} exceeds the {self.per_shard} samples per shard "
+                f"batch_size: {batch_size} exceeds the {n // num_shards} samples per shard "
                 f"({n} samples over {num_shards} shards) with drop_last"
             )
 

@@ -22,6 +22,16 @@ SHAPES: dict[str, tuple[tuple[int, ...], int]] = {
     "synthetic": ((3, 32, 32), 10),
 }
 
+# training samples of each built-in dataset whose size is fixed (synthetic: --synthetic-size;
+# imagenet: its files), for the batch-size check before any engine starts
+TRAIN_SIZES = {
+    "digits": 1437,
+    "mnist": 60_000,
+    "fashion-mnist": 60_000,
+    "cifar10": 50_000,
+    "cifar100": 50_000,
+}
+
 
 def shape_of(name: str, data_dir: str | None) -> tuple[tuple[int, ...], int]:
     """(sample shape, classes) of built-in dataset ``name`` without loading it (ImageNet:

@@ -17,6 +17,7 @@ BAD = [
     (["--algo", "local-sgd", "--period", "0"], "period: must be a positive integer"),
     (["--batch-size", "-4"], "batch_size: must be a positive integer"),
     (["--dataset", "mnist"], "data_dir: dataset 'mnist' needs --data-dir"),
+    (["--batch-size", "5000"], "batch_size: 5000 exceeds the 718 samples per shard"),
 ]
 
 
@@ -29,6 +30,42 @@ def test_bad_config(flags: list[str], message: str) -> None:
     assert res.seconds < 30, res.seconds
     lines = res.error_lines()
     assert len(lines) == 1 and lines[0].startswith(f"hpc-asgd: error: {message}"), res.text
+    assert "Traceback" not in res.text
+    assert_no_orphans(res.sid)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--algo", "hier-avg", "--group-size", "3"], ["--lr", "-1"], ["--batch-size", "1000"]],
+    ids=["group-size", "lr", "batch-size"],
+)
+def test_a_config_error_at_4_ranks_is_one_line_and_exit_2(flags: list[str]) -> None:
+    """Rank 0 says it; the others wait quietly until the launcher ends them (no traceback)."""
+    res = train(4, *flags, "--dataset", "digits", "--epochs", "1", timeout=90)
+    assert res.rc == 2, res.text
+    lines = res.error_lines()
+    assert len(lines) == 1 and lines[0].startswith("hpc-asgd: error: "), res.text
+    assert "Traceback" not in res.text and "StoppedError" not in res.text, res.text
+    assert_no_orphans(res.sid)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[nonexistent]\nlr = 0.5\n", r"unknown table [nonexistent]"),
+        ("lr = 0.01\n[optim]\nlr = 5.0\n", "lr given twice (lr, [optim] lr)"),
+        ("epochs = true\n", "epochs = True is not of type float"),
+        ("lr = " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+    ],
+    ids=["unknown-table", "twice", "bool", "deep"],
+)
+def test_a_misread_config_file_is_one_line_and_exit_2(tmp_path, text: str, message: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    res = train(2, "--config", str(path), "--epochs", "1", timeout=60)
+    assert res.rc == 2, res.text
+    lines = res.error_lines()
+    assert len(lines) == 1 and message in lines[0], res.text
     assert "Traceback" not in res.text
     assert_no_orphans(res.sid)
 
