@@ -38,7 +38,7 @@ from hpc_asgd import signals
 from hpc_asgd.comm import Comm
 from hpc_asgd.config import Config
 from hpc_asgd.env import Fault
-from hpc_asgd.errors import ConfigError, DataError
+from hpc_asgd.errors import ConfigError, DataError, WriteError
 from hpc_asgd.metrics import atomic_write
 
 MANIFEST = "manifest.json"
@@ -123,7 +123,10 @@ def save(
         folder.mkdir(parents=True, exist_ok=True)
     comm.barrier()  # the folder exists (on a shared file system) before anyone writes
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / f"rank-{comm.rank:05d}.pt", lambda f: torch.save(state, f))
+    try:
+        atomic_write(folder / f"rank-{comm.rank:05d}.pt", lambda f: torch.save(state, f))
+    except WriteError as e:  # this rank ends the job; no manifest: the last commit stands
+        raise WriteError(f"checkpoint at node step {step}: {e}; {_kept(root, run_id)}") from e
     comm.barrier()  # every rank's file is synced
     if before_commit is not None:
         before_commit()
@@ -135,12 +138,20 @@ def save(
             "run_id": run_id,
             "config": fields,
         }
-        atomic_write(folder / MANIFEST, lambda f: f.write(json.dumps(manifest).encode()))
+        try:
+            atomic_write(folder / MANIFEST, lambda f: f.write(json.dumps(manifest).encode()))
+        except WriteError as e:
+            raise WriteError(f"checkpoint at node step {step}: {e}; {_kept(root, run_id)}") from e
         _fsync_dir(folder)
         for old in complete(root, run_id)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     comm.barrier()  # nobody races ahead and could be killed before the commit
     return folder
+
+
+def _kept(root: Path, run_id: str) -> str:
+    done = complete(root, run_id)
+    return f"the last committed checkpoint, {done[-1]}, is kept" if done else "none committed yet"
 
 
 def clean(root: Path, run_id: str) -> list[Path]:

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: RUN_DIR/report for one RUN_DIR, else ./report)",
     )  # fmt: skip
     from hpc_asgd.tools.predict_cli import add_arguments
+    from hpc_asgd.tools.safe_io import one_line_errors
+
+    one_line_errors(report)
 
     add_arguments(
         sub.add_parser(
@@ -129,6 +132,51 @@ def _table(summary: dict) -> str:
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
+class FolderInUse(ConfigError):
+    """``--out`` or this configuration's checkpoints are held by another live run."""
+
+
+def _hold(cfg: Config, launch: env.Launch) -> list:
+    """Rank 0 holds ``--out`` and this configuration's lock in ``--checkpoint-dir``."""
+    from hpc_asgd import runlock
+    from hpc_asgd.checkpoint import identity
+
+    held: list = []
+    try:
+        for flag, folder, name in (
+            ("out", cfg.run.out, runlock.NAME),
+            ("checkpoint_dir", cfg.run.checkpoint_dir, f".hpc-asgd-{identity(cfg)[0]}.lock"),
+        ):
+            if folder:
+                try:
+                    held.append(runlock.hold(Path(folder), flag, launch.slurm_job_id, name))
+                except ConfigError as e:
+                    raise FolderInUse(str(e)) from None
+    except BaseException:
+        _release(held)
+        raise
+    return held
+
+
+def _release(held: list) -> None:
+    for h in held:
+        if h is not None:
+            h.release()
+
+
+def _agree_in_use(comm, in_use: FolderInUse | None) -> None:
+    """Rank 0's verdict on the folders, on every rank (a 1-element MAX allreduce)."""
+    import torch
+
+    flag = torch.tensor([0.0 if in_use is None else 1.0])
+    if comm.size > 1:
+        comm.allreduce_(flag, op="max")
+    if in_use is not None:
+        raise in_use
+    if flag.item():
+        raise FolderInUse("the output folder is in use by another run (rank 0 says which)")
+
+
 def cmd_train(args: argparse.Namespace, launch: env.Launch) -> int:
     from hpc_asgd import elastic, failure, signals
 
@@ -153,7 +201,14 @@ def cmd_train(args: argparse.Namespace, launch: env.Launch) -> int:
             time.sleep(1.0)
         return 2
     folders = [Path(p) for p in (cfg.run.out, cfg.run.checkpoint_dir) if p]
-    if launch.rank == 0:  # an earlier run's record; no rank can fail before the engine is up
+    held: list = []
+    in_use: FolderInUse | None = None
+    if launch.rank == 0:  # one live run per folder: refused after the engine is up (below)
+        try:
+            held = _hold(cfg, launch)
+        except FolderInUse as e:
+            in_use, folders = e, []  # nothing of this run goes into the other run's folders
+    if launch.rank == 0 and in_use is None:  # an earlier run's record
         failure.clear(folders)
     comm = None
     tracker = Tracker()
@@ -162,7 +217,12 @@ def cmd_train(args: argparse.Namespace, launch: env.Launch) -> int:
         if spawns_workers(cfg):  # forked before MPI (and CUDA) start: see workers.start_early
             start_early(fork=cfg.run.device == "cpu", preload=PRELOAD)
         comm = make_comm(cfg.run.comm, launch, cfg.run.comm_timeout)
+        _agree_in_use(comm, in_use)
         summary = run(cfg, launch, comm, tracker)
+    except FolderInUse as e:  # every rank knows (one allreduce): rank 0 says it; all exit 2
+        if launch.rank == 0:
+            print(f"hpc-asgd: error: {e}", file=sys.stderr, flush=True)
+        return 2
     except Preempted as e:  # every rank checkpointed at the same step: no abort
         if launch.rank == 0:
             print(f"hpc-asgd: {e}", file=sys.stderr, flush=True)
@@ -176,12 +236,16 @@ def cmd_train(args: argparse.Namespace, launch: env.Launch) -> int:
 
             traceback.print_exc()
         if isinstance(e, TooFewRanks):  # every survivor raised it: no abort (see above)
+            _release(held)
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(1)  # not MPI_Finalize: a fence with the dead ranks
         if comm is not None and comm.size > 1:
+            _release(held)  # before the abort: another run may take the folder now
             comm.abort(1)
         return 1
+    finally:
+        _release(held)
     if launch.rank == 0:
         print(_table(summary), flush=True)
     if summary.get("membership"):
@@ -240,27 +304,25 @@ def cmd_info(launch: env.Launch) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """Any error: one line on stderr and exit 2, no file half-written (see ``run_tool``)."""
     from hpc_asgd.tools.report import ReportError, write_report
+    from hpc_asgd.tools.safe_io import run_tool, say, shown
 
-    out = args.out or (args.runs[0] / "report" if len(args.runs) == 1 else Path("report"))
-    try:
+    def report() -> int:
+        out = args.out or (args.runs[0] / "report" if len(args.runs) == 1 else Path("report"))
         path = write_report(args.runs, out)
-    except ReportError as e:
-        print(f"hpc-asgd report: error: {e}", file=sys.stderr)
-        return 1
-    print(f"hpc-asgd report: wrote {path} and its plots")
-    return 0
+        say(f"hpc-asgd report: wrote {shown(path)} and its plots", ReportError)
+        return 0
+
+    return run_tool("report", report)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from hpc_asgd.tools.predict import PredictError
+    """Any error: one line on stderr and exit 2, no file half-written (see ``run_tool``)."""
     from hpc_asgd.tools.predict_cli import main as predict
+    from hpc_asgd.tools.safe_io import run_tool
 
-    try:
-        return predict(args)
-    except PredictError as e:
-        print(f"hpc-asgd predict: error: {e}", file=sys.stderr)
-        return 2
+    return run_tool("predict", lambda: predict(args))
 
 
 def main(argv: list[str] | None = None) -> int:

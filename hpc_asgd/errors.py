@@ -20,6 +20,12 @@ class OutputError(HpcAsgdError):
     """The outputs could not be written where asked; the message says where they went."""
 
 
+class WriteError(HpcAsgdError, OSError):
+    """A file could not be written (a full or failing disk, a folder gone): whatever the
+    writer raised (torch's zip writer says ``unexpected pos`` on a full disk), with the path and
+    the free space; the previous file, if any, is left in place."""
+
+
 class CommError(HpcAsgdError):
     """A collective failed or passed its deadline; the message names the missing ranks."""
 

@@ -6,10 +6,12 @@ never takes a half-written file for a good one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -19,25 +21,48 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 import hpc_asgd
-from hpc_asgd.errors import OutputError
+from hpc_asgd.errors import HpcAsgdError, OutputError, WriteError
 
 if TYPE_CHECKING:  # the summary reads the driver's job; the driver writes with this module
     from hpc_asgd.driver import Job
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call ``write(fileobj)`` on a temp file beside ``path``, fsync it, rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    """Call ``write(fileobj)`` on a temp file beside ``path``, fsync it, rename it into place.
+
+    A write that fails, however the writer says it (OSError, or torch's RuntimeError on a full
+    disk), leaves ``path`` as it was and raises :class:`WriteError` (an OSError) naming it."""
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(e, Exception) and not isinstance(e, HpcAsgdError):
+            raise _write_error(path, e) from e
         raise
+
+
+def _write_error(path: Path, e: Exception) -> WriteError:
+    if isinstance(e, OSError) and e.strerror:
+        why = e.strerror
+    else:  # torch: "[enforce fail at inline_container.cc:672] . unexpected pos 36096 vs 36048"
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+    try:
+        free = shutil.disk_usage(path.parent).free
+        why += f"; {free / 1024:.0f} KiB free on its file system"
+    except OSError:
+        pass
+    err = WriteError(f"could not write {path}: {why}")
+    err.errno = getattr(e, "errno", None)
+    return err
 
 
 def strict(obj: Any) -> Any:
@@ -279,10 +304,12 @@ def write_outputs(out: Path, job: Job, summary: dict) -> None:
             rescue = base / f"hpc-asgd-rescue-{stamp}"
             try:
                 write(rescue)
-            except OSError:
+            except OSError:  # no half rescue folder left behind to be taken for a whole one
+                shutil.rmtree(rescue, ignore_errors=True)
                 continue
+            why = e.strerror or str(e).removeprefix("could not write ")
             raise OutputError(
-                f"could not write the outputs to {out} ({e.strerror or e}); "
+                f"could not write the outputs to {out} ({why}); "
                 f"model.pt, metrics.jsonl and summary.json were saved to {rescue}"
             ) from e
         raise

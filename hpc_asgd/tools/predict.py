@@ -35,7 +35,6 @@ each measured run from a fit to all the others (leave one out) and reports the e
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,10 +42,12 @@ from pathlib import Path
 import numpy as np
 
 from hpc_asgd.errors import HpcAsgdError
+from hpc_asgd.tools import safe_io as sio
 
 ALGOS = ("none", "sync", "local-sgd", "lasgd", "local-async", "hier-avg", "hier-avg-nb")
 BLOCKING = ("sync", "local-sgd", "hier-avg")
 NONBLOCKING = ("lasgd", "local-async", "hier-avg-nb")
+ROUNDS = ("averaging_rounds", "group_rounds")  # summary.json: per rank, global and group
 PASSES = 6  # a round's passes over the model: snapshot, copies, mean - x_s, add to the model
 
 
@@ -341,59 +342,77 @@ class Run:
 
 
 def load_run(path: Path) -> Run:
+    """The run in folder ``path``; a :class:`PredictError` names the first field it cannot use
+    (each checked for its type and range: the folder's contents are anyone's)."""
+    from hpc_asgd.stats import STEP_BINS
+
     f = Path(path) / "summary.json"
     try:
-        s = json.loads(f.read_text())
-    except (OSError, ValueError) as e:
-        raise PredictError(f"{path}: no readable summary.json ({e})") from e
+        s = sio.parse_json(sio.read_text(f, PredictError), "not valid JSON", PredictError)
+    except PredictError as e:
+        why = str(e).removeprefix(f"{sio.shown(f)}: ")
+        raise PredictError(f"{sio.shown(path)}: no readable summary.json: {why}") from None
     if not isinstance(s, dict) or "model_floats" not in s or "step_time_hist" not in s:
         raise PredictError(
-            f"{path}: summary.json has no model_floats / step_time_hist (not written by this "
-            "hpc_asgd, or by an older one): run it again"
+            f"{sio.shown(path)}: summary.json has no model_floats / step_time_hist (not written by "
+            "this hpc_asgd, or by an older one): run it again"
         )
     try:
-        cfg = s["config"]
-        algo = s["algo"]
+        cfg = sio.mapping(s["config"], "config")
+        algo = sio.text(s["algo"], "algo")
         if algo == "hier-avg" and cfg.get("hier_mode") == "nonblocking":
             algo = "hier-avg-nb"
         if algo not in ALGOS:
-            raise PredictError(f"{path}: algo {algo!r} is not one the model knows ({ALGOS})")
-        n = int(s["world_size"])
-        steps = [float(x) for x in s["steps_taken"]]
-        train = [float(x) for x in s["train_s"]]
-        wait = [float(x) for x in s["comm_wait_s"]]
-        batch = int(cfg["batch_size"])
-        groups = s.get("groups") or [[0] * n]  # hier-avg: the groups it formed (world ranks)
-        a = Algo(
-            algo,
-            int(cfg.get("period") or 1),
-            int(cfg.get("local_period") or 1),
-            int(cfg.get("global_period") or 1),
-            int(cfg.get("group_size") or len(groups[0])),
+            raise PredictError(
+                f"{sio.shown(path)}: algo {algo!r} is not one the model knows ({ALGOS})"
+            )
+        n = sio.number(s["world_size"], "world_size", 1, sio.MAX_RANKS, integer=True)
+        steps = sio.numbers(s["steps_taken"], "steps_taken", 1)
+        train, wait = (
+            sio.numbers(s["train_s"], "train_s"),
+            sio.numbers(s["comm_wait_s"], "comm_wait_s"),
         )
-        rate = float(s["samples_per_s"])
+        batch = sio.number(cfg["batch_size"], "config.batch_size", 1, 10**9, integer=True)
+        groups = s.get("groups") or [[0] * n]  # hier-avg: the groups it formed (world ranks)
+        periods = [cfg.get(k) or 1 for k in ("period", "local_period", "global_period")]
+        for k, v in zip(("period", "local_period", "global_period"), periods, strict=True):
+            sio.number(v, f"config.{k}", 1, 4096, integer=True)  # K draws a step to simulate
+        size = sio.number(
+            cfg.get("group_size") or len(groups[0]), "group_size", 1, sio.MAX_RANKS, integer=True
+        )
+        a = Algo(algo, periods[0], periods[1], periods[2], size)
+        rate = sio.number(s["samples_per_s"], "samples_per_s", 1e-9, sio.BIG)
+        step_s = sio.numbers(s["step_time_s"], "step_time_s", 1e-9)
+        if not (steps and step_s):
+            raise ValueError("steps_taken and step_time_s must not be empty")
         own = float(np.mean([(t - w) / x for t, w, x in zip(train, wait, steps, strict=True)]))
-        rounds = float(s.get("averaging_rounds") or 0) + float(s.get("group_rounds") or 0)
+        if not own > 0:
+            raise ValueError("train_s less comm_wait_s per step is not > 0")
+        rounds = [sio.number(s.get(k), k, 0, sio.BIG, null=True) for k in ROUNDS]
+        hist = sio.numbers(s["step_time_hist"], "step_time_hist", integer=True, most=STEP_BINS)
+        w = sio.number(s.get("workers_per_rank"), "workers_per_rank", 1, sio.MAX_RANKS, null=True)
         return Run(
             Path(path),
             algo,
             n,
             a,
             batch,
-            int(s["model_floats"]),
-            int(s["model_params"]),
+            sio.number(s["model_floats"], "model_floats", 1, 1e13, integer=True),
+            sio.number(s["model_params"], "model_params", 1, 1e13, integer=True),
             rate,
             n * batch / rate,
             own,
             float(np.mean(steps)),
-            float(np.mean(s["step_time_s"])) / max(1, int(s.get("workers_per_rank") or 1)),
-            list(s["step_time_hist"]),
-            rounds,
+            float(np.mean(step_s)) / (w or 1),
+            hist + [0] * (STEP_BINS - len(hist)),
+            float(sum(x or 0 for x in rounds)),
         )
     except KeyError as e:
-        raise PredictError(f"{path}: summary.json has no field {e}") from e
+        raise PredictError(f"{sio.shown(path)}: summary.json has no field {e}") from e
     except (TypeError, ValueError, ZeroDivisionError) as e:
-        raise PredictError(f"{path}: summary.json has a field the model cannot use ({e})") from e
+        raise PredictError(
+            f"{sio.shown(path)}: summary.json has a field the model cannot use ({e})"
+        ) from None
 
 
 def compute_for(runs: list[Run], n: int, **kw) -> Compute:

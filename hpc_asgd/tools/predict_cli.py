@@ -4,6 +4,7 @@ leave-one-out validation of ``--calibrate``d runs (the model: :mod:`hpc_asgd.too
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 from dataclasses import asdict, replace
@@ -28,6 +29,7 @@ from hpc_asgd.tools.predict import (
     own_compute,
     predict,
 )
+from hpc_asgd.tools.safe_io import Outputs, one_line_errors, say
 
 PERIODIC = ("local-sgd", "lasgd", "local-async", "hier-avg", "hier-avg-nb")
 NODES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -35,6 +37,7 @@ GOAL = 0.9  # the efficiency the projection asks which K keeps
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    one_line_errors(p)
     add = p.add_argument
     add(
         "--model",
@@ -128,7 +131,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add("--out", type=Path, default=None, help="write predict.md, predict.json, predict.png")
 
 
+# every numeric flag's range: (lowest, highest); 0 stands for "the workload's" where allowed
+INTS = {
+    "params": (0, 10**13),
+    "batch_size": (0, 10**9),
+    "group_size": (1, 1 << 20),
+    "nodes": (1, 1 << 20),
+    "period": (1, 4096),  # each K is K draws per node step simulated
+    "local_period": (1, 4096),
+    "plot_period": (0, 4096),
+}
+FLOATS = {
+    "step_ms": (0.0, 1e9),
+    "step_cv": (0.0, 10.0),
+    "latency_us": (0.0, 1e9),
+    "bandwidth_gbs": (0.0, 1e9),
+    "mem_gbs": (1e-6, 1e9),
+    "straggler_factor": (1.0, 1e6),
+}
+
+
 def check(args: argparse.Namespace) -> None:
+    for name, (least, most) in INTS.items():
+        given = getattr(args, name)
+        for v in given if isinstance(given, list) else [given]:
+            if not least <= v <= most:
+                flag = f"--{name.replace('_', '-')}"
+                raise PredictError(f"{flag}: {v} is not in [{least}, {most:,}]")
+    for name, (lo, hi) in FLOATS.items():
+        x = getattr(args, name)
+        if not (math.isfinite(x) and lo <= x <= hi):
+            flag = f"--{name.replace('_', '-')}"
+            raise PredictError(f"{flag}: {x} is not a finite number in [{lo:g}, {hi:g}]")
+    if 0 < args.bandwidth_gbs < 1e-6:
+        raise PredictError("--bandwidth-gbs: 0 (the interconnect's) or at least 1e-06")
     bad = [m for m in args.model if m not in WORKLOADS and m != "custom"]
     if bad:
         raise PredictError(f"--model: unknown {bad}; known: {', '.join(WORKLOADS)} or custom")
@@ -136,29 +172,14 @@ def check(args: argparse.Namespace) -> None:
         raise PredictError("--model custom needs --params, --step-ms and --batch-size")
     if args.validate and not args.calibrate:
         raise PredictError("--validate needs --calibrate RUN_DIR...")
-    positive = {"--nodes": args.nodes, "--period": args.period}
-    for name, values in positive.items():
-        if min(values) < 1:
-            raise PredictError(f"{name}: values must be >= 1")
-    if any(not 0 <= r < 1 for r in args.straggler_rate) or args.straggler_factor < 1:
-        raise PredictError("--straggler-rate in [0, 1) and --straggler-factor >= 1")
-    floats = {
-        "--step-ms": args.step_ms,
-        "--step-cv": args.step_cv,
-        "--mem-gbs": args.mem_gbs,
-        "--latency-us": args.latency_us,
-        "--bandwidth-gbs": args.bandwidth_gbs,
-        "--straggler-factor": args.straggler_factor,
-    }
-    for name, v in floats.items():
-        if not (math.isfinite(v) and v >= 0):
-            raise PredictError(f"{name}: {v} is not a finite number >= 0")
-    if args.mem_gbs <= 0 or min(args.local_period) < 1:
-        raise PredictError("--mem-gbs > 0 and --local-period >= 1")
+    if any(not 0 <= r < 1 for r in args.straggler_rate):
+        raise PredictError("--straggler-rate in [0, 1): the probability of a straggler's step")
     if not args.plot_period:  # 16, or the middle K given
         args.plot_period = 16 if 16 in args.period else sorted(args.period)[len(args.period) // 2]
     if args.plot_period not in args.period:
         raise PredictError(f"--plot-period {args.plot_period} is not one of --period")
+    if not configs(args):
+        raise PredictError("--algo hier-avg: no --period K is a multiple of a --local-period")
 
 
 def configs(args: argparse.Namespace) -> list[Algo]:
@@ -228,6 +249,8 @@ def scenario(args, title: str, w: Workload, link: str, rate: float, m: Machine) 
         for n in args.nodes
         if not (a.algo.startswith("hier-avg") and n % min(a.group_size, n))
     ]
+    if not preds:
+        raise PredictError(f"--group-size {args.group_size} divides none of --nodes (hier-avg)")
     return {
         "title": title,
         "workload": asdict(w),
@@ -400,7 +423,8 @@ def validate(runs: list[Run], how: str, own: bool = False) -> dict:
     }
 
 
-def plot(scens: list[dict], k: int, path: Path) -> None:
+def plot(scens: list[dict], k: int):
+    """The efficiency at K = ``k`` against the nodes, a panel per scenario (a figure)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -425,42 +449,56 @@ def plot(scens: list[dict], k: int, path: Path) -> None:
         ax.axis("off")
     axes.flat[0].legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    return fig
 
 
 def main(args: argparse.Namespace) -> int:
     check(args)
-    validation = None
-    if args.calibrate:
-        runs = [load_run(d) for d in args.calibrate]
-        if args.validate:
-            validation = validate(runs, args.allreduce, args.compute_from == "own")
-        scens = calibrated_scenarios(args, runs)
-    else:
-        scens = scenarios(args)
-    text = markdown(args, scens, validation)
-    print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        doc = {
-            "validation": validation,
-            "scenarios": scens,
-            "args": {
-                k: str(v) if isinstance(v, Path) else v
-                for k, v in vars(args).items()
-                if k != "func"
-            },
-        }
-        tmp = args.out / "predict.json.tmp"
-        tmp.write_text(json.dumps(doc, indent=1, default=str))
-        tmp.replace(args.out / "predict.json")
-        (args.out / "predict.md").write_text(text)
-        try:
-            plot(scens, args.plot_period, args.out / "predict.png")
-        except ImportError:
-            print("hpc-asgd predict: no plot without matplotlib: pip install 'hpc_asgd[plot]'")
+    note = None
+    with contextlib.ExitStack() as stack:  # --out made first: a bad one fails before the work
+        files = stack.enter_context(Outputs(args.out, PredictError)) if args.out else None
+        validation = None
+        if args.calibrate:
+            runs = [load_run(d) for d in args.calibrate]
+            if args.validate:
+                validation = validate(runs, args.allreduce, args.compute_from == "own")
+            scens = calibrated_scenarios(args, runs)
+        else:
+            scens = scenarios(args)
+        text = markdown(args, scens, validation)
+        if files:
+            note = write(files, args, scens, validation, text)
+    say(text, PredictError)
+    if note:
+        say(note, PredictError)
     return 0
+
+
+def write(files: Outputs, args, scens: list[dict], validation: dict | None, text: str):
+    """predict.json, predict.md and predict.png, each whole or none (temporary names until
+    all are written); a note if there is no plot."""
+    doc = {
+        "validation": validation,
+        "scenarios": scens,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    }
+    data = json.dumps(doc, indent=1, default=str).encode()
+    files.write("predict.json", lambda f: f.write(data))
+    files.write("predict.md", lambda f: f.write(text.encode("utf-8", "backslashreplace")))
+    note = None
+    try:
+        fig = plot(scens, args.plot_period)
+    except ImportError:
+        note = "hpc-asgd predict: no plot without matplotlib: pip install 'hpc_asgd[plot]'"
+    else:
+        import matplotlib.pyplot as plt
+
+        try:
+            files.write("predict.png", lambda f: fig.savefig(f, format="png", dpi=90))
+        finally:
+            plt.close(fig)
+    files.commit()
+    return note
 
 
 def calibrated_scenarios(args: argparse.Namespace, runs: list[Run]) -> list[dict]:

@@ -15,24 +15,47 @@ algorithm, update rule, workers per rank W and ranks:
 
 Only reads JSON (no torch): matplotlib (Agg) comes from the ``plot`` extra.
 ``scripts/scaling_study.py`` draws its plots through :func:`write_report`.
+
+A run folder's files are anyone's: every field the report reads is checked for its type and
+range (:func:`check_summary`, :func:`check_row`), and the first bad one ends it with one line
+naming the file (and line); the outputs go to temporary names and are moved into place once
+all are written (:class:`Outputs`), so an error leaves none half-written. ``predict`` shares
+these helpers, and :func:`run_tool`: one line on stderr and exit 2, whatever went wrong.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import statistics
+import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from hpc_asgd.errors import HpcAsgdError
+from hpc_asgd.tools.safe_io import (
+    BIG,
+    MAX_BINS,
+    MAX_RANKS,
+    BadValue,
+    Outputs,
+    brief,
+    mapping,
+    number,
+    numbers,
+    parse_json,
+    read_text,
+    shown,
+    text,
+    why,
+)
 
 INSTALL = "the report's plots need matplotlib: pip install 'hpc_asgd[plot]'"
 
 
 class ReportError(HpcAsgdError):
-    """A folder that is no run, or an output that cannot be read."""
+    """A folder that is no run, or an output that cannot be read or written."""
 
 
 @dataclass
@@ -71,60 +94,124 @@ class Run:
     def delays(self) -> tuple[str, ...]:
         """The injected delays (a straggler, random delays, a pause): another condition."""
         c = self.summary.get("config") or {}
+
+        def get(key: str, default: float) -> Any:
+            return default if c.get(key) is None else c[key]
+
         out = []
-        if (c.get("slow_rank", -1) >= 0) and (c.get("slow_factor") or 1) != 1:
+        if get("slow_rank", -1) >= 0 and get("slow_factor", 1) != 1:
             out.append(f"rank {c['slow_rank']} x{c['slow_factor']:g}")
         if c.get("delay"):
             out.append(f"delay {c['delay']}")
-        if (c.get("pause_rank", -1) >= 0) and c.get("pause_at"):
-            out.append(f"rank {c['pause_rank']} pauses {c.get('pause_s', 0):g} s")
+        if get("pause_rank", -1) >= 0 and c.get("pause_at"):
+            out.append(f"rank {c['pause_rank']} pauses {get('pause_s', 0):g} s")
         return tuple(out)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ReportError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-    except OSError as e:
-        raise ReportError(f"{path}: cannot read ({e.strerror})") from None
+# metrics.jsonl: the fields the report reads, their range and whether null (non-finite) is one
+ROW = {
+    "time_s": (0.0, BIG, False),
+    "samples": (0.0, BIG, False),
+    "test_acc": (0.0, 1.0, True),
+    "train_loss": (-BIG, BIG, True),
+}
+
+
+def check_summary(s: Any) -> None:
+    """:class:`BadValue` at the first field of ``summary.json`` the report cannot use."""
+    if not isinstance(s, dict):
+        raise BadValue("not a JSON object")
+    text(s["algo"], "algo")
+    number(s["samples_per_s"], "samples_per_s", 0, BIG, null=True)
+    for key in ("update", "dataset", "model"):
+        text(s.get(key), key, null=True)
+    for key, lo in (("world_size", 1), ("workers_per_rank", 1), ("worker_processes", 0)):
+        number(s.get(key), key, lo, MAX_RANKS, integer=True, null=True)
+    for key, hi in (("epochs", BIG), ("final_test_acc", 1.0), ("steps_per_rank", BIG)):
+        number(s.get(key), key, 0, hi, null=True)
+    for key in ("train_s", "steps_taken", "comm_wait_s"):
+        numbers(s.get(key), key, null_items=True)
+    c = mapping(s.get("config"), "config")
+    number(c.get("batch_size"), "config.batch_size", 1, BIG, integer=True, null=True)
+    for key in ("slow_rank", "pause_rank"):
+        number(c.get(key), f"config.{key}", -1, MAX_RANKS, integer=True, null=True)
+    for key in ("slow_factor", "pause_at", "pause_s"):
+        number(c.get(key), f"config.{key}", 0, BIG, null=True)
+    text(c.get("delay"), "config.delay", null=True)
+    w = mapping(s.get("workers"), "workers")
+    for key in ("staleness_hist", "cas_tries_hist"):
+        numbers(w.get(key), f"workers.{key}", integer=True, most=MAX_BINS)
+
+
+def _read_summary(path: Path) -> dict:
+    value = parse_json(read_text(path, ReportError), f"{shown(path)}: not valid JSON", ReportError)
     if not isinstance(value, dict):
-        raise ReportError(f"{path}: expected a JSON object")
+        raise ReportError(f"{shown(path)}: expected a JSON object")
+    if "samples_per_s" not in value or "algo" not in value:
+        raise ReportError(f"{shown(path)}: not an hpc-asgd summary")
+    try:
+        check_summary(value)
+    except BadValue as e:
+        raise ReportError(f"{shown(path)}: {e}") from None
     return value
+
+
+def check_row(row: Any) -> None:
+    """:class:`BadValue` at the first field of a ``metrics.jsonl`` row the report cannot use."""
+    if not isinstance(row, dict):
+        raise BadValue(f"{brief(row)}, not a JSON object")
+    for key, (lo, hi, null) in ROW.items():
+        if key not in row:
+            raise BadValue(f"no field {key!r}")
+        number(row[key], key, lo, hi, null=null)
 
 
 def _read_rows(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(read_text(path, ReportError).split("\n"), 1):
         if not line.strip():
             continue
+        where = f"{shown(path)}: line {n}"
+        row = parse_json(line, f"{where} is not valid JSON", ReportError, lines=False)
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ReportError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
+            check_row(row)
+        except BadValue as e:
+            raise ReportError(f"{where}: {e}") from None
+        rows.append(row)
     return rows
 
 
 def load_runs(folders: list[Path]) -> list[Run]:
     """The runs in ``folders`` (each a run folder or a folder of run folders), labelled."""
+    try:
+        return _label(_load(folders))
+    except (OSError, RuntimeError) as e:  # a name too long, a symbolic link's loop, ...
+        name = getattr(e, "filename", None)
+        where = f"{shown(name)}: " if name else ""
+        raise ReportError(f"{where}cannot read ({why(e)})") from None
+
+
+def _load(folders: list[Path]) -> list[Run]:
     runs = []
-    for folder in folders:
+    for folder in map(Path, folders):
         if (folder / "summary.json").is_file():
             found = [folder]
         else:
-            found = sorted(p.parent for p in folder.glob("*/summary.json"))
+            found = sorted(p.parent for p in folder.glob("*/summary.json") if p.is_file())
             if not found:
                 what = "no such folder" if not folder.is_dir() else "no summary.json in it"
                 raise ReportError(
-                    f"{folder}: {what} (a run's --out folder, or a folder of them, expected)"
+                    f"{shown(folder)}: {what} (a run's --out folder, or a folder of them, expected)"
                 )
         for path in found:
-            summary = _read_json(path / "summary.json")
-            if "samples_per_s" not in summary or "algo" not in summary:
-                raise ReportError(f"{path / 'summary.json'}: not an hpc-asgd summary")
+            summary = _read_summary(path / "summary.json")
             runs.append(Run(path, summary, _read_rows(path / "metrics.jsonl")))
+    return runs
+
+
+def _label(runs: list[Run]) -> list[Run]:
     for run in runs:
         algo, update = run.key
         run.label = f"{algo}" + (f" {update} W={run.workers}" if run.workers > 1 else "")
@@ -133,19 +220,32 @@ def load_runs(folders: list[Path]) -> list[Run]:
     labels = [r.label for r in runs]
     for run in runs:  # the same configuration twice: name the folder too
         if labels.count(run.label) > 1:
-            run.label += f" ({run.path.name})"
+            run.label += f" ({shown(run.path.name)})"
     return runs
 
 
+def as_float(v: Any) -> float:
+    """A checked number, or NaN for null (a non-finite figure)."""
+    return math.nan if v is None else float(v)
+
+
+def _ratio(a: float, b: float) -> float:
+    x = a / b if b else math.nan
+    return x if math.isfinite(x) else math.nan
+
+
 def rank_figures(run: Run) -> tuple[list[float], list[float]]:
-    """Per rank: samples/s over its own training time, and its communication-wait share."""
+    """Per rank: samples/s over its own training time, and its communication-wait share
+    (a list per rank of ``train_s``; NaN where a figure is missing)."""
     s = run.summary
-    batch = s.get("config", {}).get("batch_size") or 0
-    train = s.get("train_s") or []
-    taken = s.get("steps_taken") or [s.get("steps_per_rank", 0)] * len(train)
-    wait = s.get("comm_wait_s") or [0.0] * len(train)
-    rates = [n * batch / t if t else math.nan for n, t in zip(taken, train, strict=False)]
-    share = [w / t if t else math.nan for w, t in zip(wait, train, strict=False)]
+    batch = (s.get("config") or {}).get("batch_size") or 0
+    train = [as_float(t) for t in s.get("train_s") or []]
+    k = len(train)
+    taken = [as_float(n) for n in s.get("steps_taken") or [s.get("steps_per_rank") or 0] * k]
+    wait = [as_float(w) for w in s.get("comm_wait_s") or [0.0] * k]
+    taken, wait = (taken + [math.nan] * k)[:k], (wait + [math.nan] * k)[:k]
+    rates = [_ratio(n * batch, t) for n, t in zip(taken, train, strict=True)]
+    share = [_ratio(w, t) for w, t in zip(wait, train, strict=True)]
     return rates, share
 
 
@@ -168,205 +268,66 @@ def scaling(runs: list[Run]) -> list[dict]:
     return out
 
 
-def _plt():
-    try:
-        import matplotlib
-    except ImportError:
-        raise ReportError(INSTALL) from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(plt, fig, path: Path, title: str) -> None:
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _offset(i: int, n: int) -> float:
-    """Where run ``i`` of ``n`` puts its bar in a group of bars 0.8 wide."""
-    return (i - (n - 1) / 2) * 0.8 / n
-
-
-def _curves(plt, runs: list[Run], path: Path) -> bool:
-    with_rows = [r for r in runs if r.rows]
-    if not with_rows:
-        return False
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-    from matplotlib.ticker import EngFormatter
-
-    losses = []
-    for run in with_rows:
-        t = [row["time_s"] for row in run.rows]
-        n = [row["samples"] for row in run.rows]
-        acc = [100 * row["test_acc"] for row in run.rows]
-        loss = [row["train_loss"] for row in run.rows]
-        losses += [x for x in loss if x and x > 0]
-        for ax, x, y in ((axes[0, 0], t, acc), (axes[0, 1], n, acc),
-                         (axes[1, 0], t, loss), (axes[1, 1], n, loss)):  # fmt: skip
-            ax.plot(x, y, marker="." if len(x) < 40 else None, label=run.label)
-    for ax in axes[0]:
-        ax.set_ylabel("test accuracy (%)")
-    for ax in axes[1]:
-        ax.set_ylabel("training loss (mean since the last evaluation)")
-        if losses and max(losses) > 10 * min(losses):  # a log scale only over a decade
-            ax.set_yscale("log")
-    for ax in axes[:, 0]:
-        ax.set_xlabel("wall time since the start of the run (s)")
-    for ax in axes[:, 1]:
-        ax.set_xlabel("samples, all ranks")
-        ax.xaxis.set_major_formatter(EngFormatter())
-    for ax in axes.flat:
-        ax.grid(alpha=0.3)
-        if ax.get_yscale() == "linear":
-            ax.ticklabel_format(axis="y", useOffset=False)
-    axes[0, 0].legend(fontsize=8)
-    _save(plt, fig, path, "Accuracy and loss against time and samples")
-    return True
-
-
-def _ranks(plt, runs: list[Run], path: Path) -> None:
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    width = 0.8 / len(runs)
-    for i, run in enumerate(runs):
-        rates, share = rank_figures(run)
-        xs = [r + _offset(i, len(runs)) for r in range(len(rates))]
-        a.bar(xs, rates, width, label=run.label)
-        b.bar(xs, [100 * x for x in share], width, label=run.label)
-    ranks = max(r.ranks for r in runs)
-    for ax, what in ((a, "samples/s (its steps x batch / its training time)"),
-                     (b, "communication wait (% of its training time)")):  # fmt: skip
-        ax.set_xlabel("rank")
-        ax.set_ylabel(what)
-        ax.set_xticks(range(ranks))
-        ax.set_ylim(bottom=0, top=None if ax.get_ylim()[1] > 0 else 1)
-        ax.grid(alpha=0.3, axis="y")
-    # headroom above the bars for the legend (it would hide the tallest ones)
-    a.set_ylim(top=a.get_ylim()[1] * (1.1 + 0.07 * -(-len(runs) // 2)))
-    a.legend(fontsize=7, ncol=2, loc="upper left")
-    _save(plt, fig, path, "Per rank")
-
-
-def _workers(plt, runs: list[Run], path: Path) -> bool:
-    runs = [r for r in runs if r.summary.get("worker_processes") and r.summary.get("workers")]
-    if not runs:
-        return False
-    cas = any(r.summary["workers"].get("cas_tries_hist") for r in runs)
-    fig, axes = plt.subplots(1, 2 if cas else 1, figsize=(11 if cas else 6, 4), squeeze=False)
-    a, b = axes[0, 0], axes[0, -1]
-    bins = len(runs[0].summary["workers"]["staleness_hist"])
-    width = 0.8 / len(runs)
-    for i, run in enumerate(runs):
-        w = run.summary["workers"]
-        off = _offset(i, len(runs))
-        for ax, key in [(a, "staleness_hist")] + ([(b, "cas_tries_hist")] if cas else []):
-            hist = w.get(key)
-            if hist:
-                total = max(1, sum(hist))
-                ax.bar([k + off for k in range(len(hist))], [100 * h / total for h in hist],
-                       width, label=run.label)  # fmt: skip
-    a.set_xlabel("staleness: updates by others between a worker's read and its write")
-    a.set_xticks(range(bins), [*map(str, range(bins - 1)), f">={bins - 1}"], fontsize=7)
-    if cas:
-        b.set_xlabel("CAS tries per update (Leashed-SGD)")
-        b.set_xticks(range(bins), [*map(str, range(1, bins)), f">={bins}"], fontsize=7)
-    for ax in {a, b}:
-        ax.set_ylabel("% of updates")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3, axis="y")
-    a.legend(fontsize=8)
-    _save(plt, fig, path, "Workers sharing a rank's model")
-    return True
-
-
-def _scaling(plt, points: list[dict], path: Path) -> bool:
-    series: dict[tuple, list[dict]] = {}
-    for p in points:
-        series.setdefault((*p["run"].key, *p["run"].workload), []).append(p)
-    series = {k: v for k, v in series.items() if len({p["units"] for p in v}) > 1}
-    if not series:
-        return False
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    drawn = False
-    for (algo, update, *_), pts in series.items():
-        rule = f" {update}" if any(p["run"].workers > 1 for p in pts) else ""
-        for by, other in (("ranks", "workers"), ("workers", "ranks")):
-            # one line per value of the other dimension; repeats of a point: their median
-            fixed: dict[int, dict[int, list[dict]]] = {}
-            for p in pts:
-                at = fixed.setdefault(getattr(p["run"], other), {})
-                at.setdefault(getattr(p["run"], by), []).append(p)
-            for held, by_x in sorted(fixed.items()):
-                if len(by_x) < 2:
-                    continue
-                x = sorted(by_x)
-                name = f"{algo}{rule}, " + (f"W={held}" if by == "ranks" else f"{held} ranks")
-                style = "o-" if by == "ranks" else "s--"
-                for ax, key in zip(axes, ("samples_per_s", "speedup", "efficiency"), strict=True):
-                    y = [statistics.median(p[key] for p in by_x[v]) for v in x]
-                    ax.plot(x, y, style, label=name)
-                drawn = True
-    if not drawn:
-        plt.close(fig)
-        return False
-    sizes = sorted({getattr(p["run"], by) for p in points for by in ("ranks", "workers")})
-    for ax, what in zip(axes, ("samples/s", "speed-up", "parallel efficiency"), strict=True):
-        ax.set_xlabel("ranks (o) or workers per rank W (s)")
-        ax.set_ylabel(what)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sizes, [str(x) for x in sizes])
-        ax.minorticks_off()
-        ax.grid(alpha=0.3)
-    axes[2].axhline(1.0, color="grey", lw=0.8)
-    axes[0].legend(fontsize=8)
-    _save(plt, fig, path, "Scaling (speed-up against the smallest ranks x W of each series)")
-    return True
-
-
 def _fmt(v, spec: str) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
-def write_report(folders: list[Path], out: Path) -> Path:
-    """Write ``out/report.md`` and its PNGs for the runs in ``folders``; returns the report."""
-    runs = load_runs(folders)
-    plt = _plt()
-    out.mkdir(parents=True, exist_ok=True)
-    points = scaling(runs)
-    figures = []
-    if _curves(plt, runs, out / "curves.png"):
-        figures.append(("Accuracy and loss", "curves.png"))
-    _ranks(plt, runs, out / "ranks.png")
-    figures.append(("Per rank", "ranks.png"))
-    if _workers(plt, runs, out / "workers.png"):
-        figures.append(("Workers", "workers.png"))
-    if _scaling(plt, points, out / "scaling.png"):
-        figures.append(("Scaling", "scaling.png"))
+def markdown(runs: list[Run], points: list[dict], figures: list[tuple[str, str]]) -> str:
     by_run = {id(p["run"]): p for p in points}
     parent = Path(os.path.commonpath([r.path.resolve() for r in runs]))
-    names = ", ".join(f"`{r.path.resolve().relative_to(parent)}`" for r in runs)
-    lines = ["# hpc-asgd report", "", f"{len(runs)} run(s) in `{parent}`: {names}", ""]
+    names = ", ".join(f"`{shown(r.path.resolve().relative_to(parent))}`" for r in runs)
+    lines = ["# hpc-asgd report", "", f"{len(runs)} run(s) in `{shown(parent)}`: {names}", ""]
     head = "| run | ranks | W | epochs | samples/s | speed-up | efficiency | test acc | train s |"
     lines += [head + " comm wait |", "|---|" + "---:|" * 9]
     for run in runs:
         s, p = run.summary, by_run.get(id(run), {})
         _, share = rank_figures(run)
         wait = max((x for x in share if not math.isnan(x)), default=None)
+        train = max((as_float(t) for t in s.get("train_s") or []), default=math.nan)
         lines.append(
-            f"| {run.label} | {run.ranks} | {run.workers} | {_fmt(s.get('epochs'), 'g')} | "
+            f"| {run.label.replace('|', '/')} | {run.ranks} | {run.workers} | "
+            f"{_fmt(s.get('epochs'), 'g')} | "
             f"{_fmt(s.get('samples_per_s'), ',.0f')} | {_fmt(p.get('speedup'), '.2f')} | "
             f"{_fmt(p.get('efficiency'), '.2f')} | {_fmt(s.get('final_test_acc'), '.4f')} | "
-            f"{_fmt(max(s.get('train_s') or [math.nan]), '.1f')} | "
-            f"{'-' if wait is None else f'{100 * wait:.1f}%'} |"
+            f"{_fmt(train, '.1f')} | {'-' if wait is None else f'{100 * wait:.1f}%'} |"
         )
     lines += ["", "comm wait: the largest share of a rank's training time spent waiting in"
               " communication. Speed-up: against the smallest ranks x W of the same algorithm"
               " and update rule.", ""]  # fmt: skip
     for title, name in figures:
         lines += [f"## {title}", "", f"![{title}]({name})", ""]
-    report = out / "report.md"
-    report.write_text("\n".join(lines))
+    return "\n".join(lines)
+
+
+def write_report(folders: list[Path], out: Path) -> Path:
+    """Write ``out/report.md`` and its PNGs for the runs in ``folders``; returns the report.
+    Every file goes to a temporary name first and all are moved into place at the end: an
+    error (always a :class:`ReportError` for bad input) leaves no file half-written."""
+    from hpc_asgd.tools.plots import curves, plt_module, ranks, scaling_plot, workers
+
+    runs = load_runs(folders)
+    plt = plt_module()
+    points = scaling(runs)
+    before = set(plt.get_fignums())
+    try:
+        with Outputs(Path(out), ReportError) as files, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # missing glyphs, empty log axes: not errors
+            drawn = (
+                ("Accuracy and loss", "curves.png", curves(plt, runs)),
+                ("Per rank", "ranks.png", ranks(plt, runs)),
+                ("Workers", "workers.png", workers(plt, runs)),
+                ("Scaling", "scaling.png", scaling_plot(plt, points)),
+            )
+            figures = []
+            for title, name, fig in drawn:
+                if fig is not None:
+                    files.write(name, partial(fig.savefig, format="png", dpi=110))
+                    figures.append((title, name))
+            report = files.folder / "report.md"
+            doc = markdown(runs, points, figures).encode("utf-8", "backslashreplace")
+            files.write(report.name, lambda f: f.write(doc))
+            files.commit()
+    finally:  # this report's figures, drawn or not
+        for num in set(plt.get_fignums()) - before:
+            plt.close(num)
     return report

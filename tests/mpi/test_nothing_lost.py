@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import HOST, assert_no_orphans, mpi_env, summary, train
+from tests.conftest import HOST, assert_no_orphans, mpi_env, mpirun_exe, summary, train
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(150)]
 
@@ -225,3 +226,70 @@ def test_outputs_go_to_a_rescue_folder_when_out_is_gone(tmp_path: Path) -> None:
     assert f"were saved to {rescue[0]}" in err and "could not write the outputs" in err, err
     assert summary(rescue[0])["final_test_acc"] > 0 and (rescue[0] / "model.pt").is_file()
     assert len((rescue[0] / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A tmpfs of ``size`` bytes (a disk that fills): mounting needs root, as CI runs."""
+    mounts: list[Path] = []
+
+    def make(size: int) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a small tmpfs needs root")
+        path = tmp_path / f"disk{len(mounts)}"
+        path.mkdir()
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True
+        )
+        mounts.append(path)
+        return path
+
+    yield make
+    for path in mounts:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_a_disk_that_fills_at_the_end_loses_nothing(tmp_path: Path, small_disk, ranks) -> None:
+    """torch's zip writer fails with a RuntimeError ("unexpected pos") on a full disk: the
+    outputs still reach the rescue folder, and the full one holds no torn or temporary file."""
+    out = small_disk(64 * 1024) / "out"
+    cmd = [sys.executable, "-m", "hpc_asgd.cli", "train", "--dataset", "digits", "--model", "mlp"]
+    cmd += ["--epochs", "2", "--out", str(out)]
+    if ranks > 1:
+        cmd = [mpirun_exe() or "mpirun", "-n", str(ranks), "--oversubscribe", *cmd]
+    env = mpi_env()
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    res = subprocess.run(
+        cmd, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90
+    )
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("hpc-asgd: error")]
+    assert res.returncode == 1 and len(errors) == 1, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr
+    [rescue] = sorted(tmp_path.glob("hpc-asgd-rescue-*"))
+    assert f"could not write the outputs to {out}" in errors[0], errors
+    assert f"were saved to {rescue}" in errors[0] and "KiB free" in errors[0], errors
+    assert summary(rescue)["final_test_acc"] > 0.5
+    import torch
+
+    assert torch.load(rescue / "model.pt", weights_only=True)["state_dict"]
+    left = {p.name for p in out.iterdir()}
+    assert not left & {"model.pt", "summary.json"} and not any(n.startswith(".") for n in left)
+
+
+def test_a_checkpoint_that_does_not_fit_keeps_the_last_committed_one(
+    tmp_path: Path, small_disk
+) -> None:
+    """A checkpoint is ~180 KB here: 300 KiB holds one, not the second (keep = 2). The job ends
+    with one line naming the one kept, and a resume starts from it."""
+    ck = small_disk(300 * 1024) / "ck"
+    flags = ["--dataset", "digits", "--model", "mlp", "--epochs", "6", "--checkpoint-dir", str(ck)]
+    res = train(1, *flags, "--checkpoint-every", "40", "--out", str(tmp_path / "a"), timeout=90)
+    [line] = res.error_lines()
+    assert res.rc == 1 and "checkpoint at node step 80: could not write" in line, res.text
+    assert "the last committed checkpoint" in line and "step-000000040-" in line, line
+    # the one kept is whole: a run resumes from it (in a copy: the next final save needs room)
+    shutil.copytree(ck, tmp_path / "ck2")
+    flags[-1] = str(tmp_path / "ck2")
+    again = train(1, *flags, "--resume", "auto", "--out", str(tmp_path / "b"), timeout=90)
+    assert again.rc == 0 and "resuming from node step 40" in again.text, again.text

@@ -28,7 +28,7 @@ LIBRARY = [
 APPLICATION = [
     ["plugins"],
     ["config"],
-    ["data", "models", "metrics", "tools"],
+    ["data", "models", "metrics", "tools", "runlock"],
     ["evaluate", "checkpoint"],
     ["driver"],
     ["elastic"],

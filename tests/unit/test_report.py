@@ -55,7 +55,7 @@ def test_report_of_two_real_runs(tmp_path: Path) -> None:
 
 def test_report_errors_name_the_cause(tmp_path: Path) -> None:
     res = cli("report", str(tmp_path / "absent"))
-    assert res.returncode == 1
+    assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
         f"hpc-asgd report: error: {tmp_path / 'absent'}: no such folder (a run's --out folder,"
         " or a folder of them, expected)"
@@ -64,15 +64,16 @@ def test_report_errors_name_the_cause(tmp_path: Path) -> None:
     run.mkdir()
     (run / "summary.json").write_text('{"algo": "sync",\n "samples_per_s": }')
     res = cli("report", str(run), "--out", str(tmp_path / "rep"))
-    assert res.returncode == 1 and f"{run / 'summary.json'}: not valid JSON (line 2" in res.stderr
+    assert res.returncode == 2 and f"{run / 'summary.json'}: not valid JSON (line 2" in res.stderr
     assert not (tmp_path / "rep" / "report.md").exists()
     (run / "summary.json").write_text(json.dumps({"algo": "sync", "samples_per_s": 1.0}))
-    (run / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": \n')
+    row = {"epoch": 1, "time_s": 1.0, "samples": 16, "train_loss": 0.5, "test_acc": 0.9}
+    (run / "metrics.jsonl").write_text(json.dumps(row) + '\n{"epoch": \n')
     res = cli("report", str(run))
-    assert res.returncode == 1 and "metrics.jsonl: line 2 is not valid JSON" in res.stderr
+    assert res.returncode == 2 and "metrics.jsonl: line 2 is not valid JSON" in res.stderr
     (run / "metrics.jsonl").unlink()
     # without matplotlib: one line saying how to install it, nothing written
     res = cli("report", str(run), code="import sys; sys.modules['matplotlib'] = None")
-    assert res.returncode == 1 and "pip install 'hpc_asgd[plot]'" in res.stderr
+    assert res.returncode == 2 and "pip install 'hpc_asgd[plot]'" in res.stderr
     assert len(res.stderr.splitlines()) == 1, res.stderr
     assert not (run / "report").exists()
