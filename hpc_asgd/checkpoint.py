@@ -60,6 +60,7 @@ RUN_CONTROL = frozenset(
         "check_seconds",
         "checkpoint_dir",
         "out",
+        "tensorboard",
         "comm_timeout",
         "data_dir",
         "download",

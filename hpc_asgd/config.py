@@ -211,6 +211,11 @@ class RunConfig:
     device: str = _f("cpu", "cpu | cuda")
     eval_every: float = _f(1.0, "epochs between evaluations")
     out: str | None = _f(None, "output folder for summary.json, metrics.jsonl, model.pt")
+    tensorboard: str | None = _f(
+        None,
+        "rank 0 writes TensorBoard scalars to this folder at every evaluation and at the end "
+        "(needs the log extra: pip install 'hpc_asgd[log]')",
+    )
     slow_rank: int = _f(-1, "straggler injection: this rank's steps are slowed")
     slow_factor: float = _f(1.0, "straggler injection: the slow rank's steps take F times as long")
     delay: str = _f(
@@ -575,9 +580,17 @@ class Config:
                 f"resume: {r.resume} is not a committed checkpoint folder (no manifest.json); "
                 "give a step-NNNNNNNNN folder or 'auto'"
             )
-        for name, folder in (("out", r.out), ("checkpoint_dir", r.checkpoint_dir)):
+        for name, folder in (
+            ("out", r.out),
+            ("checkpoint_dir", r.checkpoint_dir),
+            ("tensorboard", r.tensorboard),
+        ):
             if folder:
                 _probe_write(name, Path(folder))
+        if r.tensorboard:
+            from hpc_asgd.board import check_installed
+
+            check_installed()
 
 
 def _non_blocking(cfg: Config) -> bool:

@@ -85,6 +85,7 @@ class Evaluator:
         self.job_epochs = False
         self.seen = torch.zeros(2, dtype=torch.float64)
         self.handles: list[Callable[[bool], bool]] = []  # sums in flight, oldest first
+        self.on_row: Callable[[int, dict], None] | None = None  # rank 0: --tensorboard
         # CPU seconds of this process's evaluation passes and their rows' output (not training)
         self.cpu_s = 0.0
 
@@ -148,6 +149,8 @@ class Evaluator:
         }
         self.rows.append(row)
         self.progress.epoch(row)
+        if self.on_row is not None:
+            self.on_row(step, row)
         if self.comm.rank == 0 and self.out:
             try:
                 metrics.write_jsonl(self.out / "metrics.jsonl", self.rows)

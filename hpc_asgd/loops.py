@@ -184,6 +184,7 @@ def train_workers(job: Job, ctx) -> float:
             event = events.next
             done = job.tracker.step = ctl[DONE].load()
             ev.complete(wait=False)
+            job.progress.step(done)
             if sync.overlaps:  # this process is the averager: rounds overlap the workers
                 sync.poll(done)
             if budget.spent(done):  # the job's budget is spent: the workers end the step they

@@ -131,46 +131,74 @@ def versions(comm_name: str | None = None) -> dict[str, str]:
 
 
 class Progress:
-    """Rank 0's progress: a bar redrawn in place on a terminal, one line per epoch otherwise."""
+    """Rank 0's progress. On a terminal, one live line under the epoch lines (tqdm): node
+    steps / budget, epoch, samples/s (all ranks), the last test accuracy and the ETA; in logs
+    and under SLURM (no TTY) the per-epoch lines only."""
 
-    def __init__(self, total_steps: int, steps_per_epoch: int, enabled: bool, tty: bool):
-        self.total, self.spe = total_steps, steps_per_epoch
+    def __init__(
+        self, total_steps: int, steps_per_epoch: int, enabled: bool, tty: bool, samples: int = 1
+    ):
+        self.total, self.spe, self.samples = total_steps, steps_per_epoch, samples
         self.enabled, self.tty = enabled, tty
-        self.t0 = time.perf_counter()
-        self.last_draw = 0.0
+        self.bar: Any = None  # made at the first step: start-up messages come before it
+        self.acc: float | None = None
         self.warned: set[str] = set()
 
-    def step(self, step: int, loss: float | None = None) -> None:
-        now = time.perf_counter()
-        if not (self.enabled and self.tty) or now - self.last_draw < 0.2:
+    def step(self, step: int) -> None:
+        if not (self.enabled and self.tty):
             return
-        self.last_draw = now
-        frac = step / self.total
-        bar = "#" * int(30 * frac)
-        tail = f" loss {loss:.3f}" if loss is not None else ""
-        print(
-            f"\r[{bar:<30}] {step}/{self.total} ep {step / self.spe:.2f}{tail} ",
-            end="",
-            file=sys.stderr,
-            flush=True,
-        )
+        if self.bar is None:
+            from tqdm import tqdm
+
+            # a terminal that reports no width (0 columns: a fresh pty) would get an empty bar
+            wide = shutil.get_terminal_size((0, 0)).columns > 0
+            self.bar = tqdm(
+                total=self.total,
+                file=sys.stderr,
+                leave=False,
+                dynamic_ncols=wide,
+                ncols=None if wide else 100,
+                mininterval=0.2,
+                unit="step",
+                bar_format="{l_bar}{bar}| {n}/{total} steps [{elapsed}<{remaining}{postfix}]",
+            )
+        bar = self.bar
+        bar.update(step - bar.n)
+        elapsed = bar.format_dict["elapsed"]  # since the first step
+        post = [f"ep {step / self.spe:.2f}"]
+        if elapsed > 0:
+            post.append(f"{bar.n * self.samples / elapsed:,.0f} samples/s")
+        if self.acc is not None:
+            post.append(f"acc {self.acc:.4f}")
+        bar.set_postfix_str(", ".join(post), refresh=False)
+
+    def _print(self, line: str, file) -> None:
+        if self.bar is not None:  # above the bar, which is drawn again under it
+            self.bar.write(line, file=file)
+            file.flush()
+        else:
+            print(line, file=file, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def warn(self, message: str) -> None:
         """One warning line (rank 0), each distinct message once."""
         if self.enabled and message not in self.warned:
             self.warned.add(message)
-            print(f"hpc-asgd: warning: {message}", file=sys.stderr, flush=True)
+            self._print(f"hpc-asgd: warning: {message}", sys.stderr)
 
     def epoch(self, row: dict) -> None:
         if not self.enabled:
             return
-        if self.tty:
-            print("\r" + " " * 79 + "\r", end="", file=sys.stderr)
-        print(
+        self.acc = row["test_acc"]
+        self._print(
             f"epoch {row['epoch']:6.2f}  time {row['time_s']:7.1f}s  "
             f"train_loss {row['train_loss']:.4f}  "
             f"test_loss {row['test_loss']:.4f}  test_acc {row['test_acc']:.4f}",
-            flush=True,
+            sys.stdout,
         )
 
 

@@ -183,7 +183,8 @@ def _run(cfg: Config, launch: Launch, comm: Comm | None, tracker: Tracker) -> di
     every = max(1, round(r.eval_every * spe))
     stats = torch.zeros((w.workers, NSTATS), dtype=torch.float64)
     out = Path(r.out) if r.out else None
-    progress = metrics.Progress(total, spe, comm.rank == 0, is_tty(sys.stderr))
+    tty = is_tty(sys.stderr)
+    progress = metrics.Progress(total, spe, comm.rank == 0, tty, d.batch_size * comm.size)
     spec = step_spec(cfg, data, comm.rank, comm.size, launch)
     evaluator = Evaluator(
         data, comm, device, stats, spe, d.batch_size, progress, out, t_start, spec.loss
@@ -223,6 +224,30 @@ def _run(cfg: Config, launch: Launch, comm: Comm | None, tracker: Tracker) -> di
         fresh = torch.Generator().manual_seed(augment_seed(r.seed, comm.rank, 0)).get_state()
         job.resumed = {"optimizer": None, "generator": fresh, "torch_rng": torch.get_rng_state()}
         job.resumed |= resumed
+    board = None
+    if r.tensorboard and comm.rank == 0:
+        from hpc_asgd.board import Board
+
+        board = Board(Path(r.tensorboard), cfg.to_toml())
+        lr, stats_of = spec.schedule, sync.stats
+        evaluator.on_row = lambda step, row: board.row(step, row, lr(row["epoch"]), stats_of())
+    try:
+        summary = _train(job, ck, ctx, resumed, total, spawn, out)
+    except BaseException:
+        if board is not None:
+            board.close(None)
+        raise
+    finally:
+        progress.close()
+    if board is not None:
+        board.close(summary)
+    return summary
+
+
+def _train(
+    job: Job, ck: Checkpointer, ctx, resumed: dict | None, total: int, spawn: bool, out: Path | None
+) -> dict:
+    """Train (or, resumed complete, only summarise) and write the outputs: the summary."""
     if resumed is not None and resumed["step"] == total:  # complete: only the outputs
         train_s, job.extra = resumed["train_s"], resumed.get("extra", 0)
     else:

@@ -1,6 +1,6 @@
 """``hpc-asgd predict``: an analytic model of samples/s and parallel efficiency, 1 to 4,096 nodes.
 
-What it assumes (the README's "Predicting scale" states the same):
+What it assumes (docs/outputs-and-reports.md, "Predicting scale", states the same):
 
 * One rank per node; a node step takes a compute time ``c`` drawn independently per step and
   node from a distribution: a lognormal of mean ``--step-ms`` and coefficient of variation

@@ -44,8 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         nargs="+",
         default=["resnet50"],
         metavar="NAME",
-        help=f"workloads: {', '.join(WORKLOADS)} (their assumed step times in the README), or "
-        "custom with --params",
+        help=f"workloads: {', '.join(WORKLOADS)} (their assumed step times: "
+        "docs/outputs-and-reports.md), or custom with --params",
     )
     add("--params", type=int, default=0, help="a model's parameters, float32 (0: the workload's)")
     add(
@@ -61,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         nargs="+",
         default=["ndr400"],
         choices=list(INTERCONNECTS),
-        help="named interconnects (effective figures in the README)",
+        help="named interconnects (effective figures: docs/outputs-and-reports.md)",
     )
     add("--latency-us", type=float, default=0.0, help="instead of a named interconnect's")
     add("--bandwidth-gbs", type=float, default=0.0, help="GB/s, instead of a named one's")

@@ -222,3 +222,18 @@ def test_presets_round_trip(tmp_path) -> None:
         cfg = Config.from_flat(Config.read_file(str(path)), source=str(path))
         (tmp_path / path.name).write_text(cfg.to_toml())
         assert Config.from_flat(Config.read_file(str(tmp_path / path.name))) == cfg, path
+
+
+def test_tensorboard_asked_for_and_missing_is_one_line(tmp_path, monkeypatch) -> None:
+    import importlib.util
+
+    from hpc_asgd import board
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "tensorboard" else real(n, *a)
+    )
+    cfg = Config.from_flat({"tensorboard": str(tmp_path / "tb")})
+    with pytest.raises(ConfigError, match=r"needs the tensorboard package: pip install"):
+        cfg.check_paths()
+    assert board.INSTALL.startswith("tensorboard: ")

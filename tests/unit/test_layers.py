@@ -26,7 +26,7 @@ LIBRARY = [
     ["workers"],
 ]
 APPLICATION = [
-    ["plugins"],
+    ["plugins", "board"],
     ["config"],
     ["data", "models", "metrics", "tools", "runlock"],
     ["evaluate", "checkpoint"],
