@@ -20,6 +20,7 @@ only when named explicitly with ``--force-resume``. Files are read with
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -124,10 +125,8 @@ def save(
         folder.mkdir(parents=True, exist_ok=True)
     comm.barrier()  # the folder exists (on a shared file system) before anyone writes
     folder.mkdir(parents=True, exist_ok=True)
-    try:
-        atomic_write(folder / f"rank-{comm.rank:05d}.pt", lambda f: torch.save(state, f))
-    except WriteError as e:  # this rank ends the job; no manifest: the last commit stands
-        raise WriteError(f"checkpoint at node step {step}: {e}; {_kept(root, run_id)}") from e
+    write_file = functools.partial(_write, root, run_id, step)
+    write_file(folder / f"rank-{comm.rank:05d}.pt", lambda f: torch.save(state, f))
     comm.barrier()  # every rank's file is synced
     if before_commit is not None:
         before_commit()
@@ -139,10 +138,7 @@ def save(
             "run_id": run_id,
             "config": fields,
         }
-        try:
-            atomic_write(folder / MANIFEST, lambda f: f.write(json.dumps(manifest).encode()))
-        except WriteError as e:
-            raise WriteError(f"checkpoint at node step {step}: {e}; {_kept(root, run_id)}") from e
+        write_file(folder / MANIFEST, lambda f: f.write(json.dumps(manifest).encode()))
         _fsync_dir(folder)
         for old in complete(root, run_id)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -150,9 +146,17 @@ def save(
     return folder
 
 
-def _kept(root: Path, run_id: str) -> str:
-    done = complete(root, run_id)
-    return f"the last committed checkpoint, {done[-1]}, is kept" if done else "none committed yet"
+def _write(root: Path, run_id: str, step: int, path: Path, write) -> None:
+    """``atomic_write``, or a WriteError that says which committed checkpoint is kept (this
+    rank ends the job; with no manifest written, the last commit stands)."""
+    try:
+        atomic_write(path, write)
+    except WriteError as e:
+        done = complete(root, run_id)
+        kept = (
+            f"the last committed checkpoint, {done[-1]}, is kept" if done else "none committed yet"
+        )
+        raise WriteError(f"checkpoint at node step {step}: {e}; {kept}") from e
 
 
 def clean(root: Path, run_id: str) -> list[Path]:

@@ -43,12 +43,16 @@ def _owners() -> dict[str, str]:
     return {f.name: sec for sec, klass in SECTIONS.items() for f in fields(klass)}
 
 
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _shown(name: object, limit: int = 40) -> str:
     """A key or path as one printable line: as it is when plain, else quoted and escaped."""
     text = str(name)
     if not re.fullmatch(r"[\w.\-/ ]*", text, flags=re.ASCII) or not text:
         text = ascii(text)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return _clip(text, limit)
 
 
 def _did_you_mean(name: str, known) -> str:
@@ -384,10 +388,8 @@ class Config:
                             raise TypeError
                         value = str(value)
                 except (TypeError, ValueError, OverflowError):
-                    shown = repr(value)
-                    shown = shown if len(shown) <= 60 else shown[:57] + "..."
                     raise ConfigError(
-                        f"{source}: {f.name} = {shown} is not of type {typ}"
+                        f"{source}: {f.name} = {_clip(repr(value), 60)} is not of type {typ}"
                     ) from None
                 setattr(obj, f.name, value)
 

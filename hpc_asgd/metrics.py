@@ -163,6 +163,8 @@ class Progress:
                 bar_format="{l_bar}{bar}| {n}/{total} steps [{elapsed}<{remaining}{postfix}]",
             )
         bar = self.bar
+        if step == bar.n:  # the workers' main loop asks between their steps too
+            return
         bar.update(step - bar.n)
         elapsed = bar.format_dict["elapsed"]  # since the first step
         post = [f"ep {step / self.spe:.2f}"]

@@ -183,8 +183,8 @@ def _run(cfg: Config, launch: Launch, comm: Comm | None, tracker: Tracker) -> di
     every = max(1, round(r.eval_every * spe))
     stats = torch.zeros((w.workers, NSTATS), dtype=torch.float64)
     out = Path(r.out) if r.out else None
-    tty = is_tty(sys.stderr)
-    progress = metrics.Progress(total, spe, comm.rank == 0, tty, d.batch_size * comm.size)
+    samples = d.batch_size * comm.size  # per node step of every rank
+    progress = metrics.Progress(total, spe, comm.rank == 0, is_tty(sys.stderr), samples)
     spec = step_spec(cfg, data, comm.rank, comm.size, launch)
     evaluator = Evaluator(
         data, comm, device, stats, spe, d.batch_size, progress, out, t_start, spec.loss
