@@ -81,16 +81,17 @@ def links(page: Path) -> list[tuple[int, str]]:
     return [(prose.count("\n", 0, m.start()) + 1, m.group(1)) for m in LINK.finditer(prose)]
 
 
-def runnable_blocks() -> list[tuple[str, str]]:
-    """(``page:line``, script) of every ```bash block right after the runnable mark."""
+def runnable_blocks(mark: str = MARK) -> list[tuple[str, str]]:
+    """(``page:line``, script) of every ```bash block right after the line ``mark``
+    (tests/slurm/test_docs_commands.py runs those marked for the emulated cluster)."""
     blocks = []
     for page in PAGES:
         lines = page.read_text().splitlines()
         for i, line in enumerate(lines[:-1]):
-            if line.strip() != MARK:
+            if line.strip() != mark:
                 continue
             assert lines[i + 1].strip() == "```bash", (
-                f"{_rel(page)}:{i + 1}: {MARK} must be followed by a ```bash block"
+                f"{_rel(page)}:{i + 1}: {mark} must be followed by a ```bash block"
             )
             end = next(j for j in range(i + 2, len(lines)) if lines[j].strip() == "```")
             blocks.append((f"{_rel(page)}:{i + 2}", "\n".join(lines[i + 2 : end]) + "\n"))
