@@ -256,8 +256,8 @@ class RunConfig:
         0,
         "keep training while at least M ranks live: a rank that dies is dropped and the "
         "survivors shrink the job, average their models and take its remaining steps (MPI "
-        "with ULFM: mpirun --with-ft ulfm; W = 1; lasgd, local-sgd, sync, none); 0: the world "
-        "size (a lost rank ends the job)",
+        "with ULFM: mpirun --with-ft ulfm; lasgd, local-async, local-sgd, blocking hier-avg, "
+        "sync, none; any W); 0: the world size (a lost rank ends the job)",
     )
     max_nonfinite: int = _f(
         3,

@@ -31,6 +31,9 @@ every survivor calls :func:`recover`, collective over the survivors:
    the same point of the epochs; the LR schedule goes on where the job was.
 5. **Rebuilt**: the synchroniser (its sub-communicators, its schedule), the evaluation's and
    the checkpoints' communicator. Each loss is a row of ``summary.json``'s ``membership``.
+   With W workers (``loops.train_workers``) the rank's workers are held between steps while
+   this runs (nothing writes the shared model) and W new ones start on the new shard; their
+   optimizer states start afresh, as on a resume.
 
 Fewer than ``--min-ranks`` survivors, or not a majority, ends the job with one line from every
 survivor (``TooFewRanks``: each exits by itself, since all of them know); a loss during the
@@ -43,7 +46,6 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import replace
 
 import torch
 
@@ -55,7 +57,7 @@ from hpc_asgd.step import Stepper
 from hpc_asgd.sync import make_synchronizer
 
 # the synchronisers whose rebuild on the survivors is implemented and tested (a plug-in is not)
-SUPPORTED = ("lasgd", "local-sgd", "hier-avg", "sync", "none")
+SUPPORTED = ("lasgd", "local-async", "local-sgd", "hier-avg", "sync", "none")
 
 
 def wanted(cfg: Config, world_size: int) -> bool:
@@ -68,7 +70,6 @@ def check(cfg: Config, launch: Launch) -> None:
     if not wanted(cfg, launch.size):
         return
     from hpc_asgd.comm import resolve_engine
-    from hpc_asgd.train import spawns_workers
 
     engine = resolve_engine(cfg.run.comm, launch)
     if engine != "mpi":
@@ -92,11 +93,6 @@ def check(cfg: Config, launch: Launch) -> None:
             "groups only (--hier-mode blocking, --group-size 0: groups re-formed from the "
             "hosts left; a fixed size need not divide the survivors)"
         )
-    if spawns_workers(cfg):
-        raise ConfigError(
-            "min_ranks: shrinking is implemented for W = 1 in the rank's own process; "
-            "drop --workers / --spawn-workers"
-        )
 
 
 def _credit(job: Job) -> list[float]:
@@ -111,10 +107,12 @@ def _credit(job: Job) -> list[float]:
 
 
 def recover(
-    job: Job, err: PeerLost, step: int, events: Events, stepper: Stepper
+    job: Job, err: PeerLost, step: int, events: Events, stepper: Stepper | None
 ) -> tuple[int, Events]:
     """Shrink to the survivors and rebuild the job on them (see the module's docstring);
-    collective over the survivors. ``step``: this rank's node steps taken. Returns the node
+    collective over the survivors. ``step``: this rank's node steps taken; ``stepper``: the
+    rank's own (W = 1), resharded here, or None (the workers are restarted on ``job.step``
+    by the caller, held between steps meanwhile). Returns the node
     steps to go on from (the same on every survivor for a blocking synchroniser) and the
     events ahead (the same on every survivor)."""
     t0 = time.perf_counter()
@@ -178,10 +176,9 @@ def recover(
     left = sorted({later(e) for e in job.evals if e > max(s_star, consumed)} | {job.total})
     job.evals = [e for e in job.evals if e <= consumed] + left
     # ---- rebuild on the survivors ---------------------------------------------------------
-    # the new shard; the stepper keeps its job-wide rank (its augmentation stream, faults)
-    job.step = replace(job.step, rank=new.rank, world=new.size)
-    sampler = job.step.sampler()
-    job.spe = sampler.steps_per_epoch
+    # the new shard (the steps keep their first rank's augmentation stream and faults)
+    job.step = job.step.resharded(new.rank, new.size, go_on, job_budget=bool(job.sync.budget.steps))
+    job.spe = job.step.sampler().steps_per_epoch
     old_sync = job.sync
     state = {k: v for k, v in old_sync.state_dict().items() if k != "payload"}
     sync = make_synchronizer(cfg, new, flat, rule, job.spe)  # takes rank 0's bits again
@@ -218,9 +215,10 @@ def recover(
     ahead = Events(job, go_on)  # the synchroniser's clock resumes at this rank's step
     ahead.evals, ahead.ck_at = left, ck.next_event(s_star)
     job.progress.total, job.progress.spe = job.total, job.spe
-    stepper.reshard(sampler, go_on, job_budget=bool(b.steps))
-    if sync.averages_gradients:
-        stepper.grads_hook = sync.grads_ready
+    if stepper is not None:  # W = 1; the workers' loop starts new workers on job.step
+        stepper.reshard(job.step)
+        if sync.averages_gradients:
+            stepper.grads_hook = sync.grads_ready
     recovery_s = time.perf_counter() - t0
     job.membership.append(
         {

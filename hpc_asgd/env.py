@@ -19,7 +19,9 @@ class Fault:
     """Fault injection for tests: ``HPC_ASGD_FAULT=KIND@RANK:STEP``; the process (rank or
     worker) that takes node step STEP on rank RANK raises, stops (SIGSTOP) or kills itself."""
 
-    # "raise" | "stop" | "kill" | "ckptkill" (SIGKILL while writing a checkpoint) | "nan" (the
+    # "raise" | "stop" | "kill" | "killgroup" (SIGKILL to the rank's process group: the rank,
+    # its fork server and its workers, as a node that dies takes them all; from a worker's
+    # step) | "ckptkill" (SIGKILL while writing a checkpoint) | "nan" (the
     # step's loss is NaN, as a bad batch or an overflow makes it) | "startstop" (SIGSTOP once
     # the engine started, before its start-up exchange; STEP unused)
     kind: str
@@ -93,7 +95,7 @@ def _parse_fault(spec: str | None, rank: int = 0) -> Fault | None:
     the first), e.g. ``kill@3:30,kill@2:60`` for two losses one after the other."""
     if not spec:
         return None
-    kinds = "raise|stop|kill|ckptkill|nan|startstop"
+    kinds = "raise|stop|killgroup|kill|ckptkill|nan|startstop"
     faults = []
     for part in spec.split(","):
         m = re.fullmatch(rf"({kinds})@(\d+):(\d+)", part.strip())

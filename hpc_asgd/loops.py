@@ -14,6 +14,7 @@ Both return the training seconds (first step to last, without evaluation passes)
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import torch
 
@@ -30,6 +31,7 @@ from hpc_asgd.workers import (
     LIMIT,
     NCTL,
     NEXT,
+    READY,
     STOP,
     WorkerPool,
     WorkerSpec,
@@ -133,12 +135,14 @@ def _keep_training(job: Job, stepper: Stepper) -> int:
 def train_workers(job: Job, ctx) -> float:
     """W spawned workers take node steps; this process supervises, averages and evaluates,
     handling the events (blocking rounds, evaluations, checks) in node-step order on every
-    rank, with the workers held at the next one (``LIMIT``)."""
-    cfg, flat, rule, sync, total = job.cfg, job.flat, job.rule, job.sync, job.total
-    w, ev = cfg.workers, job.evaluator
+    rank, with the workers held at the next one (``LIMIT``). Under ``--min-ranks`` a lost
+    peer (``PeerLost``) holds the workers between steps, shrinks the job to the survivors
+    (``elastic.recover``: the shared model is theirs averaged) and starts new workers on the
+    new shard, from the node step this rank had reached."""
+    cfg, flat = job.cfg, job.flat
+    w = cfg.workers
     job.stats.share_memory_()
-    budget = sync.budget
-    budget.offset.share_memory_()
+    job.sync.budget.offset.share_memory_()
     ctl = AtomicArray(NCTL)
     threads = w.threads_per_worker or max(1, job.rank_threads // w.workers)
     spec = WorkerSpec(
@@ -146,38 +150,65 @@ def train_workers(job: Job, ctx) -> float:
         job.model,
         job.step,
         flat.data,
-        rule,
+        job.rule,
         ctl,
         job.stats,
-        KEEP_GOING if job.trains_on else total,
+        KEEP_GOING if job.trains_on else job.total,
         threads,
         str(job.device),
         cfg.run.comm_timeout,
         ctx.SimpleQueue(),
-        offset=budget.offset,
+        offset=job.sync.budget.offset,
         wake=ctx.Semaphore(0),
     )
-    # The evaluation model: a private copy, filled from a snapshot of the shared one.
-    eval_flat = FlatModel(job.model(), device=job.device)
-    start, train_before = 0, 0.0
+    run = _Supervised(job, WorkerPool(spec, w.workers, ctx))
     if job.resumed is not None:  # model and counters; the workers' optimizers start afresh
-        start, train_before = job.resumed["step"], job.resumed["train_s"]
-        ctl.t[NEXT] = ctl.t[DONE] = start
-    events = Events(job, start)
-    paused_s = 0.0  # workers held for an evaluation (its snapshot, or its pass): not training time
-    pool = WorkerPool(spec, w.workers, ctx)
-    pool.start()
+        run.start, run.train_before = job.resumed["step"], job.resumed["train_s"]
+        ctl.t[NEXT] = ctl.t[DONE] = run.start
+    events = Events(job, run.start)
     try:
-        pool.wait_ready()
+        run.pool.start()
+        run.pool.wait_ready()
         # The ranks start training together: spawning takes seconds, differently on each rank,
         # and a rank that started early would run its first steps (or, with --keep-training,
         # extra ones) alone.
         job.comm.barrier()
-        job.begin(start)
-        t0 = train_end = time.perf_counter()  # training time starts when all may step
-        job.setup_s = t0 - job.t_start
-        job.start_budget(start, train_before)
+        job.begin(run.start)
+        run.t0 = time.perf_counter()  # training time starts when all may step
+        job.setup_s = run.t0 - job.t_start
+        job.start_budget(run.start, run.train_before)
         ctl[LIMIT].store(events.next)
+        while True:
+            try:
+                return run.supervise(events)
+            except PeerLost as err:  # --min-ranks: shrink to the survivors and go on
+                events = run.shrink(err, events)
+    finally:
+        run.pool.stop()
+        ctl.close()
+        stop_server()
+
+
+class _Supervised:
+    """The rank's main process over its workers (:func:`train_workers`)."""
+
+    def __init__(self, job: Job, pool: WorkerPool) -> None:
+        self.job, self.pool = job, pool
+        # the evaluation model: a private copy, filled from a snapshot of the shared one
+        self.eval_flat = FlatModel(job.model(), device=job.device)
+        self.start, self.train_before = 0, 0.0
+        self.t0 = 0.0
+        # workers held for an evaluation (its snapshot, or its pass): not training time
+        self.paused_s = 0.0
+
+    def supervise(self, events: Events) -> float:
+        """Until the last event; returns the training seconds."""
+        job, pool = self.job, self.pool
+        cfg, flat, rule, sync, total, ev = (
+            job.cfg, job.flat, job.rule, job.sync, job.total, job.evaluator,
+        )  # fmt: skip
+        budget, spec, ctl = sync.budget, pool.spec, pool.spec.ctl
+        eval_flat = self.eval_flat
         while True:
             if pool.poll():  # the workers' divergence count, at the same (throttled) pace
                 check_finite(job.stats, cfg.run.max_nonfinite, cfg.optim.lr)
@@ -218,18 +249,49 @@ def train_workers(job: Job, ctx) -> float:
                 eval_flat.data[flat.n_params :].copy_(flat.data[flat.n_params :])
                 if event < total and event != events.ck_at:
                     ctl[LIMIT].store(events.next)  # release the workers
-                    paused_s += time.perf_counter() - t_eval
+                    self.paused_s += time.perf_counter() - t_eval
                     ev.at(event, eval_flat.module)
                     continue
                 ev.at(event, eval_flat.module, final=event == total)
                 if event == total:
-                    return train_before + train_end - t0 - paused_s
-                paused_s += time.perf_counter() - t_eval
+                    return self.train_before + train_end - self.t0 - self.paused_s
+                self.paused_s += time.perf_counter() - t_eval
             save, halt = events.check(event)  # workers are held: the shared model is still
             if save and event < total:
-                job.checkpoint(event, train_before + time.perf_counter() - t0, halt)
+                job.checkpoint(event, self.train_before + time.perf_counter() - self.t0, halt)
             ctl[LIMIT].store(events.next)  # release the workers
-    finally:
-        pool.stop()
-        ctl.close()
-        stop_server()
+
+    def shrink(self, err: PeerLost, events: Events) -> Events:
+        """A peer was lost: hold the workers between steps, stop them, shrink the job
+        (``elastic.recover``: collective over the survivors, which average the shared model)
+        and start new workers on this rank's new shard from the node step it had reached.
+        The workers' optimizer states start afresh, as on a resume."""
+        job, old = self.job, self.pool
+        ctl = old.spec.ctl
+        ctl[LIMIT].store(0)  # no worker claims another step
+        deadline = time.monotonic() + old.stall_timeout
+        while ctl[NEXT].load() != ctl[DONE].load():  # the steps in flight end
+            old.check()
+            if time.monotonic() > deadline:
+                raise err
+            time.sleep(1e-3)
+        old.stop()
+        taken = ctl[DONE].load()
+        step, events = elastic.recover(job, err, taken, events, None)
+        spec = replace(
+            old.spec,
+            step=job.step,
+            total=KEEP_GOING if job.trains_on else job.total,
+            busy=None,
+        )
+        for cell, value in ((NEXT, step), (DONE, step), (STOP, 0), (READY, 0), (LIMIT, 0)):
+            ctl.t[cell] = value
+        t_workers = time.perf_counter()
+        self.pool = WorkerPool(spec, old.n, old.ctx)
+        self.pool.start()
+        self.pool.wait_ready()
+        ctl[LIMIT].store(events.next)
+        row = job.membership[-1]  # the loss's row: when the new workers took over
+        row["workers_restart_s"] = round(time.perf_counter() - t_workers, 3)
+        row["resumed_unix"] = round(time.time(), 3)
+        return events

@@ -17,7 +17,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -72,6 +72,14 @@ class StepSpec:
     delays: Delays | None = None  # worker 0's; each worker draws its own (``for_worker``)
     slow: float = 1.0  # straggler injection: each step takes ``slow`` times as long
     fault: Fault | None = None  # fault injection (tests): see :func:`inject`
+    # After the job shrank (--min-ranks, :meth:`resharded`): the (rank, world) whose shard the
+    # steps draw from (``rank`` and ``world`` stay the first ones: the augmentation streams
+    # and the faults are the process's), and node step -> position in that shard's epochs
+    # (``shift``) and in the LR schedule's (``lr_shift``, where the job's budget does not
+    # place it through ``offset``).
+    shard: tuple[int, int] | None = None
+    shift: int = 0
+    lr_shift: int = 0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -80,7 +88,18 @@ class StepSpec:
             raise ValueError(f"slow: a step's slow-down factor must be >= 1, got {self.slow}")
 
     def sampler(self) -> ShardSampler:
-        return ShardSampler(len(self.train), self.rank, self.world, self.batch_size, self.seed)
+        rank, world = self.shard or (self.rank, self.world)
+        return ShardSampler(len(self.train), rank, world, self.batch_size, self.seed)
+
+    def resharded(self, rank: int, world: int, step: int, job_budget: bool) -> StepSpec:
+        """From node step ``step`` on, draw from shard ``rank`` of ``world`` (the job shrank:
+        fewer, larger shards), at the same point of the epochs: the data order and the LR
+        schedule go on where the job was, in the new shard's steps per epoch. ``job_budget``:
+        the rounds' ``offset`` places the LR schedule (it is recomputed for the new world)."""
+        at = (step + self.shift) / self.sampler().steps_per_epoch  # epochs into the data
+        new = replace(self, shard=(rank, world))
+        shift = round(at * new.sampler().steps_per_epoch) - step
+        return replace(new, shift=shift, lr_shift=0 if job_budget else shift)
 
     def stepper(
         self,
@@ -133,19 +152,14 @@ class Stepper:
         self.t_hook = 0.0  # the last step's seconds in sync's gradient allreduce
         self.epoch_cached = -1
         self.batches: list[torch.Tensor] = []
-        # node step -> position in the current shard's epochs (and the LR schedule's, where
-        # the job's budget does not set ``offset``): changed by :meth:`reshard` only
-        self.shift, self.lr_shift = 0, 0
+        self.shift, self.lr_shift = spec.shift, spec.lr_shift  # see StepSpec.resharded
 
-    def reshard(self, sampler: ShardSampler, step: int, job_budget: bool) -> None:
-        """From node step ``step`` on, draw from ``sampler``'s shard (the job shrank: fewer,
-        larger shards), at the same point of the epochs: the data order and the LR schedule
-        go on where the job was, in the new shard's steps per epoch. ``job_budget``: the
-        rounds' ``offset`` places the LR schedule (it is recomputed for the new world)."""
-        at = (step + self.shift) / self.spe  # epochs into the data at this step
-        self.sampler, self.spe = sampler, sampler.steps_per_epoch
-        self.shift = round(at * self.spe) - step
-        self.lr_shift = 0 if job_budget else self.shift
+    def reshard(self, spec: StepSpec) -> None:
+        """Draw from ``spec``'s shard from now on (:meth:`StepSpec.resharded`); this
+        stepper's optimizer state and augmentation stream go on."""
+        self.sampler = spec.sampler()
+        self.spe = self.sampler.steps_per_epoch
+        self.shift, self.lr_shift = spec.shift, spec.lr_shift
         self.epoch_cached = -1
 
     def step(self, s: int) -> bool:
@@ -229,4 +243,6 @@ def inject(fault: Fault | None, rank: int, step: int) -> bool:
         return False
     if fault.kind == "kill":  # die as the OOM killer does it
         os.kill(os.getpid(), signal.SIGKILL)
+    if fault.kind == "killgroup":  # the rank and every process of it: a node that dies
+        os.killpg(os.getpgid(0), signal.SIGKILL)
     raise RuntimeError(f"injected fault at step {step}")

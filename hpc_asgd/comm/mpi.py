@@ -371,6 +371,9 @@ class MpiComm:
         hosts = {w: short_host(self.proc.addresses[w][0]) for w in dead}
         cause = err.Get_error_string() if hasattr(err, "Get_error_string") else str(err)
         line = failure_error(self.name, self.world_ranks[self.rank], what, seq, dead, hosts, cause)
+        # Some of Open MPI's collectives (a barrier while a peer died) report the loss as
+        # MPI_ERR_OTHER: peers that no longer answer the status service are lost all the same.
+        lost = lost or bool(dead and _ft_classes())
         return PeerLost(str(line)) if lost else line
 
     # ---- shrinking (ULFM: --min-ranks) -------------------------------------------------------

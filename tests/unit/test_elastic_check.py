@@ -25,8 +25,7 @@ def cfg(**flat) -> Config:
         ({}, False, "mpirun --with-ft ulfm"),
         ({"algo": "hier-avg", "hier_mode": "nonblocking"}, True, "blocking rounds and node"),
         ({"algo": "hier-avg", "group_size": 2}, True, "a fixed size need not divide"),
-        ({"workers": 2}, True, "W = 1"),
-        ({"algo": "local-async"}, True, "not yet for --algo local-async"),  # always has workers
+        ({"algo": "hier-avg", "group_size": 2, "workers": 2}, True, "a fixed size need"),
     ],
 )
 def test_refused(flat: dict, ulfm: bool, message: str) -> None:
@@ -47,3 +46,5 @@ def test_the_world_size_or_zero_is_today_s_behaviour() -> None:
         elastic.check(c, launch(ulfm=False))  # nothing to refuse
     for algo in ("lasgd", "local-sgd", "hier-avg", "sync", "none"):
         elastic.check(cfg(algo=algo), launch())  # over MPI with ULFM: accepted
+    for algo in ("lasgd", "local-async", "local-sgd", "hier-avg"):  # and with W workers
+        elastic.check(cfg(algo=algo, workers=2), launch())
