@@ -16,7 +16,7 @@ import platform
 import signal
 import sys
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 from hpc_asgd import env
@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                 base = typ.split(" ", maxsplit=1)[0].split("|", maxsplit=1)[0]
                 kw["type"] = {"int": int, "float": float}.get(base, str)
             group.add_argument(flag, **kw)
+    # set by a job's survivors on the replacements they start (--max-ranks): not for users
+    train.add_argument("--join", action="store_true", help=argparse.SUPPRESS)
     sub.add_parser("info", help="engines found, MPI library, topology and versions")
     report = sub.add_parser(
         "report", help="a Markdown report with plots of finished runs (needs matplotlib)"
@@ -187,8 +189,9 @@ def cmd_train(args: argparse.Namespace, launch: env.Launch) -> int:
 
     try:
         cfg = config_from_args(args)
-        cfg.validate(launch.size, launch.local_size)
-        elastic.check(cfg, launch)
+        if not launch.joining:  # a replacement's job was validated by its ranks (and once
+            cfg.validate(launch.size, launch.local_size)  # joined, again: train.run)
+            elastic.check(cfg, launch)
         cfg.check_paths()
         cfg.check_factories()  # your own model / dataset / loss: imported, built, fitted
     except ConfigError as e:
@@ -203,21 +206,26 @@ def cmd_train(args: argparse.Namespace, launch: env.Launch) -> int:
     folders = [Path(p) for p in (cfg.run.out, cfg.run.checkpoint_dir) if p]
     held: list = []
     in_use: FolderInUse | None = None
-    if launch.rank == 0:  # one live run per folder: refused after the engine is up (below)
-        try:
+    if launch.rank == 0 and not launch.joining:  # one live run per folder: refused after the
+        try:  # engine is up (below)
             held = _hold(cfg, launch)
         except FolderInUse as e:
             in_use, folders = e, []  # nothing of this run goes into the other run's folders
-    if launch.rank == 0 and in_use is None:  # an earlier run's record
+    if launch.rank == 0 and in_use is None and not launch.joining:  # an earlier run's record
         failure.clear(folders)
     comm = None
     tracker = Tracker()
-    failure.arm(launch, folders, lambda: tracker.step)
+    failure.arm(launch, [] if launch.joining else folders, lambda: tracker.step)
     try:
         if spawns_workers(cfg):  # forked before MPI (and CUDA) start: see workers.start_early
             start_early(fork=cfg.run.device == "cpu", preload=PRELOAD)
         comm = make_comm(cfg.run.comm, launch, cfg.run.comm_timeout)
-        _agree_in_use(comm, in_use)
+        if launch.joining:  # from here on, the rank it took in the running job
+            rank = comm.world_ranks[comm.rank]  # type: ignore[attr-defined]
+            launch = replace(launch, rank=rank, size=comm.size, fault=None)
+            failure.arm(launch, folders, lambda: tracker.step)
+        else:
+            _agree_in_use(comm, in_use)
         summary = run(cfg, launch, comm, tracker)
     except FolderInUse as e:  # every rank knows (one allreduce): rank 0 says it; all exit 2
         if launch.rank == 0:
@@ -248,7 +256,8 @@ def cmd_train(args: argparse.Namespace, launch: env.Launch) -> int:
         _release(held)
     if launch.rank == 0:
         print(_table(summary), flush=True)
-    if summary.get("membership"):
+    if summary.get("membership") and not launch.joining:  # (a replacement finalizes: its
+        # MPI world is its own, and mpirun takes its exit without MPI_Finalize as a failure)
         # After a loss, ULFM's MPI_Finalize shrinks COMM_WORLD once more and fences with the
         # job; it can hang there (open-mpi/ompi#11404; seen once in CI, after the survivors'
         # summary). Everything is written and every collective is done; under --with-ft ulfm
@@ -336,6 +345,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"hpc-asgd: error: {e}", file=sys.stderr)
         return 2
+    if args.command == "train":  # how the survivors of a loss start a replacement of this
+        given = list(sys.argv[1:] if argv is None else argv)
+        command = (sys.executable, "-m", "hpc_asgd.cli", *[a for a in given if a != "--join"])
+        launch = replace(launch, command=command, joining=args.join)
     if args.command == "info":
         return cmd_info(launch)
     return cmd_train(args, launch)

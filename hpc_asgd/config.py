@@ -259,6 +259,12 @@ class RunConfig:
         "with ULFM: mpirun --with-ft ulfm; lasgd, local-async, local-sgd, blocking hier-avg, "
         "sync, none; any W); 0: the world size (a lost rank ends the job)",
     )
+    max_ranks: int = _f(
+        0,
+        "with --min-ranks: after a loss the survivors start replacements (MPI_Comm_spawn on "
+        "mpirun's free slots) until the job has M ranks again; each receives the current model "
+        "from a live rank and trains on (blocking synchronisers, W = 1); 0: none",
+    )
     max_nonfinite: int = _f(
         3,
         "steps with a non-finite loss or gradient tolerated per rank (each is skipped before "
@@ -475,6 +481,7 @@ class Config:
             "stop_at_step": r.stop_at_step,
             "time_budget": r.time_budget,
             "min_ranks": r.min_ranks,
+            "max_ranks": r.max_ranks,
         }
         for name, value in non_negative.items():
             if value < 0:
@@ -537,6 +544,16 @@ class Config:
         if r.min_ranks > world_size:
             raise ConfigError(
                 f"min_ranks: {r.min_ranks} is more than the job's {world_size} rank(s)"
+            )
+        if r.max_ranks and not 0 < r.min_ranks < world_size:
+            raise ConfigError(
+                "max_ranks: replacements follow a loss that the job survives: set --min-ranks "
+                f"below the job's {world_size} rank(s) too"
+            )
+        if r.max_ranks > world_size:
+            raise ConfigError(
+                f"max_ranks: {r.max_ranks} is more than the job's {world_size} rank(s) (a "
+                "replacement takes a lost rank's place)"
             )
         if r.slow_rank >= world_size:
             raise ConfigError(f"slow_rank: {r.slow_rank} is not a rank of a {world_size}-rank job")

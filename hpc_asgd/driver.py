@@ -132,7 +132,7 @@ class Job:
         self.tracker.step = start
         self.cpu_begin = time.process_time() - self.evaluator.cpu_s
         self.launch_s = metrics.process_age_s()
-        if self.ck.root is None:
+        if self.ck.root is None or self.launch.joining:  # (a replacement joins running peers)
             return
         flag = torch.tensor([float(signals.usr1_seen())])
         self.comm.allreduce_(flag, op="max")

@@ -49,6 +49,7 @@ import time
 
 import torch
 
+from hpc_asgd import joiners
 from hpc_asgd.config import Config, shares_budget
 from hpc_asgd.driver import Events, Job
 from hpc_asgd.env import Launch
@@ -87,6 +88,7 @@ def check(cfg: Config, launch: Launch) -> None:
             f"min_ranks: not yet for --algo {cfg.sync.algo}; shrinking is implemented for "
             f"{', '.join(SUPPORTED)}"
         )
+    joiners.check(cfg, launch)
     if cfg.sync.algo == "hier-avg" and (cfg.sync.hier_mode != "blocking" or cfg.sync.group_size):
         raise ConfigError(
             "min_ranks: hier-avg is rebuilt on the survivors with blocking rounds and node "
@@ -243,4 +245,6 @@ def recover(
             file=sys.stderr,
             flush=True,
         )
+    if joiners.wanted(job):  # --max-ranks: replacements join (blocking: go_on is everyone's)
+        ahead = joiners.grow(job, go_on, ahead, stepper)
     return go_on, ahead

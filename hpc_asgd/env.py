@@ -52,6 +52,11 @@ class Launch:
     # Open MPI runs with ULFM (``mpirun --with-ft ulfm`` sets OMPI_MCA_mpi_ft_enable=1): a dead
     # rank is reported to the survivors instead of ending the job (``--min-ranks``)
     ulfm: bool = False
+    # how to start this process again (the CLI's own command line): the survivors of a loss
+    # start replacements with it (``--max-ranks``)
+    command: tuple[str, ...] = ()
+    # this process is such a replacement (``--join``, set by the survivors on its command)
+    joining: bool = False
 
     @property
     def under_mpi(self) -> bool:

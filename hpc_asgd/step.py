@@ -96,7 +96,14 @@ class StepSpec:
         fewer, larger shards), at the same point of the epochs: the data order and the LR
         schedule go on where the job was, in the new shard's steps per epoch. ``job_budget``:
         the rounds' ``offset`` places the LR schedule (it is recomputed for the new world)."""
-        at = (step + self.shift) / self.sampler().steps_per_epoch  # epochs into the data
+        return self.placed(rank, world, step, self.epochs_at(step), job_budget)
+
+    def epochs_at(self, step: int) -> float:
+        """Epochs into the data at node step ``step`` (a replacement starts there)."""
+        return (step + self.shift) / self.sampler().steps_per_epoch
+
+    def placed(self, rank: int, world: int, step: int, at: float, job_budget: bool) -> StepSpec:
+        """Shard ``rank`` of ``world``, node step ``step`` at ``at`` epochs into the data."""
         new = replace(self, shard=(rank, world))
         shift = round(at * new.sampler().steps_per_epoch) - step
         return replace(new, shift=shift, lr_shift=0 if job_budget else shift)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from hpc_asgd import elastic, metrics, plugins, signals
+from hpc_asgd import elastic, joiners, metrics, plugins, signals
 from hpc_asgd.checkpoint import Checkpointer
 from hpc_asgd.comm import Comm, make_comm
 from hpc_asgd.config import Config, shares_budget
@@ -156,7 +156,8 @@ def _run(cfg: Config, launch: Launch, comm: Comm | None, tracker: Tracker) -> di
         synthetic_size=d.synthetic_size,
         seed=r.seed,
     )
-    if d.download:  # rank 0 fetches (once, onto the shared file system); the others wait
+    if d.download and not launch.joining:  # rank 0 fetches (once, onto the shared file
+        # system); the others wait
         if comm.rank == 0:
             load(download=True)
         comm.barrier()
@@ -175,6 +176,8 @@ def _run(cfg: Config, launch: Launch, comm: Comm | None, tracker: Tracker) -> di
     flat = FlatModel(model, device=device, shared=spawn)
     ctx = spawn_context(PRELOAD)
     rule = make_rule(cfg, flat.params, ctx)
+    # a replacement (--max-ranks): where the running job stands, from its rank 0 (collective)
+    joined = joiners.receive(comm) if launch.joining else None
     spe = ShardSampler(len(data.train), comm.rank, comm.size, d.batch_size, r.seed).steps_per_epoch
     sync = make_synchronizer(cfg, comm, flat, rule, spe)  # every rank takes rank 0's model
     total = max(1, math.ceil(r.epochs * spe))
@@ -191,7 +194,7 @@ def _run(cfg: Config, launch: Launch, comm: Comm | None, tracker: Tracker) -> di
     )
     evaluator.job_epochs = bool(sync.budget.steps)
     ck = Checkpointer(cfg, comm)
-    resumed = ck.resume(total)
+    resumed = ck.resume(total) if joined is None else None
     job = Job(
         cfg,
         launch,
@@ -217,6 +220,8 @@ def _run(cfg: Config, launch: Launch, comm: Comm | None, tracker: Tracker) -> di
         t_start=t_start,
     )
     job.world_size_start, job.total_start = comm.size, total
+    if joined is not None:  # the running job's schedule, synchroniser state and checks
+        joiners.adopt_on_joiner(job, joined)
     if resumed is not None:  # each rank takes back its own model, counters and metrics
         job.load_state(resumed)
         # A final or a workers' state (resumed with --force-resume, say by a longer run) has

@@ -22,6 +22,8 @@ def resolve_engine(engine: str, launch: Launch) -> str:
     """``auto``: world size 1 -> local, an MPI launcher -> mpi, otherwise gloo."""
     if engine != "auto":
         return engine
+    if launch.joining:  # a replacement joins an MPI job (its own MPI world is of size 1)
+        return "mpi"
     if launch.size == 1:
         return "local"
     return "mpi" if launch.under_mpi else "gloo"
@@ -42,6 +44,10 @@ def make_comm(engine: str, launch: Launch, timeout: float) -> Comm:
         except ImportError as e:  # pragma: no cover - depends on the install
             raise ConfigError(f"comm: 'mpi' needs mpi4py ({e}); pip install 'hpc_asgd[mpi]'") from e
         mpi_module()  # MPI_Init: the launcher's own start-up, before any deadline of ours
+        if launch.joining:  # a replacement, started by a job's survivors (--max-ranks)
+            from hpc_asgd.comm.mpi import join
+
+            return join(timeout)
         _startup_fault(launch)
         comm: Comm = MpiComm(timeout=timeout)
         if comm.size != launch.size:

@@ -58,6 +58,12 @@ def mpi_module():
     here once in 26 srun jobs across emulated nodes; upstream open-mpi/ompi#11438, PR #13559).
     Every first collective of ours follows MPI_Init at once, so a fresh Open MPI process waits
     a moment before it, which lets the slower peers finish their MPI_Init."""
+    # Under ULFM (mpirun --with-ft ulfm), a survivor that learns of a failure tells the others
+    # through a reliable broadcast: measured on the emulated cluster (4 nodes, a rank killed
+    # while its node's daemon lived), with the runtime's notice alone the rank beside the dead
+    # one never learnt of it, 2 runs of 2 (it timed out after --comm-timeout); with this, every
+    # survivor went on within 0.01 s. Read at MPI_Init; the environment's value wins.
+    os.environ.setdefault("OMPI_MCA_mpi_ft_propagator_with_rbcast", "true")
     from mpi4py import MPI
 
     if not _settled:
@@ -400,6 +406,78 @@ class MpiComm:
         out = MpiComm(sub, self.timeout, self._world_ranks_of(sub))
         sub.Free()
         return out
+
+    # ---- replacements (ULFM: --max-ranks) ---------------------------------------------------
+    def spawn(self, n: int, command: list[str]) -> MpiComm:
+        """Start ``n`` replacement processes (``MPI_Comm_spawn`` of ``command``, where the
+        launcher maps them) and return the communicator of this one's members followed by
+        them (:func:`join` on their side). Collective over this communicator. (Placed on
+        the lost ranks' nodes with the ``host`` info key, Open MPI 5.0.11's replacement
+        failed in its MPI_Init: "OPAL ERROR: Not supported in dpm.c", measured on the
+        emulated cluster; mpirun's own mapping, its first node, works.)"""
+        inter = self._blocking(
+            "spawn", lambda _: self.c.Spawn(command[0], command[1:], maxprocs=n, root=0)
+        )
+        merged = self._blocking("merge", lambda _: inter.Merge(high=False))
+        inter.Free()
+        return _joined(merged, self.proc, self.world_ranks, self.timeout)
+
+
+def join(timeout: float) -> MpiComm:
+    """On a replacement started by :meth:`MpiComm.spawn`: the job's communicator, the members
+    that started it first and this process after them; its job-wide rank is the lowest that
+    no member holds (a lost rank's). CommError if no job started this process."""
+    mpi = mpi_module()
+    parent = mpi.Comm.Get_parent()
+    if parent == mpi.COMM_NULL:
+        raise CommError(
+            "join: this process was not started by a running job (MPI_Comm_spawn): --join is "
+            "set by the survivors on the replacements they start (--max-ranks)"
+        )
+    merged = parent.Merge(high=True)
+    parent.Free()
+    return _joined(merged, _proc(timeout), None, timeout)
+
+
+_JOIN_HEAD = 16  # bytes before a member's status record: its job-wide rank (-1: a replacement)
+# and the job's size (0: not known), both int64
+
+
+def _joined(merged, proc: _Process, ranks: list[int] | None, timeout: float) -> MpiComm:
+    """The job's communicator over ``merged`` (members first, then the replacements, which
+    pass ``ranks=None``): every member's status address and job-wide rank gathered, the
+    replacements given the lowest free job-wide ranks, the members' table of addresses and
+    the job's token (``merged`` rank 0's) sent to them, so that deadlines name ranks and
+    hosts as before."""
+    me, size = merged.Get_rank(), merged.Get_size()
+    width = _JOIN_HEAD + status.RECORD
+    rows = np.zeros((size, width), dtype=np.uint8)
+    head = np.array([-1 if ranks is None else ranks[me], len(proc.addresses)], dtype=np.int64)
+    rows[me, :_JOIN_HEAD] = head.view(np.uint8)
+    rows[me, _JOIN_HEAD:] = np.frombuffer(status.encode_address(proc.server.port), np.uint8)
+    if _poll([merged.Iallgather(mpi_module().IN_PLACE, rows)], timeout):
+        raise CommError(f"join: the members' exchange timed out after {timeout:g} s")
+    heads = rows[:, :_JOIN_HEAD].copy().view(np.int64)  # (size, 2)
+    n = int(heads[:, 1].max())  # the job's ranks (the members know)
+    table = np.zeros((n, status.RECORD), dtype=np.uint8)
+    token = np.zeros(64, dtype=np.uint8)  # a sha256 hex digest
+    if ranks is not None and me == 0:
+        for w, a in enumerate(proc.addresses):
+            table[w] = np.frombuffer(status.encode_peer(a), np.uint8)
+        token[: len(proc.token)] = np.frombuffer(proc.token, np.uint8)
+    if _poll([merged.Ibcast(table, root=0), merged.Ibcast(token, root=0)], timeout):
+        raise CommError(f"join: the members' table did not arrive in {timeout:g} s")
+    held = {int(w) for w in heads[:, 0] if w >= 0}
+    free = iter(w for w in range(n) if w not in held)
+    world = [int(w) if w >= 0 else next(free) for w in heads[:, 0]]
+    if ranks is None:  # a replacement takes the members' view of the job
+        proc.addresses = [status.decode_address(r.tobytes()) for r in table]
+        proc.token = proc.server.token = token.tobytes().rstrip(b"\0")
+    for r, w in enumerate(world):
+        proc.addresses[w] = status.decode_address(rows[r, _JOIN_HEAD:].tobytes())
+    comm = MpiComm(merged, timeout, world)
+    merged.Free()
+    return comm
 
 
 def _ft_classes() -> tuple[int, ...]:

@@ -66,8 +66,14 @@ class StatusServer(threading.Thread):
 def encode_address(port: int) -> bytes:
     """This host's name, the server's port and a fresh random share of the job's token, as a
     fixed-size record for an allgather (every rank then derives the token: :func:`job_token`)."""
-    host = socket.gethostname().encode()[:_HOST_BYTES]
-    return host.ljust(_HOST_BYTES, b"\0") + port.to_bytes(8, "little") + os.urandom(_NONCE_BYTES)
+    return encode_peer((socket.gethostname(), port))[: _HOST_BYTES + 8] + os.urandom(_NONCE_BYTES)
+
+
+def encode_peer(address: tuple[str, int]) -> bytes:
+    """A known peer's (host, port) as a record, with no share of the token (a joining rank
+    receives the members' table so: ``comm.mpi.join``)."""
+    host = address[0].encode()[:_HOST_BYTES]
+    return host.ljust(_HOST_BYTES, b"\0") + address[1].to_bytes(8, "little") + bytes(_NONCE_BYTES)
 
 
 def decode_address(record: bytes) -> tuple[str, int]:

@@ -383,6 +383,10 @@ class Averaging:
             return
         self.average_(self.flat.data)
         self.comm.bcast_(self.flat.data, root=0)
+        # the rule's latest version too (Leashed-SGD's): a later publish (the final
+        # checkpoint's) must not bring back this rank's own model (measured: it did, and the
+        # ranks' checksums differed, lasgd x leashed with checkpoints)
+        self.rule.load(self.flat.params)
 
 
 def outer_args(cfg: Any) -> dict[str, Any]:

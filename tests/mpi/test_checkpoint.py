@@ -231,3 +231,15 @@ def test_unreadable_newest_falls_back_and_a_refused_file_is_one_error(tmp_path) 
     assert all("not a valid checkpoint" in ln and str(newest) in ln for ln in lines), res.text
     assert "weights_only" not in res.text and "Traceback" not in res.text
     assert "pwned" not in res.text
+
+
+def test_leashed_workers_with_checkpoints_end_in_consensus(tmp_path) -> None:
+    """The final checkpoint publishes the update rule's latest version into the model: after
+    the final exact average that version must be the average (it was this rank's own
+    Leashed-SGD version, and the ranks' checksums differed: seen first across emulated nodes)."""
+    flags = ["--dataset", "digits", "--model", "mlp", "--epochs", "4", "--algo", "lasgd"]
+    flags += ["--period", "8", "--update", "leashed", "--workers", "2"]
+    res = train(2, *flags, "--checkpoint-dir", str(tmp_path / "ck"), "--out", str(tmp_path / "out"))
+    assert res.rc == 0, res.text
+    s = summary(tmp_path / "out")
+    assert s["consensus"] and len(set(s["param_checksums"])) == 1, s["param_checksums"]

@@ -113,6 +113,46 @@ def test_a_loss_while_a_checkpoint_is_written(tmp_path) -> None:
     assert_no_orphans(res.sid)
 
 
+@pytest.mark.parametrize(
+    ("algo", "faults"),
+    [("local-sgd", "kill@3:30"), ("sync", "kill@0:30")],
+    ids=["local-sgd-3", "sync-0"],
+)
+def test_a_replacement_joins_and_the_job_ends_in_consensus_over_4(
+    algo: str, faults: str, tmp_path
+) -> None:
+    """--max-ranks 4: the survivors start a replacement (MPI_Comm_spawn), which receives the
+    job from rank 0, takes the lost rank's job-wide rank and trains on to the end."""
+    lost = int(faults.split("@")[1].split(":", maxsplit=1)[0])
+    flags = [*ALGOS[algo], "--min-ranks", "2", "--max-ranks", "4"]
+    res = elastic(4, faults, flags, tmp_path / "out")
+    assert res.rc == 0, res.text
+    s = summary(tmp_path / "out")
+    assert s["world_size_start"] == 4 and s["world_size"] == 4, s["world_size"]
+    assert s["consensus"] and len(s["param_checksums"]) == 4
+    assert s["final_test_acc"] >= 0.8, s["final_test_acc"]
+    loss, join = s["membership"]
+    assert (loss["left"], loss["world_size"]) == ([lost], 3), loss
+    assert (join["joined"], join["left"], join["world_size"]) == ([lost], [], 4), join
+    assert join["node_step"] == loss["node_step"] and 0 < join["join_s"] < 30, join
+    # the remaining steps shared by 4 again: fewer each than the 3 survivors had
+    assert join["steps_per_rank"] < loss["steps_per_rank"]
+    assert 0.95 <= s["budget_used"] <= 1.25, s["budget_used"]
+    assert f"rank(s) {lost} joined" in res.text and "4 ranks go on" in res.text
+    assert not res.error_lines(), res.text
+    assert_no_orphans(res.sid)
+
+
+def test_a_replacement_that_nobody_started_is_one_line(tmp_path) -> None:
+    args = [sys.executable, "-m", "hpc_asgd.cli", "train", *BASE, "--join"]
+    res = mpirun(1, [*args, "--out", str(tmp_path / "out")], 60)
+    assert res.rc != 0
+    [line] = res.error_lines()
+    assert "not started by a running job" in line, line
+    assert "Traceback" not in res.text
+    assert not (tmp_path / "out" / "failure.json").exists()
+
+
 def test_a_loss_below_min_ranks_ends_the_job(tmp_path) -> None:
     flags = [*ALGOS["local-sgd"], "--min-ranks", "3"]
     res = elastic(4, "kill@3:20,kill@2:60", flags, tmp_path / "out")

@@ -26,6 +26,9 @@ def cfg(**flat) -> Config:
         ({"algo": "hier-avg", "hier_mode": "nonblocking"}, True, "blocking rounds and node"),
         ({"algo": "hier-avg", "group_size": 2}, True, "a fixed size need not divide"),
         ({"algo": "hier-avg", "group_size": 2, "workers": 2}, True, "a fixed size need"),
+        ({"max_ranks": 4}, True, "replacements join local-sgd"),  # lasgd's job budget
+        ({"algo": "local-sgd", "max_ranks": 4, "workers": 2}, True, "W = 1"),
+        ({"algo": "local-sgd", "max_ranks": 4, "outer_momentum": 0.9}, True, "outer"),
     ],
 )
 def test_refused(flat: dict, ulfm: bool, message: str) -> None:
@@ -48,3 +51,17 @@ def test_the_world_size_or_zero_is_today_s_behaviour() -> None:
         elastic.check(cfg(algo=algo), launch())  # over MPI with ULFM: accepted
     for algo in ("lasgd", "local-async", "local-sgd", "hier-avg"):  # and with W workers
         elastic.check(cfg(algo=algo, workers=2), launch())
+
+
+def test_max_ranks_rules() -> None:
+    with pytest.raises(ConfigError, match="max_ranks: replacements follow a loss"):
+        cfg(min_ranks=0, max_ranks=4).validate(4)
+    with pytest.raises(ConfigError, match="max_ranks: 5 is more than the job's 4"):
+        cfg(max_ranks=5).validate(4)
+    with pytest.raises(ConfigError, match="max_ranks: must be >= 0"):
+        cfg(max_ranks=-1).validate(4)
+    srun = Launch("srun", 0, 4, 0, 4, "node1", None, None, "7", None, ulfm=True)
+    with pytest.raises(ConfigError, match="under srun they cannot be"):
+        elastic.check(cfg(algo="local-sgd", max_ranks=4, comm="mpi"), srun)
+    for algo in ("local-sgd", "hier-avg", "sync", "none"):  # accepted under mpirun
+        elastic.check(cfg(algo=algo, max_ranks=4), launch())
