@@ -12,12 +12,18 @@ Each repeat runs, for each algorithm, the same ``mpirun -n R`` training command 
   checkpoint, written every quarter of the ``none`` run's training time
   (``--checkpoint-frac``; the issue's 60 s for a 4-minute job). Its time is the two runs' sum.
 
+- ``join`` (the blocking algorithms, local-sgd here): the elastic run with ``--max-ranks R``:
+  the survivors start a replacement (``MPI_Comm_spawn``), which joins from rank 0 and trains
+  to the end with them; its figure is ``join_s`` (from the spawn to training again: the
+  replacement's start-up, data, model and hand-over; issue goal <= 10 s on digits / cnn).
+
 Figures (medians of ``--repeats``): kill to training again on the survivors (the membership
 row's ``resumed_unix`` minus the kill's time), the survivors' node steps/s after the loss over
 the ``none`` run's (issue goal: samples/s >= 0.95 x 3/4 of the full job's, i.e. this ratio
 >= 0.95), and the whole job's time elastic / requeue (goal <= 0.6).
 
     python benchmarks/elastic.py --repeats 3
+    python benchmarks/elastic.py --algos local-sgd --model cnn --epochs 40 --stem elastic_join_cnn
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from pathlib import Path
 import _harness as h
 
 MARK = "elastic-result: "
+JOINABLE = ("local-sgd", "hier-avg", "sync", "none")  # hpc_asgd.joiners.JOINABLE
 
 
 def _args(argv: list[str]) -> argparse.Namespace:
@@ -89,14 +96,16 @@ def _epochs_done(out: Path) -> float:
 
 
 def _run(
-    args, algo: str, out: Path, kill: bool, min_ranks: bool, resume: bool, ckpt_s: float = 0
-) -> dict:
+    args, algo: str, out: Path, kill: bool, min_ranks: bool, resume: bool, ckpt_s: float = 0,
+    join: bool = False,
+) -> dict:  # fmt: skip
     """One mpirun; returns its wall time, rc, the kill's time and the summary (if any)."""
     flags = {
         "dataset": args.dataset, "model": args.model, "epochs": args.epochs, "algo": algo,
         "period": args.period, "eval-every": max(1, args.epochs // 12), "comm-timeout": 60,
         "out": out, "no-verify": True,
         "min-ranks": args.ranks - 1 if min_ranks else None,
+        "max-ranks": args.ranks if join else None,
         "checkpoint-minutes": ckpt_s / 60 if ckpt_s else None,
         "checkpoint-dir": out / "checkpoints" if ckpt_s else None,
         "resume": "auto" if resume else None,
@@ -147,7 +156,21 @@ def one(args, algo: str, tmp: Path, rep: int) -> dict:
     first = _run(args, algo, rq_out, True, False, False, ckpt_s)
     second = _run(args, algo, rq_out, False, False, True, ckpt_s)
     resumed = [ln for ln in second["text"].splitlines() if "resuming" in ln]
+    joined = {}
+    if algo in JOINABLE:
+        jn = _run(args, algo, tmp / f"{algo}-{rep}-join", True, True, False, join=True)
+        sj = jn["summary"]
+        row = sj["membership"][-1]  # the replacement's row, after the loss's
+        joined = {
+            "join_s": row["join_s"],
+            "join_kill_to_training_s": row["resumed_unix"] - jn["killed_at"],
+            "join_wall_s": jn["wall_s"],
+            "join_world": sj["world_size"],
+            "join_consensus": sj["consensus"],
+            "join_acc": sj["final_test_acc"],
+        }
     return {
+        **joined,
         "none_s": base["wall_s"],
         "none_train_s": max(s0["train_s"]),
         "elastic_s": el["wall_s"],
@@ -207,6 +230,31 @@ def markdown(report: dict) -> str:
             "no failure (s; of it training)", "elastic (s)", "requeue (s)", "elastic / requeue",
             "accuracy elastic / requeue / none"]  # fmt: skip
     lines += h.table(head, rows, "lr")
+    joins = []
+    for algo, res in report["results"].items():
+        if "join_s" not in res[0]:
+            continue
+        med = {k: h.median([r[k] for r in res]) for k in res[0] if k.startswith("join_")}
+        joins.append(
+            [
+                algo,
+                h.fmt(med["join_s"], ".2f"),
+                h.fmt(med["join_kill_to_training_s"], ".2f"),
+                h.fmt(med["join_wall_s"], ".1f"),
+                f"{int(med['join_world'])}, {all(r['join_consensus'] for r in res)}",
+                h.fmt(med["join_acc"], ".3f"),
+            ]
+        )
+    if joins:
+        lines += [
+            "",
+            f"With a replacement (`--max-ranks {a['ranks']}`): the survivors spawn one, which "
+            "joins from rank 0 and trains to the end.",
+            "",
+        ]
+        head = ["algo", "spawn to training (s)", "kill to training, 4 ranks again (s)",
+                "job (s)", "ranks at the end, consensus", "accuracy"]  # fmt: skip
+        lines += h.table(head, joins, "lr")
     lines += [
         "",
         "Kill to training: from the SIGKILL to the survivors' first step after the recovery "

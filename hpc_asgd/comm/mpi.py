@@ -415,9 +415,13 @@ class MpiComm:
         the lost ranks' nodes with the ``host`` info key, Open MPI 5.0.11's replacement
         failed in its MPI_Init: "OPAL ERROR: Not supported in dpm.c", measured on the
         emulated cluster; mpirun's own mapping, its first node, works.)"""
+        info = mpi_module().Info.Create()
+        info.Set("wdir", os.getcwd())  # relative paths of the command line mean the same there
         inter = self._blocking(
-            "spawn", lambda _: self.c.Spawn(command[0], command[1:], maxprocs=n, root=0)
+            "spawn",
+            lambda _: self.c.Spawn(command[0], command[1:], maxprocs=n, info=info, root=0),
         )
+        info.Free()
         merged = self._blocking("merge", lambda _: inter.Merge(high=False))
         inter.Free()
         return _joined(merged, self.proc, self.world_ranks, self.timeout)

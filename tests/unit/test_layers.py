@@ -31,6 +31,7 @@ APPLICATION = [
     ["data", "models", "metrics", "tools", "runlock"],
     ["evaluate", "checkpoint"],
     ["driver"],
+    ["joiners"],
     ["elastic"],
     ["loops"],
     ["train"],
