@@ -35,6 +35,9 @@ ALGOS = {
 }
 # the W = 2 cases end at 0.75-0.90 (9 runs), the W = 1 ones at 0.85-0.93
 MIN_ACC = {"local-async-w2": 0.6, "lasgd-w2-leashed": 0.6}
+# local-async's averager checks the job's budget at its paced agreements: its survivors
+# overshoot it more (1.06-1.26 in 5 runs)
+MAX_BUDGET = {"local-async-w2": 1.4}
 
 
 def elastic(n: int, faults: str, flags: list[str], out, timeout: float = 120):
@@ -61,7 +64,7 @@ def test_one_rank_killed_the_survivors_finish(algo: str, tmp_path) -> None:
     if "--workers" in ALGOS[algo]:  # W new workers on the new shard, from the fork server
         assert 0 < m["workers_restart_s"] < 5, m
     # the survivors took the dead rank's share: the job's budget is spent, not 3/4 of it
-    assert 0.95 <= s["budget_used"] <= 1.25, s["budget_used"]
+    assert 0.95 <= s["budget_used"] <= MAX_BUDGET.get(algo, 1.25), s["budget_used"]
     assert "lost rank(s) 3" in res.text and "3 ranks go on" in res.text
     assert not res.error_lines(), res.text
     assert_no_orphans(res.sid)

@@ -193,10 +193,11 @@ def _catches_usr1(pid: int) -> bool:
 def test_usr1_during_start_up_exits_85(tmp_path: Path, delay: float) -> None:
     """A USR1 the moment the handler is in place (before torch is imported: no fixed sleep, which
     a loaded machine outruns) or while torch imports is not lost. The run is long enough that
-    the second signal cannot come after it ended (digits at 3 epochs took 1.2 s here, warm);
-    on a fast machine that signal may reach the first steps instead: honoured all the same."""
+    the second signal cannot come after it ended (60 epochs trained in 1.5 s in CI, W = 2, and
+    the signal came after the end: 300 take about 7 s); on a fast machine that signal may
+    reach the first steps instead: honoured all the same."""
     ck = tmp_path / "ck"
-    proc = _cli(["--epochs", "60", "--checkpoint-dir", str(ck), "--workers", "2"], tmp_path)
+    proc = _cli(["--epochs", "300", "--checkpoint-dir", str(ck), "--workers", "2"], tmp_path)
     deadline = time.monotonic() + 30
     while not _catches_usr1(proc.pid):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
