@@ -15,10 +15,7 @@ identity for root (the tests run as root; the CI machine has no sudo installed).
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -26,7 +23,7 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.slurm.helpers import Cluster, job_env, job_info, run, write_cifar10, write_cifar100
-from tests.unit.test_docs import runnable_blocks
+from tests.unit.test_docs import run_block, runnable_blocks
 
 MARK = "<!-- runnable on the emulated cluster -->"
 BLOCKS = runnable_blocks(MARK)
@@ -77,27 +74,7 @@ def test_cluster_commands_run_as_written(
     sudo.chmod(0o755)
     env = job_env({"PYTHONPATH": str(ROOT), "EXTRA_ARGS": "--no-verify"})
     env["PATH"] = f"{shims}:{env['PATH']}"
-    t0 = time.monotonic()
-    proc = subprocess.Popen(
-        ["bash", "-euo", "pipefail", "-c", script],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, _ = proc.communicate(timeout=BLOCK_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"still running after {BLOCK_TIMEOUT} s:\n{script}\n{out[-4000:]}")
-    assert proc.returncode == 0, (
-        f"exit status {proc.returncode} after {time.monotonic() - t0:.1f} s:\n{script}\n"
-        f"{out[-6000:]}"
-    )
+    out = run_block(script, tmp_path, env, BLOCK_TIMEOUT)
     jobs = re.findall(r"^Submitted batch job (\d+)$", out, re.MULTILINE)
     assert len(jobs) == script.count("sbatch "), f"not every sbatch submitted a job:\n{out}"
     deadline = time.monotonic() + JOBS_TIMEOUT

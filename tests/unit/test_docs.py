@@ -101,6 +101,34 @@ def runnable_blocks(mark: str = MARK) -> list[tuple[str, str]]:
 BLOCKS = runnable_blocks()
 
 
+def run_block(script: str, cwd: Path, env: dict[str, str], timeout: float) -> str:
+    """Run ``script`` with ``bash -euo pipefail`` in ``cwd``, in a session of its own (killed
+    whole past ``timeout`` s: mpirun, ranks, workers); fails the test unless it exits 0.
+    Returns its output (stdout and stderr)."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"still running after {timeout} s:\n{script}\n{out[-4000:]}")
+    assert proc.returncode == 0, (
+        f"exit status {proc.returncode} after {time.monotonic() - t0:.1f} s:\n{script}\n"
+        f"{out[-6000:]}"
+    )
+    return out
+
+
 def _generator():
     spec = importlib.util.spec_from_file_location(
         "config_reference", ROOT / "scripts" / "config_reference.py"
@@ -202,23 +230,4 @@ def test_runnable_commands_run_as_written(script: str, tmp_path: Path) -> None:
     """Every command in README and docs marked runnable runs as written and exits 0."""
     for name in LINKED:
         (tmp_path / name).symlink_to(ROOT / name, target_is_directory=True)
-    t0 = time.monotonic()
-    proc = subprocess.Popen(
-        ["bash", "-euo", "pipefail", "-c", script],
-        cwd=tmp_path,
-        env=mpi_env({"PYTHONPATH": str(ROOT)}),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, _ = proc.communicate(timeout=BLOCK_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the block's session: mpirun, ranks, workers
-        out, _ = proc.communicate()
-        pytest.fail(f"still running after {BLOCK_TIMEOUT} s:\n{script}\n{out[-4000:]}")
-    assert proc.returncode == 0, (
-        f"exit status {proc.returncode} after {time.monotonic() - t0:.1f} s:\n{script}\n"
-        f"{out[-6000:]}"
-    )
+    run_block(script, tmp_path, mpi_env({"PYTHONPATH": str(ROOT)}), BLOCK_TIMEOUT)
